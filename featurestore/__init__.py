@@ -1,0 +1,1 @@
+"""rocksdict-backed online feature store."""

@@ -1,0 +1,1 @@
+"""Continuous learner: models, objectives, prequential training, checkpoints."""

@@ -1,0 +1,1 @@
+"""The streamrec command line: the one place that wires the packages together."""

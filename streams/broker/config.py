@@ -1,0 +1,86 @@
+"""Configuration of the embedded Kafka-compatible broker (frozen dataclasses, validated on creation)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+FsyncPolicy = Literal["always", "interval", "never"]
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """On-disk log of one partition.
+
+    fsync policy (what an acknowledged write survives):
+      - ``always``: fsync before the Produce response; survives process kill and power loss.
+      - ``interval``: write() before the response, fsync every ``fsync_interval_ms``; survives
+        ``kill -9`` of the broker (the page cache holds the data), may lose the last interval on
+        power loss or a kernel crash.
+      - ``never``: leave flushing to the OS; same guarantee as ``interval`` against ``kill -9``.
+    """
+
+    segment_bytes: int = 64 * 1024 * 1024
+    index_interval_bytes: int = 4096
+    fsync: FsyncPolicy = "interval"
+    fsync_interval_ms: int = 1000
+    retention_bytes: int = -1  # per partition; -1 = unlimited
+    retention_ms: int = 7 * 24 * 3600 * 1000  # -1 = unlimited
+
+    def __post_init__(self) -> None:
+        if self.segment_bytes < 1024:
+            raise ValueError(f"segment_bytes={self.segment_bytes!r} < 1024")
+        if self.index_interval_bytes < 1:
+            raise ValueError(f"index_interval_bytes={self.index_interval_bytes!r} < 1")
+        if self.fsync not in ("always", "interval", "never"):
+            raise ValueError(f"fsync={self.fsync!r} is not one of always|interval|never")
+        if self.fsync_interval_ms < 1:
+            raise ValueError(f"fsync_interval_ms={self.fsync_interval_ms!r} < 1")
+        if self.retention_bytes < -1 or self.retention_bytes == 0:
+            raise ValueError(f"retention_bytes={self.retention_bytes!r} must be -1 or > 0")
+        if self.retention_ms < -1 or self.retention_ms == 0:
+            raise ValueError(f"retention_ms={self.retention_ms!r} must be -1 or > 0")
+
+
+@dataclass(frozen=True)
+class GroupConfig:
+    """Consumer-group coordinator settings (names follow Apache Kafka's broker configs)."""
+
+    min_session_timeout_ms: int = 1000
+    max_session_timeout_ms: int = 30 * 60 * 1000
+    initial_rebalance_delay_ms: int = 0  # Kafka's default is 3000; 0 keeps tests and demos snappy
+    offsets_retention_ms: int = 7 * 24 * 3600 * 1000
+
+    def __post_init__(self) -> None:
+        if not 0 < self.min_session_timeout_ms <= self.max_session_timeout_ms:
+            raise ValueError(
+                f"need 0 < min_session_timeout_ms={self.min_session_timeout_ms!r} "
+                f"<= max_session_timeout_ms={self.max_session_timeout_ms!r}"
+            )
+        if self.initial_rebalance_delay_ms < 0:
+            raise ValueError(f"initial_rebalance_delay_ms={self.initial_rebalance_delay_ms!r} < 0")
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    """The whole embedded broker. Binds 127.0.0.1 unless told otherwise; port 0 = pick a free one."""
+
+    data_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 9092
+    advertised_host: str | None = None  # what Metadata tells clients; defaults to host
+    node_id: int = 0
+    default_partitions: int = 3
+    auto_create_topics: bool = True
+    max_request_bytes: int = 100 * 1024 * 1024
+    log: LogConfig = field(default_factory=LogConfig)
+    groups: GroupConfig = field(default_factory=GroupConfig)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data_dir", Path(self.data_dir))
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port={self.port!r} is not in 0..65535")
+        if self.default_partitions < 1:
+            raise ValueError(f"default_partitions={self.default_partitions!r} < 1")
+        if self.max_request_bytes < 1024:
+            raise ValueError(f"max_request_bytes={self.max_request_bytes!r} < 1024")

@@ -1,0 +1,55 @@
+"""``streamrec`` console command: one entry point, one subcommand per job.
+
+Each subcommand lives in ``streamrec/commands/<name>.py`` and exports ``register(subparsers)``,
+which adds its parser and sets ``func=run`` where ``run(args) -> int`` is the exit status.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from streamrec.config import ConfigError
+
+COMMANDS = ("broker", "replay", "tail", "demo")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="streamrec",
+        description="Streaming online learning for recommendation.",
+    )
+    parser.add_argument("--config", metavar="FILE", help="TOML file; its [section] per command sets defaults")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR (default INFO)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"streamrec.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"streamrec.commands.{name}":
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"streamrec: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

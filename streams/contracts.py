@@ -285,6 +285,8 @@ def encode(event: Event) -> bytes:
 def _check_header(value: Any, expected: type | None) -> _Layout:
     if value is None:
         raise ContractError("empty: null value")
+    if not isinstance(value, (bytes, bytearray, memoryview)):
+        raise ContractError(f"not_bytes: {type(value).__name__}")
     n = len(value)
     if n == 0:
         raise ContractError("empty: 0 bytes")

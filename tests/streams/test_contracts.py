@@ -241,3 +241,9 @@ def test_all_of_a_users_events_share_a_partition(user_id, n_partitions, data):
 def test_users_spread_over_partitions():
     counts = np.bincount([_partition(key_for(Click(0, 0, 0, u, 0)), 8) for u in range(4000)], minlength=8)
     assert counts.min() > 350, counts  # 500 expected per partition
+
+
+def test_decode_accepts_bytes_likes_and_names_other_types():
+    assert decode(bytearray(CLICK_BYTES)) == CLICK == decode(memoryview(CLICK_BYTES))
+    with pytest.raises(ContractError, match="not_bytes: str"):
+        decode("Z" * 35)

@@ -18,18 +18,27 @@ class LogConfig:
         ``kill -9`` of the broker (the page cache holds the data), may lose the last interval on
         power loss or a kernel crash.
       - ``never``: leave flushing to the OS; same guarantee as ``interval`` against ``kill -9``.
+
+    Segments roll when the next append would pass ``segment_bytes`` or the active segment is older
+    than ``segment_ms`` (wall clock since it was opened), so time retention can reach old data.
+    ``verify_crc_on_append`` checks each produced batch's CRC-32C before it is stored (cheap with
+    the compiled CRC from aiokafka; see ``streams.broker.records``).
     """
 
     segment_bytes: int = 64 * 1024 * 1024
+    segment_ms: int = 7 * 24 * 3600 * 1000
     index_interval_bytes: int = 4096
     fsync: FsyncPolicy = "interval"
     fsync_interval_ms: int = 1000
     retention_bytes: int = -1  # per partition; -1 = unlimited
     retention_ms: int = 7 * 24 * 3600 * 1000  # -1 = unlimited
+    verify_crc_on_append: bool = True
 
     def __post_init__(self) -> None:
-        if self.segment_bytes < 1024:
-            raise ValueError(f"segment_bytes={self.segment_bytes!r} < 1024")
+        if not 1024 <= self.segment_bytes <= 2**31 - 1:
+            raise ValueError(f"segment_bytes={self.segment_bytes!r} is not in 1024..2**31-1")
+        if self.segment_ms < 1:
+            raise ValueError(f"segment_ms={self.segment_ms!r} < 1")
         if self.index_interval_bytes < 1:
             raise ValueError(f"index_interval_bytes={self.index_interval_bytes!r} < 1")
         if self.fsync not in ("always", "interval", "never"):

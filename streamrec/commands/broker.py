@@ -1,0 +1,42 @@
+"""``streamrec broker``: run the embedded Kafka-compatible broker in the foreground.
+
+Settings come from the ``[broker]`` table of ``--config`` (nested ``[broker.log]`` and
+``[broker.groups]``) with the flags below on top. ``--port 0`` binds a free port; the bound port
+is in the ``broker listening`` log line.
+"""
+from __future__ import annotations
+
+import argparse
+
+from streamrec.config import build, load_section
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("broker", help="run the embedded Kafka-compatible broker")
+    p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port to bind, 0 = any free port (default 9092)")
+    p.add_argument("--data-dir", default=None, help="where logs and group state live (default ./data/broker)")
+    p.add_argument("--partitions", type=int, default=None, help="partitions of auto-created topics (default 3)")
+    p.add_argument("--fsync", choices=("always", "interval", "never"), default=None,
+                   help="when appends are fsynced (default interval)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from streams.broker import serve_forever
+    from streams.broker.config import BrokerConfig
+
+    section = load_section(args.config, "broker")
+    flags: dict[str, object] = {
+        "host": args.host,
+        "port": args.port,
+        "data_dir": args.data_dir,
+        "default_partitions": args.partitions,
+    }
+    if "data_dir" not in section and args.data_dir is None:
+        flags["data_dir"] = "./data/broker"
+    if args.fsync is not None:
+        flags["log"] = {**section.get("log", {}), "fsync": args.fsync}
+    config = build(BrokerConfig, section, flags)
+    serve_forever(config)
+    return 0

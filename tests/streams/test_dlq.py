@@ -90,7 +90,8 @@ GARBAGE = [
     (b"u2", b"not an event at all"),
     (b"u3", encode(GOOD[0])[:-4]),
     (b"u4", encode(Click(1, 2, 3, 4, 5))),  # a valid click on the impressions topic
-    (b"u5", encode(GOOD[1])[:1] + b"\x07" + encode(GOOD[1])[2:]),
+    (b"u5", encode(GOOD[1])[:1] + b"\x07" + encode(GOOD[1])[2:]),  # version 7
+    (b"u7", encode(GOOD[2])[:2] + b"\x09" + encode(GOOD[2])[3:]),  # event type 9
     (b"u6", None),  # a tombstone: no value at all
 ]
 
@@ -147,7 +148,7 @@ def test_dlq_holds_exactly_the_garbage_with_reasons_and_original_bytes(routed):
     expected_counts = Counter((TOPIC_IMPRESSIONS, _reason(v).split(":")[0]) for _k, v in GARBAGE)
     assert router.counts() == dict(expected_counts)
     assert set(code for _t, code in expected_counts) == {
-        "empty", "bad_magic", "wrong_length", "wrong_type", "unknown_type"
+        "empty", "bad_magic", "wrong_length", "wrong_type", "unknown_version", "unknown_type"
     }
 
 

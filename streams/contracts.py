@@ -3,12 +3,15 @@
 Wire layout (all integers little-endian, no padding)::
 
     header  magic u8 = 0x5A | version u8 | event_type u8        (3 bytes)
-    v1 Impression (type 1)  event_id i64, ts_ms i64, user_id u32, item_id u32, impression_id i64,
-                            activeness u8, age_group i8, item_duration_ms u32, item_category i32  45 B
-    v1 Click      (type 2)  event_id i64, ts_ms i64, impression_id i64, user_id u32, item_id u32 35 B
-    v1 Dwell      (type 3)  Click fields, then dwell_ms i32                                      39 B
-    v1 Feedback   (type 4)  event_id i64, ts_ms i64, user_id u32, item_id u32, kind u8,
-                            impression_id i64                                                    36 B
+    v1 Impression (type 1)  event_id i64, ts_ms i64, user_id i64, item_id i64, impression_id i64,
+                            activeness u8, age_group i8, item_duration_ms u32, item_category i32  53 B
+    v1 Click      (type 2)  event_id i64, ts_ms i64, impression_id i64, user_id i64, item_id i64 43 B
+    v1 Dwell      (type 3)  Click fields, then dwell_ms i32                                      47 B
+    v1 Feedback   (type 4)  event_id i64, ts_ms i64, user_id i64, item_id i64, kind u8,
+                            impression_id i64                                                    44 B
+
+user_id and item_id are non-negative 64-bit integers, so production ids (or their hashes) fit as
+they are; the learner maps them into its embedding tables.
 
 Sentinels: ``age_group = -1`` and ``item_category = -1`` mean unknown, ``activeness = 0`` is
 ``"UNKNOWN"``, and a Feedback ``impression_id`` of ``None`` travels as ``-1`` (records keep ``-1``).
@@ -23,13 +26,13 @@ Messages are keyed by ``user_id`` (:func:`key_for`) so all of a user's events sh
 >>> click = Click(event_id=7, ts_ms=1_700_000_000_000, impression_id=3, user_id=42, item_id=9)
 >>> value = encode(click)
 >>> len(value), value[:3].hex()
-(35, '5a0102')
+(43, '5a0102')
 >>> decode(value) == click, key_for(click), topic_for(click)
 (True, b'42', 'clicks')
 >>> decode(value[:-1])
 Traceback (most recent call last):
 ...
-streams.contracts.ContractError: wrong_length: 34 bytes for click v1 (expected 35)
+streams.contracts.ContractError: wrong_length: 42 bytes for click v1 (expected 43)
 """
 from __future__ import annotations
 
@@ -91,13 +94,14 @@ def activeness_code(name: str) -> int:
 
 
 _I64 = (0, 2**63 - 1)
+_ID = (0, 2**63 - 1)  # user/item ids: non-negative 64-bit, so hashed ids fit
 _U32 = (0, 2**32 - 1)
 # Per type: (field, struct code, numpy code, lo, hi) in wire order. The bounds drive both the
 # dataclass validation and the vectorised batch checks, so the two can never disagree.
 _SPEC: dict[str, tuple[tuple[str, str, str, int, int], ...]] = {
     "impression": (
         ("event_id", "q", "<i8", *_I64), ("ts_ms", "q", "<i8", *_I64),
-        ("user_id", "I", "<u4", *_U32), ("item_id", "I", "<u4", *_U32),
+        ("user_id", "q", "<i8", *_ID), ("item_id", "q", "<i8", *_ID),
         ("impression_id", "q", "<i8", *_I64),
         ("activeness", "B", "u1", 0, len(ACTIVENESS_LEVELS) - 1), ("age_group", "b", "i1", -1, 127),
         ("item_duration_ms", "I", "<u4", *_U32), ("item_category", "i", "<i4", -1, 2**31 - 1),
@@ -105,17 +109,17 @@ _SPEC: dict[str, tuple[tuple[str, str, str, int, int], ...]] = {
     "click": (
         ("event_id", "q", "<i8", *_I64), ("ts_ms", "q", "<i8", *_I64),
         ("impression_id", "q", "<i8", *_I64),
-        ("user_id", "I", "<u4", *_U32), ("item_id", "I", "<u4", *_U32),
+        ("user_id", "q", "<i8", *_ID), ("item_id", "q", "<i8", *_ID),
     ),
     "dwell": (
         ("event_id", "q", "<i8", *_I64), ("ts_ms", "q", "<i8", *_I64),
         ("impression_id", "q", "<i8", *_I64),
-        ("user_id", "I", "<u4", *_U32), ("item_id", "I", "<u4", *_U32),
+        ("user_id", "q", "<i8", *_ID), ("item_id", "q", "<i8", *_ID),
         ("dwell_ms", "i", "<i4", 0, 2**31 - 1),
     ),
     "feedback": (
         ("event_id", "q", "<i8", *_I64), ("ts_ms", "q", "<i8", *_I64),
-        ("user_id", "I", "<u4", *_U32), ("item_id", "I", "<u4", *_U32),
+        ("user_id", "q", "<i8", *_ID), ("item_id", "q", "<i8", *_ID),
         ("kind", "B", "u1", min(FeedbackKind), max(FeedbackKind)),
         ("impression_id", "q", "<i8", -1, 2**63 - 1),  # -1 = None on the wire
     ),

@@ -35,23 +35,24 @@ from streams.contracts import (
 
 I64 = st.integers(0, 2**63 - 1)
 U32 = st.integers(0, 2**32 - 1)
+IDS = st.integers(0, 2**63 - 1)
 
 impressions = st.builds(
-    Impression, event_id=I64, ts_ms=I64, user_id=U32, item_id=U32, impression_id=I64,
+    Impression, event_id=I64, ts_ms=I64, user_id=IDS, item_id=IDS, impression_id=I64,
     activeness=st.integers(0, len(ACTIVENESS_LEVELS) - 1), age_group=st.integers(-1, 127),
     item_duration_ms=U32, item_category=st.integers(-1, 2**31 - 1),
 )
-clicks = st.builds(Click, event_id=I64, ts_ms=I64, impression_id=I64, user_id=U32, item_id=U32)
+clicks = st.builds(Click, event_id=I64, ts_ms=I64, impression_id=I64, user_id=IDS, item_id=IDS)
 dwells = st.builds(
-    Dwell, event_id=I64, ts_ms=I64, impression_id=I64, user_id=U32, item_id=U32,
+    Dwell, event_id=I64, ts_ms=I64, impression_id=I64, user_id=IDS, item_id=IDS,
     dwell_ms=st.integers(0, 2**31 - 1),
 )
 feedbacks = st.builds(
-    Feedback, event_id=I64, ts_ms=I64, user_id=U32, item_id=U32,
+    Feedback, event_id=I64, ts_ms=I64, user_id=IDS, item_id=IDS,
     kind=st.sampled_from(list(FeedbackKind)), impression_id=st.none() | I64,
 )
 STRATEGIES = {Impression: impressions, Click: clicks, Dwell: dwells, Feedback: feedbacks}
-EXPECTED_SIZES = {Impression: 45, Click: 35, Dwell: 39, Feedback: 36}
+EXPECTED_SIZES = {Impression: 53, Click: 43, Dwell: 47, Feedback: 44}
 
 CLICK = Click(event_id=1, ts_ms=1_000, impression_id=7, user_id=42, item_id=9)
 
@@ -126,17 +127,17 @@ MALFORMED = {
     "empty": (b"", "empty: 0 bytes"),
     "null": (None, "empty: null value"),
     "truncated_header": (b"\x5a\x01", "truncated: 2 bytes < 3-byte header"),
-    "truncated_body": (CLICK_BYTES[:20], "wrong_length: 20 bytes for click v1 (expected 35)"),
-    "too_long": (CLICK_BYTES + b"\x00", "wrong_length: 36 bytes for click v1 (expected 35)"),
+    "truncated_body": (CLICK_BYTES[:20], "wrong_length: 20 bytes for click v1 (expected 43)"),
+    "too_long": (CLICK_BYTES + b"\x00", "wrong_length: 44 bytes for click v1 (expected 43)"),
     "wrong_magic": (b"\x00" + CLICK_BYTES[1:], "bad_magic: 0x00 (expected 0x5a)"),
     "unknown_version": (CLICK_BYTES[:1] + b"\x09" + CLICK_BYTES[2:], "unknown_version: 9 (known: [1])"),
     "unknown_type": (CLICK_BYTES[:2] + b"\x07" + CLICK_BYTES[3:], "unknown_type: 7 (known: 1..4)"),
-    "negative_dwell": (_with(DWELL_BYTES, 35, "<i", -5), "invalid_field: dwell_ms=-5 < 0 (dwell v1)"),
+    "negative_dwell": (_with(DWELL_BYTES, 43, "<i", -5), "invalid_field: dwell_ms=-5 < 0 (dwell v1)"),
     "negative_ts_dwell": (_with(DWELL_BYTES, 11, "<q", -1), "invalid_field: ts_ms=-1 < 0 (dwell v1)"),
-    "feedback_kind_0": (_with(FEEDBACK_BYTES, 27, "<B", 0), "invalid_field: kind=0 < 1 (feedback v1)"),
-    "feedback_kind_3": (_with(FEEDBACK_BYTES, 27, "<B", 3), "invalid_field: kind=3 > 2 (feedback v1)"),
+    "feedback_kind_0": (_with(FEEDBACK_BYTES, 35, "<B", 0), "invalid_field: kind=0 < 1 (feedback v1)"),
+    "feedback_kind_3": (_with(FEEDBACK_BYTES, 35, "<B", 3), "invalid_field: kind=3 > 2 (feedback v1)"),
     "feedback_impression_-2": (
-        _with(FEEDBACK_BYTES, 28, "<q", -2), "invalid_field: impression_id=-2 < 0 (feedback v1)"
+        _with(FEEDBACK_BYTES, 36, "<q", -2), "invalid_field: impression_id=-2 < 0 (feedback v1)"
     ),
 }
 
@@ -179,7 +180,7 @@ def test_empty_batch_has_the_kind_dtype():
     [
         (lambda: Dwell(1, 2, 3, 4, 5, dwell_ms=-1), "dwell_ms=-1 < 0"),
         (lambda: Click(1, -3, 3, 4, 5), "ts_ms=-3 < 0"),
-        (lambda: Click(1, 2, 3, 2**32, 5), f"user_id={2**32} > {2**32 - 1}"),
+        (lambda: Click(1, 2, 3, 2**63, 5), f"user_id={2**63} > {2**63 - 1}"),
         (lambda: Click(1, 2, 3, True, 5), "user_id=True is not an integer"),
         (lambda: Click(1, 2, 3, "4", 5), "user_id='4' is not an integer"),
         (lambda: Impression(1, 2, 3, 4, 5, activeness=len(ACTIVENESS_LEVELS)), "activeness=9 > 8"),

@@ -582,8 +582,9 @@ def topic_log_config(base: LogConfig, configs: dict[str, str]) -> LogConfig:
 class LogManager:
     """All topics under one data directory: ``<data_dir>/<topic>/meta.json`` + one dir per partition.
 
-    Directory names containing ``~`` are work in progress (topic creation or deletion cut short)
-    and are removed on load; directories without ``meta.json`` are ignored.
+    Directory names containing ``~`` (``<topic>~new``, ``<topic>~del``; ``~`` is not valid in a
+    topic name) are a creation or deletion cut short and are removed on load; directories without
+    ``meta.json`` are ignored, so other components may keep files under ``data_dir`` too.
     """
 
     def __init__(self, data_dir: Path, config: LogConfig, now_ms: Callable[[], int] = wall_clock_ms) -> None:
@@ -625,7 +626,7 @@ class LogManager:
             raise ValueError(f"n_partitions={n_partitions!r} < 1")
         configs = {str(k): str(v) for k, v in (configs or {}).items()}
         topic_log_config(self.config, configs)  # validate before touching the disk
-        work = self.data_dir / f"{name}~creating"
+        work = self.data_dir / f"{name}~new"
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir()
         for p in range(n_partitions):
@@ -649,7 +650,7 @@ class LogManager:
         for log in self._logs.pop(name):
             log.close()
         del self._configs[name]
-        work = self.data_dir / f"{name}~deleting"
+        work = self.data_dir / f"{name}~del"
         shutil.rmtree(work, ignore_errors=True)
         os.rename(self.data_dir / name, work)  # gone atomically; the rest is cleanup
         _fsync_dir(self.data_dir)

@@ -36,18 +36,16 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 from streams import StreamsError
 from streams.contracts import EVENT_TOPICS, ContractError, Event, decode, encode, key_for, topic_for
-from streams.sources import GenericOptions, Source, merge_sources, open_source
+from streams.sources import GenericOptions, Source, merge_sources, open_sources, parse_time_ms, window
 from streams.sources.kuairand import KuaiRandOptions
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_STATE_PATH = Path("data/replay/state.json")
-_EVENT_TOPIC_BY_TYPE = {name: topic for name, topic in zip(("Impression", "Click", "Dwell", "Feedback"), EVENT_TOPICS)}
 
 
 class ReplayError(StreamsError):
@@ -56,29 +54,6 @@ class ReplayError(StreamsError):
 
 class ReplayStateError(ReplayError):
     """The state file disagrees with the topics; rerun with ``restart=True`` (``--restart``) to start over."""
-
-
-def parse_time_ms(value: int | float | str | None) -> int | None:
-    """Epoch milliseconds from an int, a digit string or ISO-8601 (naive means UTC).
-
-    >>> parse_time_ms("2022-04-25T00:00:00Z"), parse_time_ms("1650844800000"), parse_time_ms(None)
-    (1650844800000, 1650844800000, None)
-    """
-    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str):
-        text = value.strip()
-        if text.lstrip("-").isdigit():
-            return int(text)
-        try:
-            dt = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
-        except ValueError:
-            pass
-        else:
-            return int((dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).timestamp() * 1000)
-    raise ValueError(f"time={value!r} is neither epoch milliseconds nor an ISO-8601 timestamp")
 
 
 @dataclass(frozen=True)
@@ -183,37 +158,6 @@ class ReplayStats:
         return lines
 
 
-def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
-    """Inputs as files: a directory stands for the KuaiRand logs (``log_*.csv*``) and ``*.jsonl*`` in it."""
-    out: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            found = sorted({*p.glob("log_*.csv*"), *p.glob("*.jsonl*")})
-            if not found:
-                raise ReplayError(f"directory {str(p)!r} holds no log_*.csv* or *.jsonl* input")
-            out.extend(found)
-        else:
-            out.append(p)
-    return out
-
-
-def open_sources(paths: Sequence[str | Path], kuairand: KuaiRandOptions | None = None,
-                 generic: GenericOptions | None = None) -> list[Source]:
-    return [open_source(p, kuairand=kuairand, generic=generic) for p in expand_paths(paths)]
-
-
-def _windowed(events: Iterator[Event], from_ms: int | None, until_ms: int | None,
-              stats: ReplayStats) -> Iterator[Event]:
-    for event in events:
-        ts = event.ts_ms
-        if until_ms is not None and ts >= until_ms:
-            return
-        if from_ms is not None and ts < from_ms:
-            stats.filtered[_EVENT_TOPIC_BY_TYPE[type(event).__name__]] += 1
-            continue
-        yield event
-
-
 def iter_events(paths: Sequence[str | Path], *, from_ms: int | str | None = None,
                 until_ms: int | str | None = None, kuairand: KuaiRandOptions | None = None,
                 generic: GenericOptions | None = None, stats: ReplayStats | None = None) -> Iterator[Event]:
@@ -224,8 +168,8 @@ def iter_events(paths: Sequence[str | Path], *, from_ms: int | str | None = None
     ['Impression', 'Click', 'Dwell', 'Impression', 'Click', 'Dwell']
     """
     sources = open_sources(paths, kuairand, generic)
-    return _windowed(merge_sources(sources), parse_time_ms(from_ms), parse_time_ms(until_ms),
-                     stats if stats is not None else ReplayStats())
+    return window(merge_sources(sources), parse_time_ms(from_ms), parse_time_ms(until_ms),
+                  stats.filtered if stats is not None else None)
 
 
 def replay_key(config: ReplayConfig, sources: Sequence[Source]) -> str:
@@ -419,9 +363,9 @@ def run_replay(config: ReplayConfig, *, clock: Callable[[], float] = time.monoto
         logger.info("replay start key=%s position=%d read_back=%d speed=%s", key, state.produced,
                     len(gap_ids), config.speed or "max")
         if config.progress:
-            stats.total = sum(1 for _ in _windowed(merge_sources(open_sources(
-                config.paths, config.kuairand_options(), config.generic_options())),
-                config.from_ms, config.until_ms, ReplayStats()))
+            stats.total = sum(1 for _ in iter_events(config.paths, from_ms=config.from_ms, until_ms=config.until_ms,
+                                                     kuairand=config.kuairand_options(),
+                                                     generic=config.generic_options()))
         _produce(config, kafka, sources, state, stats, gap_ids, offsets, state_file, key, clock, sleep)
     finally:
         kafka.close()
@@ -443,7 +387,7 @@ def _produce(config: ReplayConfig, kafka: _Kafka, sources: list[Source], state: 
         offsets.update(kafka.flush())  # raises ReplayError when any send failed: state stays behind
         state_file.save(key, ReplayState(stats.position, offsets, complete), config)
 
-    events = _windowed(merge_sources(sources), config.from_ms, config.until_ms, stats)
+    events = window(merge_sources(sources), config.from_ms, config.until_ms, stats.filtered)
     bar = _progress_bar(config, stats)
     base: tuple[float, int] | None = None
     last_checkpoint, since_checkpoint = clock(), 0

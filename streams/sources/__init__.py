@@ -23,11 +23,12 @@ import heapq
 import io
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Protocol, TextIO
 
 from streams import StreamsError
-from streams.contracts import Click, Dwell, Event, Feedback, Impression
+from streams.contracts import Click, Dwell, Event, Feedback, Impression, topic_for
 
 RANKS: dict[type, int] = {Impression: 0, Click: 1, Dwell: 2, Feedback: 3}
 KeyedEvent = tuple[int, int, int, Event]  # (ts_ms, rank, seq, event)
@@ -118,7 +119,7 @@ def open_source(path: str | Path, *, kuairand: object | None = None,
     if not p.is_file():
         raise SourceError(f"input {str(p)!r} is not a file")
     first = _first_line(p)
-    if first.startswith("{"):
+    if not first or first.startswith("{"):  # an empty file is an empty event stream
         return generic_mod.JsonlSource(p, generic or GenericOptions())
     header = [c.strip() for c in first.split(",")]
     if kuairand_mod.is_kuairand_header(header):
@@ -129,6 +130,67 @@ def open_source(path: str | Path, *, kuairand: object | None = None,
         f"{p}: unknown format; first line {first[:80]!r} is neither a KuaiRand log header, "
         "a JSON object (JSONL) nor a CSV header with a 'type' column"
     )
+
+
+def parse_time_ms(value: int | float | str | None) -> int | None:
+    """Epoch milliseconds from an int, a digit string or ISO-8601 (naive means UTC).
+
+    >>> parse_time_ms("2022-04-25T00:00:00Z"), parse_time_ms("1650844800000"), parse_time_ms(None)
+    (1650844800000, 1650844800000, None)
+    """
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lstrip("-").isdigit():
+            return int(text)
+        try:
+            dt = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+        except ValueError:
+            pass
+        else:
+            return int((dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).timestamp() * 1000)
+    raise ValueError(f"time={value!r} is neither epoch milliseconds nor an ISO-8601 timestamp")
+
+
+def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
+    """Inputs as files: a directory stands for the KuaiRand logs (``log_*.csv*``) and ``*.jsonl*`` in it."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted({*p.glob("log_*.csv*"), *p.glob("*.jsonl*")})
+            if not found:
+                raise SourceError(f"directory {str(p)!r} holds no log_*.csv* or *.jsonl* input")
+            out.extend(found)
+        else:
+            out.append(p)
+    return out
+
+
+def open_sources(paths: Sequence[str | Path], kuairand: object | None = None,
+                 generic: GenericOptions | None = None) -> list[Source]:
+    """:func:`open_source` for each input of :func:`expand_paths`."""
+    return [open_source(p, kuairand=kuairand, generic=generic) for p in expand_paths(paths)]
+
+
+def window(events: Iterator[Event], from_ms: int | None, until_ms: int | None,
+           filtered: dict[str, int] | None = None) -> Iterator[Event]:
+    """The events with ``from_ms <= ts_ms < until_ms``; stops reading at the first one past the end.
+
+    Events before ``from_ms`` are counted per topic in ``filtered``.
+    """
+    for event in events:
+        ts = event.ts_ms
+        if until_ms is not None and ts >= until_ms:
+            return
+        if from_ms is not None and ts < from_ms:
+            if filtered is not None:
+                topic = topic_for(event)
+                filtered[topic] = filtered.get(topic, 0) + 1
+            continue
+        yield event
 
 
 def merge_sources(sources: Sequence[Source]) -> Iterator[Event]:

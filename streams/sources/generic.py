@@ -22,7 +22,7 @@ CSV: a header row with a ``type`` column and any of the field names; a cell left
 "not given" (the default, or an error for a required field). A non-empty cell in a column the
 row's type does not have is an error, and so is an unknown column in the header.
 
-Blank lines are ignored. A line is malformed when it is not a JSON object / not a full CSV row,
+Blank lines are ignored (an empty file is an empty stream). A line is malformed when it is not a JSON object / not a full CSV row,
 names an unknown type or field, lacks a required field, holds a non-integer or out-of-range
 value, or repeats an ``event_id`` already seen in the same file. By default the first malformed
 line raises :class:`SourceError` reading ``path:line: reason``; with ``skip_bad_lines=True`` such
@@ -90,7 +90,7 @@ def make_event(fields: dict[str, Any]) -> Event:
         if name == "type" or value is None:
             continue
         if name not in known:
-            raise BadLine(f"field {name!r} does not belong to a {type_name} (fields: {sorted(known)})")
+            raise BadLine(f"field {name!r} does not belong to type {type_name} (fields: {sorted(known)})")
         if name == "kind" and isinstance(value, str) and value.strip().lower() in _KINDS:
             kwargs[name] = _KINDS[value.strip().lower()]
         else:

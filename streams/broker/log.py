@@ -68,6 +68,7 @@ _INDEX = struct.Struct(">II")
 _TIMEINDEX = struct.Struct(">qI")
 _LOCATE = struct.Struct(">qi11xi")  # base_offset, batch_length, .., last_offset_delta (27 bytes)
 _NO_TS = -1
+_RECOVERY_POINT = "recovery-point"  # log end offset at the last completed fsync
 
 
 class OffsetOutOfRangeError(StreamsError):
@@ -129,19 +130,25 @@ class _Segment:
 
     # --- indexes -----------------------------------------------------------------------------
     def _load_indexes(self) -> bool:
-        """Read both index files into memory; False when they are inconsistent with the log."""
+        """Read both index files (whole entries) into memory; False when they look inconsistent."""
         raw = os.pread(self.index_fd, os.fstat(self.index_fd).st_size, 0)
         traw = os.pread(self.time_fd, os.fstat(self.time_fd).st_size, 0)
-        if len(raw) % _INDEX.size or len(traw) % _TIMEINDEX.size:
-            return False
-        for rel, pos in _INDEX.iter_unpack(raw):
+        whole = not (len(raw) % _INDEX.size or len(traw) % _TIMEINDEX.size)
+        for rel, pos in _INDEX.iter_unpack(raw[: len(raw) - len(raw) % _INDEX.size]):
             self.idx_offsets.append(self.base_offset + rel)
             self.idx_positions.append(pos)
-        for ts, rel in _TIMEINDEX.iter_unpack(traw):
+        for ts, rel in _TIMEINDEX.iter_unpack(traw[: len(traw) - len(traw) % _TIMEINDEX.size]):
             self.time_ts.append(ts)
             self.time_offsets.append(self.base_offset + rel)
-        pos_ok = all(a < b for a, b in zip(self.idx_positions, self.idx_positions[1:]))
-        return pos_ok and (not self.idx_positions or self.idx_positions[-1] < self.size)
+        n = self._n_increasing()
+        return whole and n == len(self.idx_offsets) and (not n or self.idx_positions[-1] < self.size)
+
+    def _n_increasing(self) -> int:
+        """Length of the prefix of offset-index entries that increase in both offset and position."""
+        for i in range(1, len(self.idx_offsets)):
+            if self.idx_offsets[i] <= self.idx_offsets[i - 1] or self.idx_positions[i] <= self.idx_positions[i - 1]:
+                return i
+        return len(self.idx_offsets)
 
     def _reset_indexes(self, n_entries: int) -> None:
         """Keep the first ``n_entries`` offset/time entries in memory and on disk."""
@@ -179,12 +186,15 @@ class _Segment:
         self.next_offset = next_offset
         self.max_ts, self.max_ts_offset = max(zip(self.time_ts, self.time_offsets), key=lambda e: e[0])
 
-    def recover(self) -> None:
-        """Validate the tail of the last segment, truncating a torn or corrupt trailing part."""
-        consistent = self._load_indexes()
-        n = len(self.idx_offsets) if consistent else 0
-        n = min(n, len(self.time_ts))
-        while n > 0 and not self._entry_valid(n - 1):
+    def recover(self, recovery_offset: int) -> None:
+        """Validate the last segment after ``recovery_offset``, truncating a torn or corrupt tail.
+
+        Batches from the last index entry at or below ``recovery_offset`` (the log end at the last
+        completed fsync) are checked for framing, offset continuity and CRC.
+        """
+        self._load_indexes()
+        n = min(self._n_increasing(), len(self.time_ts))
+        while n > 0 and (self.idx_offsets[n - 1] > recovery_offset or not self._entry_valid(n - 1)):
             n -= 1
         while True:
             self._reset_indexes(n)
@@ -347,14 +357,21 @@ class PartitionLog:
         for path in self.directory.iterdir():
             if path.suffix in (".index", ".timeindex") and path.stem.isdigit() and int(path.stem) not in bases:
                 path.unlink()  # left behind by a segment deletion cut short
+        try:
+            recovery_offset = int((self.directory / _RECOVERY_POINT).read_text())
+        except (OSError, ValueError):
+            recovery_offset = 0  # unknown: check the whole last segment
         for i, base in enumerate(bases or [0]):
             seg = _Segment(self.directory, base, now, interval)
             if i < len(bases) - 1:
                 seg.open_sealed(bases[i + 1])
             else:
-                seg.recover()
+                seg.recover(recovery_offset)
             self._segments.append(seg)
             self._bases.append(base)
+        if not bases and self.config.fsync != "never":
+            _fsync_dir(self.directory)
+        self._checkpointed = -1
         logger.info(
             "log opened dir=%s segments=%d log_start_offset=%d log_end_offset=%d size_bytes=%d",
             self.directory, len(self._segments), self.log_start_offset, self.log_end_offset, self.size_bytes,
@@ -480,11 +497,21 @@ class PartitionLog:
         return _first_with(best.batch_at_offset(best.max_ts_offset), best.max_ts_offset, best.max_ts)
 
     def maybe_flush(self, now_ms: int | None = None) -> bool:
-        """fsync when the ``interval`` policy is due; True if it did."""
-        if self._closed or self.config.fsync != "interval" or not self._unsynced:
+        """fsync when the ``interval`` policy is due; True if it did.
+
+        Under ``always`` (every append already fsynced) it only refreshes the recovery point on
+        the same schedule, which keeps the CRC scan after a crash short.
+        """
+        if self._closed or self.config.fsync == "never":
             return False
         now = self._now_ms() if now_ms is None else now_ms
         if now - self._last_flush_ms < self.config.fsync_interval_ms:
+            return False
+        if self.config.fsync == "always":
+            self._last_flush_ms = now
+            self._write_recovery_point()
+            return False
+        if not self._unsynced:
             return False
         self.flush(now)
         return True
@@ -497,6 +524,16 @@ class PartitionLog:
                 seg.fsync()
         self._unsynced.clear()
         self._last_flush_ms = self._now_ms() if now_ms is None else now_ms
+        self._write_recovery_point()
+
+    def _write_recovery_point(self) -> None:
+        """Record that everything below the log end is durable (called only after an fsync)."""
+        if self._checkpointed == self.log_end_offset:
+            return
+        tmp = self.directory / (_RECOVERY_POINT + ".tmp")
+        tmp.write_text(str(self.log_end_offset))
+        os.replace(tmp, self.directory / _RECOVERY_POINT)  # a stale value only lengthens recovery
+        self._checkpointed = self.log_end_offset
 
     def enforce_retention(self, now_ms: int | None = None) -> int:
         """Delete sealed segments past ``retention_ms`` / ``retention_bytes``; returns how many."""

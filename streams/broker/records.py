@@ -28,9 +28,10 @@ this environment (gzip always; snappy, lz4 and zstd only when their libraries ar
 any other codec it raises ``UnsupportedCompressionError``; callers then fall back to batch
 granularity (the batch's base offset and max timestamp).
 
->>> h = parse_header(bytes(61)[:16] + b"\\x02" + bytes(44))
->>> (h.magic, h.size, h.compression)
-(2, 12, 0)
+>>> empty = bytes(8) + (49).to_bytes(4, "big") + bytes(4) + bytes([2]) + bytes(44)
+>>> h = parse_header(empty)
+>>> (h.magic, h.size, h.records_count, h.compression)
+(2, 61, 0, 0)
 """
 from __future__ import annotations
 

@@ -279,6 +279,44 @@ def test_index_entries_beyond_truncated_log_are_dropped(tmp_path):
     assert [r[2] for r in read_all(log)] == [b"0", b"1", b"2", b"3", b"new"]
 
 
+@pytest.mark.parametrize("recovery_point", ["stale", "missing"])
+def test_damage_after_the_recovery_point_is_found_even_before_the_last_index_entry(tmp_path, recovery_point):
+    cfg = config(index_interval_bytes=1)  # an index entry for every batch
+    log = PartitionLog(tmp_path / "p", cfg)
+    sizes = []
+    for i in range(20):
+        raw = make_batch([b"%d" % i])
+        sizes.append(len(raw))
+        log.append(raw)
+        if i == 9:
+            log.flush()
+    assert (tmp_path / "p" / "recovery-point").read_text() == "10"
+    log.close()
+    if recovery_point == "stale":  # as if the process died before the next flush
+        (tmp_path / "p" / "recovery-point").write_text("10")
+    else:
+        (tmp_path / "p" / "recovery-point").unlink()
+    with open(_last_segment(tmp_path / "p"), "r+b") as f:  # a page that never reached the disk
+        f.seek(sum(sizes[:14]) + 30)
+        f.write(bytes(8))
+    log = PartitionLog(tmp_path / "p", cfg)
+    assert log.log_end_offset == 14
+    assert [r[2] for r in read_all(log)] == [b"%d" % i for i in range(14)]
+
+
+def test_recovery_point_tracks_flushes(tmp_path):
+    clock = Clock()
+    point = tmp_path / "p" / "recovery-point"
+    log = PartitionLog(tmp_path / "p", LogConfig(fsync="always", fsync_interval_ms=100), now_ms=clock)
+    log.append(make_batch([b"a", b"b"]))
+    assert not point.exists()
+    assert not log.maybe_flush(clock.now_ms + 100)  # nothing left to fsync ...
+    assert point.read_text() == "2"  # ... but the recovery point moves on the same schedule
+    log.append(make_batch([b"c"]))
+    log.close()
+    assert point.read_text() == "3"
+
+
 _WRITER = textwrap.dedent(
     """
     import sys

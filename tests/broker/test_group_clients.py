@@ -2,13 +2,14 @@
 
 kafka-python and aiokafka groups of two on a 3-partition topic (split, leave -> takeover, commit,
 resume from the committed offsets), librdkafka (confluent-kafka) joining and committing, and kcat's
-balanced consumer. Everything waits by polling with a deadline.
+balanced consumer, and a member killed without LeaveGroup being expired. Everything waits by polling with a deadline.
 """
 from __future__ import annotations
 
 import asyncio
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from typing import Callable
@@ -286,3 +287,44 @@ def test_kcat_balanced_consumer_joins_group(broker):
     # kcat commits automatically while consuming; what it read is committed for the group
     wait_until(lambda: sum(committed_offsets(bootstrap, group).values()) == len(sent), timeout_s=10,
                what="kcat's commits")
+
+
+CRASHING_MEMBER = """
+import sys, time
+from kafka import KafkaConsumer
+c = KafkaConsumer(sys.argv[2], bootstrap_servers=sys.argv[1], group_id=sys.argv[3], enable_auto_commit=False,
+                  heartbeat_interval_ms=100, session_timeout_ms=1500, max_poll_interval_ms=10000)
+deadline = time.monotonic() + 60
+while not c.assignment() and time.monotonic() < deadline:
+    c.poll(timeout_ms=50)
+print("assigned", sorted(tp.partition for tp in c.assignment()), flush=True)
+while True:
+    c.poll(timeout_ms=50)
+"""
+
+
+def test_killed_member_expires_after_session_timeout(broker):
+    """A member that dies without LeaveGroup is expired after its session; the survivor takes over."""
+    bootstrap, topic, group = broker.bootstrap, "crash-clicks", "crash-group"
+    create_topic(bootstrap, topic)
+    survivor = ConsumerThread(bootstrap, topic, group)
+    crashing = subprocess.Popen(
+        [sys.executable, "-c", CRASHING_MEMBER, bootstrap, topic, group], stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        line = crashing.stdout.readline()  # blocks until the subprocess owns partitions (or dies)
+        assert line.startswith("assigned ["), line
+        wait_until(lambda: describe(bootstrap, group) == ("Stable", 2), what="a stable group of two")
+        assert survivor.snapshot()[1] != set(range(N_PARTITIONS))
+        crashing.kill()  # no LeaveGroup
+        crashing.wait(timeout=10)
+        killed_at = time.monotonic()
+        wait_until(lambda: survivor.snapshot()[1] == set(range(N_PARTITIONS)), timeout_s=20,
+                   what="the survivor to own all partitions after the session timeout")
+        # not before the dead member's 1.5 s session ran out (the survivor learns on its next heartbeat)
+        assert time.monotonic() - killed_at >= 1.0
+    finally:
+        if crashing.poll() is None:
+            crashing.kill()
+            crashing.wait()
+        survivor.close()

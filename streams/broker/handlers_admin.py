@@ -59,8 +59,12 @@ async def handle_create_topics(ctx: RequestContext, request: CreateTopicsRequest
     for t in request.topics:
         counts[t.name] = counts.get(t.name, 0) + 1
     results = []
+    answered: set[str] = set()
     for t in request.topics:
         name = t.name
+        if name in answered:
+            continue  # a duplicated name gets one result (INVALID_REQUEST), as Kafka answers
+        answered.add(name)
         n_partitions = len(t.assignments) if t.assignments else t.num_partitions
         if n_partitions == -1:
             n_partitions = broker.config.default_partitions

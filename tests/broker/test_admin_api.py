@@ -86,3 +86,19 @@ def test_metadata_without_auto_create_reports_unknown_topic(broker, raw_client):
     created = raw_client().request(request, 12).topics[0]
     assert created.error_code == 0 and len(created.partitions) == broker.config.default_partitions
     assert all(p.leader_id == broker.config.node_id for p in created.partitions)
+
+
+def test_librdkafka_admin_client(broker):
+    ck_admin = pytest.importorskip("confluent_kafka.admin")
+    admin = ck_admin.AdminClient({"bootstrap.servers": broker.bootstrap})
+    for future in admin.create_topics([ck_admin.NewTopic("ck-a", 4, 1), ck_admin.NewTopic("ck-b", 2, 1)]).values():
+        assert future.result(10) is None
+    with pytest.raises(Exception, match="already exists"):
+        admin.create_topics([ck_admin.NewTopic("ck-a", 1, 1)])["ck-a"].result(10)
+    listed = admin.list_topics(timeout=10).topics
+    assert {t: len(m.partitions) for t, m in listed.items() if t.startswith("ck-")} == {"ck-a": 4, "ck-b": 2}
+    resource = ck_admin.ConfigResource("topic", "ck-a")
+    configs = admin.describe_configs([resource])[resource].result(10)
+    assert configs["cleanup.policy"].value == "delete"
+    assert admin.delete_topics(["ck-b"])["ck-b"].result(10) is None
+    assert "ck-b" not in broker.broker.logs.topics()

@@ -35,6 +35,7 @@ event loop); every method is synchronous and cheap except fsync.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -89,6 +90,14 @@ class InvalidTopicError(StreamsError):
 
 class InvalidConfigError(StreamsError):
     """A topic config value that cannot be parsed or is out of range."""
+
+
+class DataDirLockedError(StreamsError):
+    """Another LogManager (usually another broker process) holds this data directory; stop it first."""
+
+
+class CorruptTopicMetaError(StreamsError):
+    """A topic's meta.json cannot be read; restore or remove that topic directory."""
 
 
 def wall_clock_ms() -> int:
@@ -319,16 +328,18 @@ class _Segment:
 
 
 def _first_at_or_after(batch: bytes, base: int, max_ts: int, ts_ms: int) -> tuple[int, int]:
+    """First record of ``batch`` with timestamp >= ``ts_ms``; batch granularity if undecodable."""
     try:
-        return next((o, t) for o, t in record_timestamps(batch) if t >= ts_ms)
-    except UnsupportedCompressionError:
-        return base, max_ts  # batch granularity for codecs we cannot decode
+        return next(((o, t) for o, t in record_timestamps(batch) if t >= ts_ms), (base, max_ts))
+    except (UnsupportedCompressionError, CorruptRecordError):
+        return base, max_ts
 
 
 def _first_with(batch: bytes, base: int, max_ts: int) -> tuple[int, int]:
+    """First record of ``batch`` carrying ``max_ts``; batch granularity if undecodable."""
     try:
-        return next((o, t) for o, t in record_timestamps(batch) if t == max_ts)
-    except (UnsupportedCompressionError, StopIteration):
+        return next(((o, t) for o, t in record_timestamps(batch) if t == max_ts), (base, max_ts))
+    except (UnsupportedCompressionError, CorruptRecordError):
         return base, max_ts
 
 
@@ -582,6 +593,7 @@ class PartitionLog:
 
 _TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}")
 _META = "meta.json"
+_LOCK = "~lock"  # flock'ed while a LogManager owns the directory ('~' never appears in topic names)
 _INT_CONFIGS = {
     "retention.ms": "retention_ms",
     "retention.bytes": "retention_bytes",
@@ -631,12 +643,22 @@ class LogManager:
         self._logs: dict[str, list[PartitionLog]] = {}
         self._configs: dict[str, dict[str, str]] = {}
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = os.open(self.data_dir / _LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self._lock_fd)
+            raise DataDirLockedError(f"data_dir={self.data_dir} is in use by another log manager") from None
         for path in sorted(self.data_dir.iterdir()):
             if "~" in path.name and path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
             elif (path / _META).is_file():
-                meta = json.loads((path / _META).read_text())
-                self._open_topic(meta["name"], int(meta["partitions"]), dict(meta["configs"]))
+                try:
+                    meta = json.loads((path / _META).read_text())
+                    n_partitions, configs = int(meta["partitions"]), {str(k): str(v) for k, v in meta["configs"].items()}
+                except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                    raise CorruptTopicMetaError(f"path={path / _META} error={exc!r}") from None
+                self._open_topic(path.name, n_partitions, configs)
         logger.info(
             "log manager loaded data_dir=%s topics=%d partitions=%d",
             self.data_dir, len(self._logs), sum(len(v) for v in self._logs.values()),
@@ -659,6 +681,8 @@ class LogManager:
         validate_topic_name(name)
         if name in self._logs:
             raise TopicExistsError(f"topic={name!r} already exists")
+        if (self.data_dir / name).exists():
+            raise TopicExistsError(f"topic={name!r}: path={self.data_dir / name} exists and is not a topic")
         if not isinstance(n_partitions, int) or n_partitions < 1:
             raise ValueError(f"n_partitions={n_partitions!r} < 1")
         configs = {str(k): str(v) for k, v in (configs or {}).items()}
@@ -718,8 +742,13 @@ class LogManager:
         return sum(log.enforce_retention(now_ms) for log in self._all())
 
     def close(self) -> None:
+        """Flush and close every log, then release the data directory."""
+        if self._lock_fd < 0:
+            return
         for log in self._all():
             log.close()
         self._logs.clear()
         self._configs.clear()
+        os.close(self._lock_fd)  # releases the flock
+        self._lock_fd = -1
         logger.info("log manager closed data_dir=%s", self.data_dir)

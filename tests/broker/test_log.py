@@ -17,6 +17,8 @@ from kafka.record.memory_records import MemoryRecords
 
 from streams.broker.config import LogConfig
 from streams.broker.log import (
+    CorruptTopicMetaError,
+    DataDirLockedError,
     InvalidConfigError,
     InvalidTopicError,
     LogClosedError,
@@ -509,6 +511,8 @@ def test_manager_create_reload_delete(tmp_path):
     (tmp_path / "data" / "not-a-topic").mkdir()  # no meta.json: ignored
     manager = LogManager(tmp_path / "data", config())
     assert manager.topics() == {"clicks": 3, "__consumer_offsets": 1}
+    with pytest.raises(TopicExistsError, match="not a topic"):
+        manager.create_topic("not-a-topic", 1)
     assert not (tmp_path / "data" / "half~new").exists()
     assert [r[2] for r in read_all(manager.get("clicks", 1))] == [b"hello"]
     assert manager.get("clicks", 0).config.segment_bytes == 2048
@@ -525,13 +529,34 @@ def test_manager_create_reload_delete(tmp_path):
     assert LogManager(tmp_path / "data", config()).topics() == {"__consumer_offsets": 1, "clicks": 1}
 
 
+def test_data_dir_is_locked_while_a_manager_owns_it(tmp_path):
+    first = LogManager(tmp_path, config())
+    first.create_topic("t", 1)
+    with pytest.raises(DataDirLockedError):
+        LogManager(tmp_path, config())
+    first.close()
+    first.close()  # idempotent
+    second = LogManager(tmp_path, config())
+    assert second.topics() == {"t": 1}
+    second.close()
+
+
+def test_unreadable_topic_meta_is_reported(tmp_path):
+    manager = LogManager(tmp_path, config())
+    manager.create_topic("t", 2)
+    manager.close()
+    (tmp_path / "t" / "meta.json").write_text("{not json")
+    with pytest.raises(CorruptTopicMetaError, match="meta.json"):
+        LogManager(tmp_path, config())
+
+
 @pytest.mark.parametrize("name", ["", ".", "..", "a/b", "a b", "x" * 250, "tópico", "a~b", "a\x00"])
 def test_invalid_topic_names_are_rejected(tmp_path, name):
     manager = LogManager(tmp_path, config())
     with pytest.raises(InvalidTopicError):
         manager.create_topic(name, 1)
     assert manager.topics() == {}
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == ["~lock"]
 
 
 def test_valid_edge_topic_names(tmp_path):
@@ -549,7 +574,7 @@ def test_invalid_topic_configs_are_rejected(tmp_path, configs):
     manager = LogManager(tmp_path, config())
     with pytest.raises(InvalidConfigError):
         manager.create_topic("t", 1, configs)
-    assert manager.topics() == {} and list(tmp_path.iterdir()) == []
+    assert manager.topics() == {} and [p.name for p in tmp_path.iterdir()] == ["~lock"]
     with pytest.raises(ValueError, match="n_partitions=0"):
         manager.create_topic("t", 0)
 
@@ -588,4 +613,36 @@ def test_everything_appended_reads_back_in_order(tmp_path_factory, batches, segm
     assert [(o, v) for o, _, v, _ in read_all(log, max_bytes=max_bytes)] == expected
     mid = expected[len(expected) // 2][0]
     assert [(o, v) for o, _, v, _ in read_all(log, start=mid)] == expected[len(expected) // 2 :]
+    log.close()
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    sizes=st.lists(st.integers(1, 8), min_size=1, max_size=25),
+    cut_fraction=st.floats(0.0, 1.0),
+    index_interval_bytes=st.integers(1, 1024),
+    flushed_batches=st.integers(0, 25),
+)
+def test_any_cut_recovers_the_longest_whole_prefix(tmp_path_factory, sizes, cut_fraction, index_interval_bytes, flushed_batches):
+    directory = tmp_path_factory.mktemp("cut") / "p"
+    cfg = config(index_interval_bytes=index_interval_bytes)
+    log = PartitionLog(directory, cfg)
+    ends, offset = [], 0  # (byte end, offset end) after each batch
+    for i, n in enumerate(sizes):
+        offset += n
+        log.append(make_batch([b"%d-%d" % (i, j) for j in range(n)]))
+        ends.append((log.size_bytes, offset))
+        if i + 1 == flushed_batches:
+            log.flush()
+    log.close()
+    cut = int(cut_fraction * log.size_bytes)
+    (directory / "recovery-point").write_text(str(ends[min(flushed_batches, len(ends)) - 1][1] if flushed_batches else 0))
+    with open(_last_segment(directory), "r+b") as f:
+        f.truncate(cut)
+    log = PartitionLog(directory, cfg)
+    kept = [e for e in ends if e[0] <= cut]
+    want_bytes, want_offset = kept[-1] if kept else (0, 0)
+    assert (log.size_bytes, log.log_end_offset) == (want_bytes, want_offset)
+    assert [r[0] for r in read_all(log)] == list(range(want_offset))
+    assert log.append(make_batch([b"next"])) == want_offset
     log.close()

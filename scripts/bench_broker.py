@@ -145,7 +145,7 @@ def main() -> int:
     affinity = client_affinity(args.core)
     print(f"command: {shlex.join([sys.executable, *sys.argv])}")
     print(f"machine: nproc={os.cpu_count()} cpu={cpu_model()!r} python={platform.python_version()} "
-          f"kernel={platform.release()}")
+          f"kernel={platform.release()} loadavg_1m={os.getloadavg()[0]:.2f}")
     print(f"broker: pinned to core {args.core}, fsync={args.fsync}, partitions={args.partitions}; "
           f"clients on cores {sorted(affinity) if affinity else 'shared with the broker'}")
     print(f"workload: {args.messages:,} messages x {args.size} bytes, {args.runs} runs per client")

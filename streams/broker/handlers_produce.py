@@ -49,18 +49,21 @@ def _append(broker: Broker, topic: str, partition: int, data: bytes | None) -> _
 
     if not data or len(data) < BATCH_HEADER_BYTES:
         return _PartResp(index=partition, error_code=ec.CORRUPT_MESSAGE, base_offset=-1)
-    (_, _, _, magic, _, _, last_delta, _, _, pid, epoch, first_seq, _) = BATCH_HEADER.unpack_from(data, 0)
+    (_, length, _, magic, _, _, last_delta, _, _, pid, epoch, first_seq, _) = BATCH_HEADER.unpack_from(data, 0)
     if magic != _MAGIC_V2:
         return _PartResp(index=partition, error_code=ec.UNSUPPORTED_FOR_MESSAGE_FORMAT, base_offset=-1)
+    if len(data) > 12 + length:  # Produce v3+ carries exactly one batch per partition
+        return _PartResp(index=partition, error_code=ec.INVALID_RECORD, base_offset=-1,
+                         error_message="a produce request must hold exactly one record batch per partition")
     producers = broker.producers
+    log = broker.logs.get(topic, partition)
     n_records = last_delta + 1
     if pid >= 0:
-        verdict = producers.check(topic, partition, pid, epoch, first_seq, n_records)
+        verdict = producers.check(topic, partition, log, pid, epoch, first_seq, n_records)
         if verdict.duplicate_of is not None:
-            return _ok(broker, topic, partition, verdict.duplicate_of)
+            return _ok(log, partition, verdict.duplicate_of)
         if verdict.error != ec.NONE:
             return _PartResp(index=partition, error_code=verdict.error, base_offset=-1)
-    log = broker.logs.get(topic, partition)
     try:
         base_offset = log.append(data)
     except CorruptRecordError as exc:
@@ -72,14 +75,10 @@ def _append(broker: Broker, topic: str, partition: int, data: bytes | None) -> _
     if pid >= 0:
         producers.record(topic, partition, pid, epoch, first_seq, n_records, base_offset)
     broker.notify_append(topic, partition)
-    return _PartResp(
-        index=partition, error_code=ec.NONE, base_offset=base_offset, log_append_time_ms=-1,
-        log_start_offset=log.log_start_offset,
-    )
+    return _ok(log, partition, base_offset)
 
 
-def _ok(broker: Broker, topic: str, partition: int, base_offset: int) -> _PartResp:
-    log = broker.logs.get(topic, partition)
+def _ok(log, partition: int, base_offset: int) -> _PartResp:
     return _PartResp(
         index=partition, error_code=ec.NONE, base_offset=base_offset, log_append_time_ms=-1,
         log_start_offset=log.log_start_offset,

@@ -34,6 +34,7 @@ UNSUPPORTED_VERSION = 35
 _MIN_FRAME_BYTES = 10  # api_key + api_version + correlation_id + client_id length
 _FLUSH_TICK_MS_MAX = 1000
 _RETENTION_EVERY_MS = 10_000
+_READ_BUFFER_BYTES = 1 << 20  # per-connection read-ahead before the transport pauses
 
 
 class BrokerError(StreamsError):
@@ -153,7 +154,9 @@ class Broker:
         else:
             self.groups = groups_mod.GroupCoordinator(self.config.groups, self.config.data_dir / "__groups", now_ms)
             await self.groups.start()
-        self._server = await asyncio.start_server(self._serve_connection, self.config.host, self.config.port)
+        self._server = await asyncio.start_server(
+            self._serve_connection, self.config.host, self.config.port, limit=_READ_BUFFER_BYTES,
+        )
         self.port = self._server.sockets[0].getsockname()[1]
         self._periodic = asyncio.get_running_loop().create_task(self._periodic_loop())
         logger.info(

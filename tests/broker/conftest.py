@@ -12,6 +12,9 @@ from pathlib import Path
 from typing import Callable, TypeVar
 
 import pytest
+from kafka.protocol.metadata import MetadataRequest
+from kafka.protocol.producer import ProduceRequest
+from kafka.record.default_records import DefaultRecordBatchBuilder
 
 T = TypeVar("T")
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -90,6 +93,28 @@ class RawClient:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def metadata_request(topics: list[str] | None = None) -> MetadataRequest:
+    """A Metadata request for ``topics`` (None = all) that may auto-create them."""
+    wanted = None if topics is None else [MetadataRequest.MetadataRequestTopic(name=t) for t in topics]
+    return MetadataRequest(topics=wanted, allow_auto_topic_creation=True)
+
+
+def make_batch(pid: int, epoch: int, seq: int, values: list[bytes]) -> bytes:
+    """One uncompressed v2 record batch (pid -1 = not idempotent)."""
+    builder = DefaultRecordBatchBuilder(2, 0, False, pid, epoch, seq, 1 << 20)
+    for i, v in enumerate(values):
+        builder.append(i, timestamp=1_700_000_000_000 + i, key=None, value=v, headers=[])
+    return bytes(builder.build())
+
+
+def produce_raw(client: RawClient, topic: str, records: bytes, acks: int = -1):
+    """Produce ``records`` to partition 0 of ``topic`` (v9); returns the partition response."""
+    R = ProduceRequest.TopicProduceData
+    req = ProduceRequest(transactional_id=None, acks=acks, timeout_ms=5000, topic_data=[
+        R(name=topic, partition_data=[R.PartitionProduceData(index=0, records=records)])])
+    return client.request(req, 9).responses[0].partition_responses[0]
 
 
 @pytest.fixture

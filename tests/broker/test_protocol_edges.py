@@ -9,12 +9,11 @@ import time
 import pytest
 from kafka import KafkaProducer
 from kafka.protocol.consumer import FetchRequest, FetchResponse
-from kafka.protocol.metadata import ApiVersionsRequest, ApiVersionsResponse, MetadataRequest, MetadataResponse
-from kafka.protocol.producer import InitProducerIdRequest, ProduceRequest
-from kafka.record.default_records import DefaultRecordBatchBuilder
+from kafka.protocol.metadata import ApiVersionsRequest, ApiVersionsResponse, MetadataRequest
+from kafka.protocol.producer import InitProducerIdRequest
 
 from streams.broker import error_codes as ec
-from tests.broker.conftest import RawClient, wait_for
+from tests.broker.conftest import make_batch, metadata_request, produce_raw, wait_for
 
 
 def _assert_broker_still_serves(broker) -> None:
@@ -24,11 +23,6 @@ def _assert_broker_still_serves(broker) -> None:
     finally:
         producer.close()
     assert meta.offset == 0
-
-
-def _metadata(topics: list[str] | None = None) -> MetadataRequest:
-    wanted = None if topics is None else [MetadataRequest.MetadataRequestTopic(name=t) for t in topics]
-    return MetadataRequest(topics=wanted, allow_auto_topic_creation=True)
 
 
 @pytest.mark.parametrize("payload", [
@@ -49,7 +43,7 @@ def test_malformed_frame_closes_only_that_connection(broker, raw_client, payload
     bad.send_raw(payload)
     assert bad.is_closed_by_peer(timeout_s=5)
     assert any(r.levelno == logging.WARNING and "closing connection" in r.getMessage() for r in caplog.records)
-    assert bystander.request(_metadata([]), 1).brokers[0].port == broker.port
+    assert bystander.request(metadata_request([]), 1).brokers[0].port == broker.port
     _assert_broker_still_serves(broker)
 
 
@@ -57,9 +51,9 @@ def test_unsupported_version_of_known_api_gets_error_response(broker, raw_client
     client = raw_client()
     max_metadata = {k.api_key: k.max_version for k in client.request(ApiVersionsRequest(), 3).api_keys}[3]
     assert max_metadata < MetadataRequest.max_version, "test needs a Metadata version the broker does not serve"
-    response = client.request(_metadata(["x"]), MetadataRequest.max_version)
+    response = client.request(metadata_request(["x"]), MetadataRequest.max_version)
     assert response.error_code == ec.UNSUPPORTED_VERSION
-    assert client.request(_metadata([]), max_metadata).error_code == 0  # same connection still served
+    assert client.request(metadata_request([]), max_metadata).error_code == 0  # same connection still served
 
 
 def test_unsupported_version_without_error_field_closes_connection(broker, raw_client):
@@ -111,7 +105,7 @@ def _fetch(topic: str, offset: int, max_wait_ms: int) -> FetchRequest:
 
 def test_long_poll_fetch_returns_early_when_data_arrives(broker, raw_client):
     client = raw_client()
-    client.request(_metadata(["poll"]), 9)  # auto-creates the topic
+    client.request(metadata_request(["poll"]), 9)  # auto-creates the topic
     result: dict[str, object] = {}
 
     def fetch() -> None:
@@ -133,7 +127,7 @@ def test_long_poll_fetch_returns_early_when_data_arrives(broker, raw_client):
 
 def test_long_poll_fetch_waits_max_wait_when_nothing_arrives(broker, raw_client):
     client = raw_client()
-    client.request(_metadata(["idle"]), 9)
+    client.request(metadata_request(["idle"]), 9)
     t0 = time.monotonic()
     response: FetchResponse = client.request(_fetch("idle", 0, 300), 12)
     elapsed = time.monotonic() - t0
@@ -146,38 +140,24 @@ def test_long_poll_fetch_waits_max_wait_when_nothing_arrives(broker, raw_client)
     assert unknown.error_code == ec.UNKNOWN_TOPIC_OR_PARTITION
 
 
-def _batch(pid: int, epoch: int, seq: int, values: list[bytes]) -> bytes:
-    builder = DefaultRecordBatchBuilder(2, 0, False, pid, epoch, seq, 1 << 20)
-    for i, v in enumerate(values):
-        builder.append(i, timestamp=1_700_000_000_000 + i, key=None, value=v, headers=[])
-    return bytes(builder.build())
-
-
-def _produce(client: RawClient, topic: str, records: bytes, acks: int = -1):
-    R = ProduceRequest.TopicProduceData
-    req = ProduceRequest(transactional_id=None, acks=acks, timeout_ms=5000, topic_data=[
-        R(name=topic, partition_data=[R.PartitionProduceData(index=0, records=records)])])
-    return client.request(req, 9).responses[0].partition_responses[0]
-
-
 def test_idempotent_retries_are_deduplicated_and_gaps_rejected(broker, raw_client):
     client = raw_client()
-    client.request(_metadata(["idem-raw"]), 9)
+    client.request(metadata_request(["idem-raw"]), 9)
     init = client.request(InitProducerIdRequest(transactional_id=None, transaction_timeout_ms=60000), 4)
     pid = init.producer_id
     assert init.error_code == 0 and init.producer_epoch == 0
-    first = _produce(client, "idem-raw", _batch(pid, 0, 0, [b"a", b"b"]))
+    first = produce_raw(client, "idem-raw", make_batch(pid, 0, 0, [b"a", b"b"]))
     assert (first.error_code, first.base_offset) == (0, 0)
-    retry = _produce(client, "idem-raw", _batch(pid, 0, 0, [b"a", b"b"]))
+    retry = produce_raw(client, "idem-raw", make_batch(pid, 0, 0, [b"a", b"b"]))
     assert (retry.error_code, retry.base_offset) == (0, 0)  # duplicate: original offset, not appended again
-    second = _produce(client, "idem-raw", _batch(pid, 0, 2, [b"c"]))
+    second = produce_raw(client, "idem-raw", make_batch(pid, 0, 2, [b"c"]))
     assert (second.error_code, second.base_offset) == (0, 2)
-    gap = _produce(client, "idem-raw", _batch(pid, 0, 7, [b"z"]))
+    gap = produce_raw(client, "idem-raw", make_batch(pid, 0, 7, [b"z"]))
     assert gap.error_code == ec.OUT_OF_ORDER_SEQUENCE_NUMBER
     assert broker.broker.logs.get("idem-raw", 0).log_end_offset == 3
-    bumped = _produce(client, "idem-raw", _batch(pid, 1, 0, [b"d"]))
+    bumped = produce_raw(client, "idem-raw", make_batch(pid, 1, 0, [b"d"]))
     assert (bumped.error_code, bumped.base_offset) == (0, 3)
-    fenced = _produce(client, "idem-raw", _batch(pid, 0, 3, [b"e"]))
+    fenced = produce_raw(client, "idem-raw", make_batch(pid, 0, 3, [b"e"]))
     assert fenced.error_code == ec.INVALID_PRODUCER_EPOCH
     second_pid = client.request(InitProducerIdRequest(transactional_id=None, transaction_timeout_ms=60000), 4)
     assert second_pid.producer_id > pid
@@ -185,10 +165,12 @@ def test_idempotent_retries_are_deduplicated_and_gaps_rejected(broker, raw_clien
 
 def test_corrupt_batch_rejected_with_corrupt_message(broker, raw_client):
     client = raw_client()
-    client.request(_metadata(["corrupt"]), 9)
-    batch = bytearray(_batch(-1, -1, -1, [b"payload"]))
+    client.request(metadata_request(["corrupt"]), 9)
+    batch = bytearray(make_batch(-1, -1, -1, [b"payload"]))
     batch[-1] ^= 0xFF  # breaks the CRC
-    assert _produce(client, "corrupt", bytes(batch)).error_code == ec.CORRUPT_MESSAGE
-    assert _produce(client, "corrupt", b"\x00" * 20).error_code == ec.CORRUPT_MESSAGE
-    assert _produce(client, "no-such-topic-here", _batch(-1, -1, -1, [b"x"])).error_code == ec.UNKNOWN_TOPIC_OR_PARTITION
+    assert produce_raw(client, "corrupt", bytes(batch)).error_code == ec.CORRUPT_MESSAGE
+    assert produce_raw(client, "corrupt", b"\x00" * 20).error_code == ec.CORRUPT_MESSAGE
+    two_batches = make_batch(-1, -1, -1, [b"x"]) + make_batch(-1, -1, -1, [b"y"])
+    assert produce_raw(client, "corrupt", two_batches).error_code == ec.INVALID_RECORD
+    assert produce_raw(client, "no-such-topic-here", make_batch(-1, -1, -1, [b"x"])).error_code == ec.UNKNOWN_TOPIC_OR_PARTITION
     assert broker.broker.logs.get("corrupt", 0).log_end_offset == 0

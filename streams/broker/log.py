@@ -17,21 +17,27 @@ kernel). ``fsync=always`` also fsyncs the log before returning (survives power l
 from a timer; ``append`` checks too); ``never`` leaves it to the OS. A sealed segment is fsynced
 when it is rolled unless the policy is ``never``.
 
-Recovery on open: sealed segments are trusted (their indexes are rebuilt from batch headers when
-missing or inconsistent). The last segment's index entries are validated from the end until one
-points at a batch header with the expected offset; batches from there on are checked for framing,
-offset continuity and CRC, and the log is truncated at the first bad one (a torn tail), logged at
-WARNING. Power loss under ``interval``/``never`` can tear more than the tail of the last segment;
-that is not detected.
+Recovery on open: each flush writes ``recovery-point`` (the log end offset at the last completed
+fsync). Sealed segments are trusted (their indexes are rebuilt from batch headers when missing or
+inconsistent). In the last segment, index entries are kept up to the last one at or below the
+recovery point that points at a batch header with the expected offset; every batch from there
+on is checked for framing, offset continuity and CRC, and the log is truncated at the first bad
+one (a torn or unsynced tail), logged at WARNING. So under ``interval`` a power loss loses at most
+what was written since the last fsync, and damage there is found even in the middle of the
+segment. Not detected: damage to sealed segments (possible after a power loss under ``never``,
+which skips the fsync at roll) and whatever a disk that ignores fsync does.
 
 Retention (``enforce_retention``) deletes whole sealed segments, oldest first: by time when a
 segment's largest record timestamp is older than ``retention_ms``, by size while the partition
 stays at or above ``retention_bytes`` without it. The active segment is never deleted. Topics
 whose ``cleanup.policy`` lacks ``delete`` (e.g. ``compact``, faust changelogs) are exempt from
-retention; compaction itself is not performed, so such topics grow without bound.
+retention; compaction itself is not performed, so such topics grow without bound. Time
+retention follows record timestamps, as in Kafka: replayed history carrying old event times
+expires as soon as its segment is sealed, so give replay topics ``retention.ms=-1``.
 
-Reads return whole batches from one segment. Not thread-safe: call from one thread (the broker's
-event loop); every method is synchronous and cheap except fsync.
+Reads return whole batches from one segment. ``LogManager`` holds an exclusive ``flock`` on
+``<data_dir>/~lock`` so two brokers cannot share a data directory. Not thread-safe: call from one
+thread (the broker's event loop); every method is synchronous and cheap except fsync.
 """
 from __future__ import annotations
 

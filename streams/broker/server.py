@@ -13,6 +13,7 @@ import importlib
 import logging
 import struct
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
@@ -136,6 +137,9 @@ class Broker:
         self._conn_tasks: set[asyncio.Task[None]] = set()
         self._append_waiters: dict[tuple[str, int], set[asyncio.Future[None]]] = {}
         self._periodic: asyncio.Task[None] | None = None
+        # per-event facts: ("requests", api_key), ("connections", "accepted"), ("connections", "malformed"),
+        # ("requests", "unsupported"), ("connections", "handler_error")
+        self.counters: Counter[tuple[str, int | str]] = Counter()
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -231,6 +235,8 @@ class Broker:
         self._conn_tasks.add(task)
         peer = writer.get_extra_info("peername")
         host = str(peer[0]) if peer else "?"
+        counters = self.counters
+        counters["connections", "accepted"] += 1
         max_bytes = self.config.max_request_bytes
         try:
             while True:
@@ -242,6 +248,7 @@ class Broker:
                     return
                 size = int.from_bytes(size_bytes, "big", signed=True)
                 if size < _MIN_FRAME_BYTES or size > max_bytes:
+                    counters["connections", "malformed"] += 1
                     logger.warning(
                         "closing connection: bad frame size peer=%s size=%d max_request_bytes=%d",
                         peer, size, max_bytes,
@@ -255,6 +262,7 @@ class Broker:
                 try:
                     out = await self._dispatch(memoryview(frame), host)
                 except ProtocolViolation as exc:
+                    counters["connections", "malformed"] += 1
                     logger.warning("closing connection: %s peer=%s", exc, peer)
                     return
                 if out is not None:
@@ -263,6 +271,7 @@ class Broker:
         except (ConnectionError, asyncio.CancelledError):
             pass
         except Exception:
+            counters["connections", "handler_error"] += 1
             logger.exception("closing connection after unexpected error peer=%s", peer)
         finally:
             self._conn_tasks.discard(task)
@@ -280,6 +289,7 @@ class Broker:
         entry = self.handlers.get(api_key)
         req_cls = REQUEST_CLASSES.get(api_key)
         if entry is None or not entry[1] <= api_version <= entry[2]:
+            self.counters["requests", "unsupported"] += 1
             return self._unsupported(api_key, api_version, correlation_id, req_cls is not None)
         handler = entry[0]
         if req_cls is None:
@@ -292,6 +302,7 @@ class Broker:
             raise ProtocolViolation(
                 f"undecodable request api_key={api_key} api_version={api_version} error={exc!r}"
             ) from None
+        self.counters["requests", api_key] += 1
         ctx = RequestContext(api_key, api_version, correlation_id, client_id, client_host, self)
         response = await handler(ctx, request)
         if response is None:

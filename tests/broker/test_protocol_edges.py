@@ -43,6 +43,7 @@ def test_malformed_frame_closes_only_that_connection(broker, raw_client, payload
     bad.send_raw(payload)
     assert bad.is_closed_by_peer(timeout_s=5)
     assert any(r.levelno == logging.WARNING and "closing connection" in r.getMessage() for r in caplog.records)
+    assert broker.broker.counters["connections", "malformed"] == 1
     assert bystander.request(metadata_request([]), 1).brokers[0].port == broker.port
     _assert_broker_still_serves(broker)
 
@@ -53,6 +54,7 @@ def test_unsupported_version_of_known_api_gets_error_response(broker, raw_client
     assert max_metadata < MetadataRequest.max_version, "test needs a Metadata version the broker does not serve"
     response = client.request(metadata_request(["x"]), MetadataRequest.max_version)
     assert response.error_code == ec.UNSUPPORTED_VERSION
+    assert broker.broker.counters["requests", "unsupported"] == 1
     assert client.request(metadata_request([]), max_metadata).error_code == 0  # same connection still served
 
 

@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import argparse
 
+from typing import TYPE_CHECKING
+
 from streamrec.config import build, load_section
+
+if TYPE_CHECKING:
+    from streams.broker.config import BrokerConfig
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -22,8 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from streams.broker import serve_forever
+def build_config(args: argparse.Namespace) -> BrokerConfig:
+    """Defaults < ``[broker]`` of ``--config`` < flags."""
     from streams.broker.config import BrokerConfig
 
     section = load_section(args.config, "broker")
@@ -37,6 +42,11 @@ def run(args: argparse.Namespace) -> int:
         flags["data_dir"] = "./data/broker"
     if args.fsync is not None:
         flags["log"] = {**section.get("log", {}), "fsync": args.fsync}
-    config = build(BrokerConfig, section, flags)
-    serve_forever(config)
+    return build(BrokerConfig, section, flags)
+
+
+def run(args: argparse.Namespace) -> int:
+    from streams.broker import serve_forever
+
+    serve_forever(build_config(args))
     return 0

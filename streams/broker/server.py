@@ -181,11 +181,14 @@ class Broker:
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None
-        if self.groups is not None:
-            await self.groups.stop()
-        if self.logs is not None:
-            self.logs.flush_all()
-            self.logs.close()
+        try:
+            if self.groups is not None:
+                await self.groups.stop()
+        finally:
+            if self.logs is not None:
+                self.logs.flush_all()
+                self.logs.close()
+                self.logs = None
         logger.info("broker stopped port=%d", self.port)
 
     async def _periodic_loop(self) -> None:

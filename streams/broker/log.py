@@ -634,6 +634,20 @@ def topic_log_config(base: LogConfig, configs: dict[str, str]) -> LogConfig:
         raise InvalidConfigError(f"topic config: {exc}") from None
 
 
+def _write_meta(directory: Path, name: str, n_partitions: int, configs: dict[str, str]) -> None:
+    """Write ``meta.json`` atomically and durably (temp file, fsync, rename, fsync the directory)."""
+    meta = json.dumps({"version": 1, "name": name, "partitions": n_partitions, "configs": configs}, indent=1)
+    tmp = directory / (_META + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        _write_all(fd, meta.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, directory / _META)
+    _fsync_dir(directory)
+
+
 class LogManager:
     """All topics under one data directory: ``<data_dir>/<topic>/meta.json`` + one dir per partition.
 
@@ -679,8 +693,7 @@ class LogManager:
         return {name: len(logs) for name, logs in self._logs.items()}
 
     def topic_configs(self, name: str) -> dict[str, str]:
-        if name not in self._configs:
-            raise UnknownTopicError(f"topic={name!r} does not exist")
+        self._require(name)
         return dict(self._configs[name])
 
     def create_topic(self, name: str, n_partitions: int, configs: dict[str, str] | None = None) -> None:
@@ -698,22 +711,43 @@ class LogManager:
         work.mkdir()
         for p in range(n_partitions):
             (work / str(p)).mkdir()
-        meta = json.dumps({"version": 1, "name": name, "partitions": n_partitions, "configs": configs}, indent=1)
-        fd = os.open(work / _META, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            _write_all(fd, meta.encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        _fsync_dir(work)
+        _write_meta(work, name, n_partitions, configs)
         os.rename(work, self.data_dir / name)  # the topic appears atomically, meta included
         _fsync_dir(self.data_dir)
         self._open_topic(name, n_partitions, configs)
         logger.info("topic created name=%s partitions=%d configs=%s", name, n_partitions, configs)
 
-    def delete_topic(self, name: str) -> None:
-        if name not in self._logs:
+    def alter_topic_configs(self, name: str, configs: dict[str, str]) -> None:
+        """Replace the topic's config overrides (AlterConfigs semantics); applies immediately."""
+        logs = self._require(name)
+        configs = {str(k): str(v) for k, v in configs.items()}
+        log_config = topic_log_config(self.config, configs)
+        _write_meta(self.data_dir / name, name, len(logs), configs)
+        for log in logs:
+            log.config = log_config
+        self._configs[name] = configs
+        logger.info("topic configs altered name=%s configs=%s", name, configs)
+
+    def create_partitions(self, name: str, n_partitions: int) -> None:
+        """Grow the topic to ``n_partitions`` in total (a topic never shrinks)."""
+        logs = self._require(name)
+        if not isinstance(n_partitions, int) or n_partitions <= len(logs):
+            raise ValueError(f"n_partitions={n_partitions!r} <= current count {len(logs)} for topic={name!r}")
+        for p in range(len(logs), n_partitions):
+            (self.data_dir / name / str(p)).mkdir(exist_ok=True)  # leftovers of a cut-short call are empty
+        _write_meta(self.data_dir / name, name, n_partitions, self._configs[name])  # the commit point
+        config = topic_log_config(self.config, self._configs[name])
+        logs.extend(PartitionLog(self.data_dir / name / str(p), config, self._now_ms) for p in range(len(logs), n_partitions))
+        logger.info("partitions created name=%s partitions=%d", name, n_partitions)
+
+    def _require(self, name: str) -> list[PartitionLog]:
+        logs = self._logs.get(name)
+        if logs is None:
             raise UnknownTopicError(f"topic={name!r} does not exist")
+        return logs
+
+    def delete_topic(self, name: str) -> None:
+        self._require(name)
         for log in self._logs.pop(name):
             log.close()
         del self._configs[name]
@@ -725,9 +759,7 @@ class LogManager:
         logger.info("topic deleted name=%s", name)
 
     def get(self, topic: str, partition: int) -> PartitionLog:
-        logs = self._logs.get(topic)
-        if logs is None:
-            raise UnknownTopicError(f"topic={topic!r} does not exist")
+        logs = self._require(topic)
         if not 0 <= partition < len(logs):
             raise ValueError(f"partition={partition!r} not in 0..{len(logs) - 1} for topic={topic!r}")
         return logs[partition]

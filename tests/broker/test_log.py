@@ -529,6 +529,35 @@ def test_manager_create_reload_delete(tmp_path):
     assert LogManager(tmp_path / "data", config()).topics() == {"__consumer_offsets": 1, "clicks": 1}
 
 
+def test_alter_configs_and_create_partitions_persist(tmp_path):
+    clock = Clock(now_ms=10**12)
+    manager = LogManager(tmp_path, config(segment_bytes=1024, retention_ms=1000), now_ms=clock)
+    manager.create_topic("replay", 2)
+    manager.alter_topic_configs("replay", {"retention.ms": "-1"})  # keep replayed history
+    for _ in range(40):
+        manager.get("replay", 0).append(make_batch([b"x" * 50], ts=1000))
+    assert manager.enforce_retention_all() == 0
+    with pytest.raises(InvalidConfigError):
+        manager.alter_topic_configs("replay", {"retention.ms": "forever"})
+    assert manager.topic_configs("replay") == {"retention.ms": "-1"}
+    manager.create_partitions("replay", 4)
+    manager.get("replay", 3).append(make_batch([b"p3"]))
+    with pytest.raises(ValueError, match="n_partitions=4"):
+        manager.create_partitions("replay", 4)
+    with pytest.raises(UnknownTopicError):
+        manager.alter_topic_configs("nope", {})
+    manager.close()
+    manager = LogManager(tmp_path, config(segment_bytes=1024, retention_ms=1000), now_ms=clock)
+    assert manager.topics() == {"replay": 4}
+    assert manager.topic_configs("replay") == {"retention.ms": "-1"}
+    assert manager.get("replay", 0).config.retention_ms == -1
+    assert [r[2] for r in read_all(manager.get("replay", 3))] == [b"p3"]
+    assert json.loads((tmp_path / "replay" / "meta.json").read_text())["name"] == "replay"
+    manager.alter_topic_configs("replay", {})  # back to the broker default: the old data expires
+    assert manager.enforce_retention_all() > 0
+    manager.close()
+
+
 def test_data_dir_is_locked_while_a_manager_owns_it(tmp_path):
     first = LogManager(tmp_path, config())
     first.create_topic("t", 1)
@@ -646,3 +675,19 @@ def test_any_cut_recovers_the_longest_whole_prefix(tmp_path_factory, sizes, cut_
     assert [r[0] for r in read_all(log)] == list(range(want_offset))
     assert log.append(make_batch([b"next"])) == want_offset
     log.close()
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"segment_bytes": 1023}, "segment_bytes=1023"),
+        ({"segment_bytes": 2**31}, "segment_bytes=2147483648"),
+        ({"segment_ms": 0}, "segment_ms=0"),
+        ({"index_interval_bytes": 0}, "index_interval_bytes=0"),
+        ({"fsync": "sometimes"}, "fsync='sometimes'"),
+        ({"retention_ms": 0}, "retention_ms=0"),
+    ],
+)
+def test_log_config_rejects_bad_values(kw, message):
+    with pytest.raises(ValueError, match=message):
+        LogConfig(**kw)

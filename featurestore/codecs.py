@@ -1,0 +1,160 @@
+"""Value encodings: fixed struct headers and little-endian numpy columns. No pickle.
+
+Every value starts with a one-byte format version (``VERSION = 1``); a decoder checks the version
+and the exact length and raises :class:`~featurestore.CodecError` with the reason otherwise.
+
+==============  ==========================================================================
+value           layout (little-endian)
+==============  ==========================================================================
+offset          next_offset i64                                                       8 B
+commit          commit_seq u64, max_event_ts_ms i64, wall_ms i64                      25 B
+sequence        n u16, n_dropped u32, then columns ts_ms i64[n], item_id u64[n],
+                category i32[n]                                              7 + 20 n B
+counter         n u16, newest_bucket i64, n_dropped u32, then bucket i64[n],
+                count u32[n] (non-empty buckets only, ascending)            15 + 12 n B
+item counts     impressions, clicks, likes, dislikes: u64 each                        33 B
+dwell stats     half_life_ms f64 (0 = no decay), ref_ts_ms i64, weight f64,
+                mean f64, m2 f64, n u64                                                49 B
+sketch          the DataSketches KLL serialization, after the version byte
+==============  ==========================================================================
+
+>>> decode_offset(encode_offset(41))
+41
+>>> ts, items, cats, dropped = decode_sequence(encode_sequence([5, 9], [7, 8], [1, -1], 0))
+>>> ts.tolist(), items.tolist(), cats.tolist(), dropped
+([5, 9], [7, 8], [1, -1], 0)
+>>> decode_offset(b"\\x01\\x00")
+Traceback (most recent call last):
+...
+featurestore.CodecError: bad_length: offset is 2 bytes (expected 9)
+"""
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+
+import numpy as np
+
+from featurestore import CodecError
+
+VERSION = 1
+_OFFSET = struct.Struct("<Bq")
+_COMMIT = struct.Struct("<BQqq")
+_SEQ_HEAD = struct.Struct("<BHI")
+_CNT_HEAD = struct.Struct("<BHqI")
+_ITEM_COUNTS = struct.Struct("<B4Q")
+_DWELL = struct.Struct("<BdqdddQ")
+
+
+def _check_version(kind: str, data: bytes) -> None:
+    if not data:
+        raise CodecError(f"bad_length: {kind} is 0 bytes")
+    if data[0] != VERSION:
+        raise CodecError(f"unknown_version: {kind} version {data[0]} (this build reads {VERSION})")
+
+
+def _unpack(kind: str, fmt: struct.Struct, data: bytes) -> tuple:
+    _check_version(kind, data)
+    if len(data) != fmt.size:
+        raise CodecError(f"bad_length: {kind} is {len(data)} bytes (expected {fmt.size})")
+    return fmt.unpack(data)[1:]
+
+
+def encode_offset(offset: int) -> bytes:
+    return _OFFSET.pack(VERSION, offset)
+
+
+def decode_offset(data: bytes) -> int:
+    return _unpack("offset", _OFFSET, data)[0]
+
+
+def encode_commit(commit_seq: int, max_event_ts_ms: int, wall_ms: int) -> bytes:
+    return _COMMIT.pack(VERSION, commit_seq, max_event_ts_ms, wall_ms)
+
+
+def decode_commit(data: bytes) -> tuple[int, int, int]:
+    """``(commit_seq, max_event_ts_ms, wall_ms)``."""
+    return _unpack("commit", _COMMIT, data)
+
+
+def encode_sequence(ts_ms: Sequence[int], item_ids: Sequence[int], categories: Sequence[int],
+                    n_dropped: int) -> bytes:
+    n = len(ts_ms)
+    if not n == len(item_ids) == len(categories):
+        raise CodecError(f"ragged sequence columns: {n}, {len(item_ids)}, {len(categories)}")
+    return b"".join((
+        _SEQ_HEAD.pack(VERSION, n, min(n_dropped, 0xFFFFFFFF)),
+        np.asarray(ts_ms, dtype="<i8").tobytes(),
+        np.asarray(item_ids, dtype="<u8").tobytes(),
+        np.asarray(categories, dtype="<i4").tobytes(),
+    ))
+
+
+def decode_sequence(data: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """``(ts_ms i64[n], item_id u64[n], category i32[n], n_dropped)``, oldest first."""
+    _check_version("sequence", data)
+    if len(data) < _SEQ_HEAD.size:
+        raise CodecError(f"bad_length: sequence is {len(data)} bytes (< {_SEQ_HEAD.size})")
+    _, n, n_dropped = _SEQ_HEAD.unpack_from(data)
+    expected = _SEQ_HEAD.size + 20 * n
+    if len(data) != expected:
+        raise CodecError(f"bad_length: sequence of {n} is {len(data)} bytes (expected {expected})")
+    off = _SEQ_HEAD.size
+    ts = np.frombuffer(data, dtype="<i8", count=n, offset=off)
+    items = np.frombuffer(data, dtype="<u8", count=n, offset=off + 8 * n)
+    cats = np.frombuffer(data, dtype="<i4", count=n, offset=off + 16 * n)
+    return ts, items, cats, n_dropped
+
+
+def encode_counter(buckets: Sequence[int], counts: Sequence[int], newest_bucket: int,
+                   n_dropped: int) -> bytes:
+    if len(buckets) != len(counts):
+        raise CodecError(f"ragged counter columns: {len(buckets)}, {len(counts)}")
+    return b"".join((
+        _CNT_HEAD.pack(VERSION, len(buckets), newest_bucket, min(n_dropped, 0xFFFFFFFF)),
+        np.asarray(buckets, dtype="<i8").tobytes(),
+        np.asarray(counts, dtype="<u4").tobytes(),
+    ))
+
+
+def decode_counter(data: bytes) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """``(bucket i64[n], count u32[n], newest_bucket, n_dropped)``."""
+    _check_version("counter", data)
+    if len(data) < _CNT_HEAD.size:
+        raise CodecError(f"bad_length: counter is {len(data)} bytes (< {_CNT_HEAD.size})")
+    _, n, newest, n_dropped = _CNT_HEAD.unpack_from(data)
+    expected = _CNT_HEAD.size + 12 * n
+    if len(data) != expected:
+        raise CodecError(f"bad_length: counter of {n} is {len(data)} bytes (expected {expected})")
+    buckets = np.frombuffer(data, dtype="<i8", count=n, offset=_CNT_HEAD.size)
+    counts = np.frombuffer(data, dtype="<u4", count=n, offset=_CNT_HEAD.size + 8 * n)
+    return buckets, counts, newest, n_dropped
+
+
+def encode_item_counts(counts: Sequence[int]) -> bytes:
+    if len(counts) != 4:
+        raise CodecError(f"item counts need 4 totals, got {len(counts)}")
+    return _ITEM_COUNTS.pack(VERSION, *counts)
+
+
+def decode_item_counts(data: bytes) -> tuple[int, int, int, int]:
+    return _unpack("item_counts", _ITEM_COUNTS, data)
+
+
+def encode_dwell_stats(half_life_ms: float, ref_ts_ms: int, weight: float, mean: float, m2: float,
+                       n: int) -> bytes:
+    return _DWELL.pack(VERSION, half_life_ms, ref_ts_ms, weight, mean, m2, n)
+
+
+def decode_dwell_stats(data: bytes) -> tuple[float, int, float, float, float, int]:
+    """``(half_life_ms, ref_ts_ms, weight, mean, m2, n)``."""
+    return _unpack("dwell_stats", _DWELL, data)
+
+
+def encode_sketch(sketch_bytes: bytes) -> bytes:
+    return bytes([VERSION]) + sketch_bytes
+
+
+def decode_sketch(data: bytes) -> bytes:
+    _check_version("sketch", data)
+    return data[1:]

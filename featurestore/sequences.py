@@ -1,0 +1,134 @@
+"""Bounded per-user behaviour sequence with point-in-time reads.
+
+Entries ``(ts_ms, item_id, category)`` are kept sorted by ``ts_ms``; entries with equal ``ts_ms``
+keep their arrival order. At most ``capacity`` entries are kept: when full, the oldest is evicted,
+and an entry older than every retained one is rejected; ``n_dropped`` counts both.
+
+Out-of-order inserts: the sequence always holds the ``capacity`` greatest entries by
+``(ts_ms, arrival)`` of everything ever added, whatever the arrival order. So ``before(ts_ms, n)``
+equals "the last ``n`` entries with ``ts`` < ``ts_ms`` among everything added" whenever at most
+``capacity - n`` added entries have ``ts >= ts_ms``. With ``capacity = max_len + slack`` and
+``n = max_len`` that bound is ``slack``: the joiner may apply up to ``slack`` newer events of a
+user before it samples an impression, and the impression's sequence stays exact.
+
+>>> seq = UserSequence(capacity=3)
+>>> for ts, item in [(10, 1), (30, 3), (20, 2), (40, 4)]:
+...     seq.add(item_id=item, category=0, ts_ms=ts)
+>>> seq.before(35, n=5).item_ids.tolist()      # strictly before 35; 1 was evicted by 4
+[2, 3]
+>>> seq.before(30, n=1).ts_ms.tolist()
+[20]
+>>> seq.add(item_id=0, category=0, ts_ms=5); seq.n_dropped   # evicted 1, then rejected 0
+2
+"""
+from __future__ import annotations
+
+from bisect import bisect_left, bisect_right
+from dataclasses import dataclass
+
+import numpy as np
+
+from featurestore import codecs
+
+
+@dataclass(frozen=True)
+class SequenceSlice:
+    """A slice of one sequence, oldest first; three aligned arrays of length L <= n."""
+
+    item_ids: np.ndarray    # (L,) uint64
+    categories: np.ndarray  # (L,) int32, -1 = unknown
+    ts_ms: np.ndarray       # (L,) int64
+
+    def __len__(self) -> int:
+        return int(self.ts_ms.shape[0])
+
+    def padded(self, length: int, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(items (length,) int64, cats (length,) int64, mask (length,) bool)``, most recent
+        last, left-padded with ``pad_id``; keeps the last ``length`` entries.
+
+        >>> SequenceSlice(np.array([7], np.uint64), np.array([2], np.int32),
+        ...               np.array([1], np.int64)).padded(3)[2].tolist()
+        [False, False, True]
+        """
+        if length < 0:
+            raise ValueError(f"length={length!r} < 0")
+        m = min(len(self), length)
+        items = np.full(length, pad_id, dtype=np.int64)   # (T,)
+        cats = np.full(length, pad_id, dtype=np.int64)    # (T,)
+        mask = np.zeros(length, dtype=bool)               # (T,)
+        if m:
+            items[length - m:] = self.item_ids[len(self) - m:].astype(np.int64)
+            cats[length - m:] = self.categories[len(self) - m:]
+            mask[length - m:] = True
+        return items, cats, mask
+
+
+EMPTY_SLICE = SequenceSlice(np.zeros(0, np.uint64), np.zeros(0, np.int32), np.zeros(0, np.int64))
+
+
+class UserSequence:
+    """One bounded behaviour sequence of one user (see the module docstring)."""
+
+    __slots__ = ("capacity", "n_dropped", "_ts", "_items", "_cats")
+
+    def __init__(self, capacity: int) -> None:
+        if capacity <= 0:
+            raise ValueError(f"capacity={capacity!r} must be > 0")
+        self.capacity = capacity
+        self.n_dropped = 0
+        self._ts: list[int] = []
+        self._items: list[int] = []
+        self._cats: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self._ts)
+
+    def add(self, item_id: int, category: int, ts_ms: int) -> None:
+        if ts_ms < 0:
+            raise ValueError(f"ts_ms={ts_ms!r} < 0")
+        full = len(self._ts) >= self.capacity
+        if full and ts_ms < self._ts[0]:
+            self.n_dropped += 1
+            return
+        pos = bisect_right(self._ts, ts_ms)
+        self._ts.insert(pos, ts_ms)
+        self._items.insert(pos, item_id)
+        self._cats.insert(pos, category)
+        if full:
+            del self._ts[0], self._items[0], self._cats[0]
+            self.n_dropped += 1
+
+    def before(self, ts_ms: int, n: int) -> SequenceSlice:
+        """The last ``n`` entries with ``ts < ts_ms``, oldest first."""
+        if n < 0:
+            raise ValueError(f"n={n!r} < 0")
+        end = bisect_left(self._ts, ts_ms)
+        return self._slice(max(0, end - n), end)
+
+    def latest(self, n: int) -> SequenceSlice:
+        """The last ``n`` entries whatever their time, oldest first."""
+        if n < 0:
+            raise ValueError(f"n={n!r} < 0")
+        return self._slice(max(0, len(self._ts) - n), len(self._ts))
+
+    def _slice(self, start: int, end: int) -> SequenceSlice:
+        if start >= end:
+            return EMPTY_SLICE
+        return SequenceSlice(np.array(self._items[start:end], dtype=np.uint64),
+                             np.array(self._cats[start:end], dtype=np.int32),
+                             np.array(self._ts[start:end], dtype=np.int64))
+
+    def to_bytes(self) -> bytes:
+        return codecs.encode_sequence(self._ts, self._items, self._cats, self.n_dropped)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, capacity: int) -> "UserSequence":
+        """Decode; a stored sequence longer than ``capacity`` keeps its newest entries."""
+        ts, items, cats, n_dropped = codecs.decode_sequence(data)
+        seq = cls(capacity)
+        start = max(0, len(ts) - capacity)
+        seq._ts = ts[start:].tolist()
+        seq._items = items[start:].tolist()
+        seq._cats = cats[start:].tolist()
+        seq.n_dropped = n_dropped + start
+        return seq

@@ -1,0 +1,289 @@
+"""The writer: :class:`RocksFeatureStore` and its transaction, :class:`StoreBatch`.
+
+Lifecycle of a transaction (one at a time per store)::
+
+    OPEN --commit()--> COMMITTED          state + offsets + commit record: one WriteBatch
+      |  \\--abort() or an exception in ``with``--> ABORTED      nothing written
+      \\--write fails--> FAILED             nothing written; the worker should crash and resume
+
+Updates are read-modify-write: the first update of a key loads and decodes its value, later
+updates in the same transaction change the decoded object in memory, and ``commit()`` encodes each
+touched key once into a ``rocksdict.WriteBatch`` together with every staged ``(topic, partition)
+-> next offset`` and the commit record. RocksDB applies a WriteBatch atomically (one WAL record),
+so after any crash the reopened store holds the state of exactly the commits whose offsets it
+reports: resume consuming at :meth:`~featurestore.reader.FeatureView.committed_offset`.
+
+Reads inside a transaction (``tx.user_features``, ``tx.item_features``, ...) see its own staged
+updates; reads on the store see committed state only.
+
+>>> import tempfile
+>>> store = RocksFeatureStore(tempfile.mkdtemp())
+>>> with store.transaction() as tx:
+...     tx.add_sequence_event(user_id=7, kind=SequenceKind.CLICK, item_id=3, category=1, ts_ms=100)
+...     tx.add_user_event(user_id=7, counter=CounterKind.CLICK, ts_ms=100)
+...     tx.add_item_dwell(item_id=3, dwell_ms=12_000)
+...     tx.set_offset("clicks", 0, 1)
+>>> store.committed_offset("clicks", 0), store.user_features(7, ts_ms=101).click.item_ids.tolist()
+(1, [3])
+>>> store.user_features(7, ts_ms=100).click.item_ids.tolist()    # strictly before
+[]
+>>> store.item_features([3, 4]).dwell_quantile_ms.tolist()
+[12000.0, nan]
+>>> store.close()
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Protocol
+
+from rocksdict import Rdict, WriteBatch
+
+from featurestore import OffsetRegressionError, TransactionStateError, codecs, keys
+from featurestore.config import FeatureStoreConfig
+from featurestore.counters import WindowedCounter
+from featurestore.dwellstats import DwellStats
+from featurestore.keys import CounterKind, ItemCountField, SequenceKind
+from featurestore.reader import (CommitInfo, FeatureView, ItemFeatures, RdictView, UserFeatures,
+                                 wall_clock_ms)
+from featurestore.sequences import UserSequence
+from featurestore.sketches import DwellSketch
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CommitInfo", "FeatureStore", "RocksFeatureStore", "StoreBatch"]
+
+_I32_MAX = 2**31 - 1
+
+
+class FeatureStore(Protocol):
+    """The role the joiner writes and the learner / scoring read."""
+
+    def transaction(self) -> "StoreBatch": ...
+    def committed_offset(self, topic: str, partition: int) -> int | None: ...
+    def user_features(self, user_id: int, ts_ms: int | None = None) -> UserFeatures: ...
+    def item_features(self, item_ids: Iterable[int]) -> ItemFeatures: ...
+    def global_dwell_stats(self) -> DwellStats: ...
+    def close(self) -> None: ...
+
+
+class RocksFeatureStore(RdictView):
+    """The primary (read-write) instance on ``path``; reopening recovers the last commit."""
+
+    def __init__(self, path: str | Path, config: FeatureStoreConfig | None = None, *,
+                 now_ms: Callable[[], int] = wall_clock_ms) -> None:
+        self.path = str(path)
+        self.config = config or FeatureStoreConfig()
+        self._now_ms = now_ms
+        self._write_options = self.config.to_write_options()
+        self._db: Rdict | None = Rdict(self.path, self.config.to_rocksdict_options())
+        self._active: StoreBatch | None = None
+        info = self.commit_info()
+        self._commit_seq = 0 if info is None else info.commit_seq
+        self._max_event_ts_ms = -1 if info is None else info.max_event_ts_ms
+        logger.info("featurestore_open path=%s commit_seq=%d n_offsets=%d", self.path,
+                    self._commit_seq, len(self.committed_offsets()))
+
+    def transaction(self) -> "StoreBatch":
+        """Begin the (only) open transaction; use it as a context manager or call commit/abort."""
+        self._require_db()
+        if self._active is not None:
+            raise TransactionStateError("a transaction is already open on this store")
+        self._active = StoreBatch(self)
+        return self._active
+
+    def flush(self) -> None:
+        """Flush memtables to SST files (not needed for durability; the WAL has every commit)."""
+        self._require_db().flush(True)
+
+    def close(self) -> None:
+        if self._active is not None:
+            self._active.abort()
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+            logger.info("featurestore_close path=%s commit_seq=%d", self.path, self._commit_seq)
+
+    def __enter__(self) -> "RocksFeatureStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class StoreBatch(FeatureView):
+    """One transaction on a :class:`RocksFeatureStore` (see the module docstring)."""
+
+    OPEN, COMMITTED, ABORTED, FAILED = "open", "committed", "aborted", "failed"
+
+    def __init__(self, store: RocksFeatureStore) -> None:
+        self._store = store
+        self.config = store.config
+        self.state = self.OPEN
+        self._cache: dict[bytes, object] = {}
+        self._encoders: dict[bytes, Callable[[object], bytes]] = {}
+        self._offsets: dict[tuple[str, int], int] = {}
+        self._max_event_ts_ms = store._max_event_ts_ms
+        self.n_updates = 0
+
+    # --- FeatureView primitives: committed bytes, overlaid with staged objects -----------
+    def _get_many(self, keys_: list[bytes]) -> list[bytes | None]:
+        return self._store._get_many(keys_)
+
+    def _scan(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
+        return self._store._scan(prefix)
+
+    def _load_many(self, keys_: list[bytes], decode: Callable[[bytes], object]) -> list[object | None]:
+        out: list[object | None] = [self._cache.get(k) for k in keys_]
+        missing = [i for i, obj in enumerate(out) if obj is None]
+        if missing:
+            raws = self._store._get_many([keys_[i] for i in missing])
+            for i, raw in zip(missing, raws):
+                out[i] = None if raw is None else decode(raw)
+        return out
+
+    def _dwell_partials(self) -> dict[int, DwellStats]:
+        partials = super()._dwell_partials()
+        for key, obj in self._cache.items():
+            if key[0] == keys.Family.GLOBAL_DWELL:
+                partials[keys.decode_key(key)[1][0]] = obj
+        return partials
+
+    # --- staging ------------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self.state != self.OPEN:
+            raise TransactionStateError(f"transaction is {self.state}")
+
+    def _for_update(self, key: bytes, decode: Callable[[bytes], object], new: Callable[[], object],
+                    encode: Callable[[object], bytes]) -> object:
+        self._check_open()
+        obj = self._cache.get(key)
+        if obj is None:
+            raw = self._store._get_many([key])[0]
+            obj = new() if raw is None else decode(raw)
+            self._cache[key] = obj
+            self._encoders[key] = encode
+        self.n_updates += 1
+        return obj
+
+    def _saw(self, ts_ms: int) -> None:
+        if ts_ms > self._max_event_ts_ms:
+            self._max_event_ts_ms = ts_ms
+
+    def add_sequence_event(self, user_id: int, kind: SequenceKind, item_id: int, category: int,
+                           ts_ms: int) -> None:
+        """Append ``item_id`` (with its ``category``, -1 = unknown) to the user's ``kind`` sequence."""
+        if not -1 <= category <= _I32_MAX:
+            raise ValueError(f"category={category!r} out of range [-1, {_I32_MAX}]")
+        keys.item_sketch_key(item_id)  # validates item_id like every other key field
+        cap = self.config.sequences.capacity
+        seq = self._for_update(keys.user_sequence_key(user_id, kind), self._decode_sequence,
+                               lambda: UserSequence(cap), UserSequence.to_bytes)
+        seq.add(item_id, category, ts_ms)
+        self._saw(ts_ms)
+
+    def add_user_event(self, user_id: int, counter: CounterKind, ts_ms: int, n: int = 1) -> None:
+        """Count ``n`` events of ``counter`` for the user at event time ``ts_ms``."""
+        cfg = self.config.counters
+        cnt = self._for_update(keys.user_counter_key(user_id, counter), self._decode_counter,
+                               lambda: WindowedCounter.from_config(cfg), WindowedCounter.to_bytes)
+        cnt.add(ts_ms, n)
+        self._saw(ts_ms)
+
+    def add_item_dwell(self, item_id: int, dwell_ms: float) -> None:
+        """Feed one click's dwell into the item's KLL sketch (T3)."""
+        k = self.config.sketch.k
+        sk = self._for_update(keys.item_sketch_key(item_id), DwellSketch.from_bytes,
+                              lambda: DwellSketch(k), DwellSketch.to_bytes)
+        sk.update(dwell_ms)
+
+    def add_item_count(self, item_id: int, field: ItemCountField, n: int = 1) -> None:
+        if n < 0:
+            raise ValueError(f"n={n!r} < 0")
+        counts = self._for_update(keys.item_counts_key(item_id), _decode_counts,
+                                  lambda: [0, 0, 0, 0], codecs.encode_item_counts)
+        counts[ItemCountField(field)] += n
+
+    def add_global_dwell(self, dwell_ms: float, ts_ms: int, shard: int = 0) -> None:
+        """Feed one click's dwell into this writer's partial of the global ln(dwell) stats (T1);
+        ``shard`` names the partial (e.g. the source partition), readers merge all shards."""
+        dcfg = self.config.dwell
+        stats = self._for_update(keys.global_dwell_key(shard), self._decode_dwell,
+                                 lambda: DwellStats.from_config(dcfg), DwellStats.to_bytes)
+        stats.update(dwell_ms, ts_ms)
+        self._saw(ts_ms)
+
+    def set_offset(self, topic: str, partition: int, offset: int) -> None:
+        """Stage the next offset to consume (last applied + 1) for ``(topic, partition)``."""
+        self._check_open()
+        key = keys.offset_key(topic, partition)
+        if not isinstance(offset, int) or offset < 0:
+            raise ValueError(f"offset={offset!r} must be an int >= 0")
+        current = self._offsets.get((topic, partition))
+        if current is None:
+            raw = self._store._get_many([key])[0]
+            current = None if raw is None else codecs.decode_offset(raw)
+        if current is not None and offset < current:
+            raise OffsetRegressionError(f"topic={topic} partition={partition} offset={offset} "
+                                        f"< committed {current}")
+        self._offsets[(topic, partition)] = offset
+
+    @property
+    def pending_offsets(self) -> dict[tuple[str, int], int]:
+        return dict(self._offsets)
+
+    # --- lifecycle ------------------------------------------------------------------------------
+    def commit(self) -> CommitInfo | None:
+        """Write every staged update, offset and the commit record in one WriteBatch."""
+        self._check_open()
+        store = self._store
+        if not self._cache and not self._offsets:
+            self._finish(self.COMMITTED)
+            return store.commit_info()
+        info = CommitInfo(store._commit_seq + 1, self._max_event_ts_ms, store._now_ms())
+        wb = WriteBatch(raw_mode=True)
+        for key, obj in self._cache.items():
+            wb.put(key, self._encoders[key](obj))
+        for (topic, partition), offset in self._offsets.items():
+            wb.put(keys.offset_key(topic, partition), codecs.encode_offset(offset))
+        wb.put(keys.meta_key(keys.COMMIT_META),
+               codecs.encode_commit(info.commit_seq, info.max_event_ts_ms, info.wall_ms))
+        try:
+            store._require_db().write(wb, store._write_options)
+        except BaseException:
+            self._finish(self.FAILED)
+            logger.error("featurestore_commit_failed path=%s commit_seq=%d", store.path,
+                         info.commit_seq)
+            raise
+        store._commit_seq = info.commit_seq
+        store._max_event_ts_ms = info.max_event_ts_ms
+        self._finish(self.COMMITTED)
+        return info
+
+    def abort(self) -> None:
+        """Drop every staged update and offset; nothing is written."""
+        if self.state == self.OPEN:
+            self._finish(self.ABORTED)
+
+    def _finish(self, state: str) -> None:
+        self.state = state
+        self._cache.clear()
+        self._encoders.clear()
+        self._offsets.clear()
+        if self._store._active is self:
+            self._store._active = None
+
+    def __enter__(self) -> "StoreBatch":
+        self._check_open()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+
+def _decode_counts(raw: bytes) -> list[int]:
+    return list(codecs.decode_item_counts(raw))

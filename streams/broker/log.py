@@ -263,15 +263,28 @@ class _Segment:
 
     # --- data path ---------------------------------------------------------------------------
     def append(self, buf: bytearray, batches: list[tuple[int, int, int, int]]) -> None:
-        """Write ``buf``; ``batches`` holds (position in buf, base offset, size, max timestamp)."""
+        """Write ``buf``; ``batches`` holds (position in buf, base offset, size, max timestamp).
+
+        On an OSError (disk full, file size limit) the segment is put back as it was: a partial
+        write is truncated away so later appends and the indexes stay consistent.
+        """
+        saved = (self.size, len(self.idx_offsets), len(self.time_ts), self.bytes_since_index, self.max_ts, self.max_ts_offset)
         idx, tidx = bytearray(), bytearray()
         for pos, base, size, max_ts in batches:
             self._note_batch(self.size + pos, base, size, max_ts, idx, tidx)
-        _write_all(self.fd, buf)
+        try:
+            _write_all(self.fd, buf)
+            if idx:
+                _write_all(self.index_fd, idx)
+                _write_all(self.time_fd, tidx)
+        except OSError:
+            self.size, n_idx, n_time, self.bytes_since_index, self.max_ts, self.max_ts_offset = saved
+            os.ftruncate(self.fd, self.size)
+            del self.idx_offsets[n_idx:], self.idx_positions[n_idx:], self.time_ts[n_time:], self.time_offsets[n_time:]
+            os.ftruncate(self.index_fd, n_idx * _INDEX.size)
+            os.ftruncate(self.time_fd, n_time * _TIMEINDEX.size)
+            raise
         self.size += len(buf)
-        if idx:
-            _write_all(self.index_fd, idx)
-            _write_all(self.time_fd, tidx)
 
     def locate(self, offset: int) -> tuple[int, int]:
         """(position, size) of the batch containing ``offset``, which must be in this segment."""

@@ -691,3 +691,43 @@ def test_any_cut_recovers_the_longest_whole_prefix(tmp_path_factory, sizes, cut_
 def test_log_config_rejects_bad_values(kw, message):
     with pytest.raises(ValueError, match=message):
         LogConfig(**kw)
+
+
+_LIMITED_WRITER = textwrap.dedent(
+    """
+    import json, resource, signal, sys
+    from pathlib import Path
+    from streams.broker.config import LogConfig
+    from streams.broker.log import PartitionLog
+    from tests.broker.test_records import make_batch
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
+    log = PartitionLog(Path(sys.argv[1]), LogConfig(fsync="never", index_interval_bytes=1))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (3000, resource.RLIM_INFINITY))
+    acked, failures = [], 0
+    for i in range(40):
+        try:
+            acked.append((log.append(make_batch([b"%d" % i] * 3)), i))
+        except OSError:
+            failures += 1
+    resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    acked.append((log.append(make_batch([b"after"] * 3)), -1))
+    log.close()
+    print(json.dumps({"failures": failures, "acked": acked}))
+    """
+)
+
+
+def test_failed_write_leaves_the_log_consistent(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-c", _LIMITED_WRITER, str(tmp_path / "p")],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=True,
+    ).stdout
+    result = json.loads(out)
+    failures, acked = result["failures"], [tuple(a) for a in result["acked"]]
+    assert failures > 0 and len(acked) > 2
+    assert [offset for offset, _ in acked] == [3 * k for k in range(len(acked))]  # no gap, no reuse
+    assert acked[-1][1] == -1
+    log = PartitionLog(tmp_path / "p", config(index_interval_bytes=1))
+    values = [r[2] for r in read_all(log)]
+    assert values == [b"%d" % i if i >= 0 else b"after" for _, i in acked for _ in range(3)]

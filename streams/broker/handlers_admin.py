@@ -68,7 +68,7 @@ async def handle_create_topics(ctx: RequestContext, request: CreateTopicsRequest
         n_partitions = len(t.assignments) if t.assignments else t.num_partitions
         if n_partitions == -1:
             n_partitions = broker.config.default_partitions
-        configs = {c.name: c.value for c in t.configs}
+        configs = {c.name: c.value for c in t.configs if c.value is not None}  # null = the default
         error, message = ec.NONE, None
         if counts[name] > 1:
             error, message = ec.INVALID_REQUEST, f"topic {name!r} appears {counts[name]} times in the request"
@@ -82,6 +82,8 @@ async def handle_create_topics(ctx: RequestContext, request: CreateTopicsRequest
             )
         elif name in broker.logs.topics():
             error, message = ec.TOPIC_ALREADY_EXISTS, f"topic {name!r} already exists"
+        elif (problem := _config_problem(broker, configs)) is not None:
+            error, message = ec.INVALID_CONFIG, problem
         elif not request.validate_only:
             try:
                 broker.logs.create_topic(name, n_partitions, configs)
@@ -130,6 +132,16 @@ async def handle_delete_topics(ctx: RequestContext, request: DeleteTopicsRequest
         broker.producers.forget_topic(name)
         results.append(Result(name=name, topic_id=topic_uuid(name), error_code=ec.NONE, error_message=None))
     return DeleteTopicsResponse(throttle_time_ms=0, responses=results)
+
+
+def _config_problem(broker: Broker, configs: dict[str, str]) -> str | None:
+    from streams.broker.log import InvalidConfigError, topic_log_config
+
+    try:
+        topic_log_config(broker.config.log, configs)
+    except InvalidConfigError as exc:
+        return str(exc)
+    return None
 
 
 def _topic_defaults(broker: Broker) -> dict[str, str]:

@@ -4,7 +4,13 @@ from __future__ import annotations
 import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient, NewTopic
-from kafka.errors import InvalidPartitionsError, InvalidTopicError, TopicAlreadyExistsError, UnknownTopicOrPartitionError
+from kafka.errors import (
+    InvalidConfigurationError,
+    InvalidPartitionsError,
+    InvalidTopicError,
+    TopicAlreadyExistsError,
+    UnknownTopicOrPartitionError,
+)
 from kafka.protocol.metadata import MetadataRequest
 
 from streams.broker import error_codes as ec
@@ -33,6 +39,11 @@ def test_create_and_delete_topics(broker, admin):
 
     admin.create_topics([NewTopic("dry-run", 2, 1)], validate_only=True)
     assert "dry-run" not in broker.broker.logs.topics()
+    with pytest.raises(InvalidConfigurationError):
+        admin.create_topics([NewTopic("bad-config", 1, 1, topic_configs={"retention.ms": "soon"})], validate_only=True)
+    with pytest.raises(InvalidConfigurationError):
+        admin.create_topics([NewTopic("bad-config", 1, 1, topic_configs={"cleanup.policy": "shred"})])
+    assert "bad-config" not in broker.broker.logs.topics()
 
     admin.delete_topics(["orders"])
     assert "orders" not in broker.broker.logs.topics()

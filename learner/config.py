@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 HEAD_NAMES = ("main", "weighted")
 OBJECTIVE_TERMS = ("bce", "clsd", "valid_read", "ndt_weighted")
 LABEL_FIELDS = ("clicked", "valid_read")
+LOCAL_FIELDS = ("user_group", "user_id", "item_category", "item_id")
 
 
 def _positive(name: str, value: int | float) -> None:
@@ -173,8 +174,9 @@ class CLSDConfig:
     ``warmup_samples``: the first samples are trained with L_ori (the paper warms up for about a
     third of training; set it to about a third of the expected stream). ``local_combine`` chooses
     the numerically safe reading of log(p + p_local): ``"logit_sum"`` uses sigmoid(z + z_local),
-    ``"clamped_sum"`` clamps p + p_local into [eps, 1 - eps]. ``local_fields`` name (B,) integer
-    fields of SampleBatch fed to AdGate (x_local).
+    ``"clamped_sum"`` clamps p + p_local into [eps, 1 - eps]. ``local_fields`` name the x_local
+    columns fed to AdGate: a (B,) id field of SampleBatch, or ``"user_profile.<k>"`` for column k of
+    the user profile (e.g. the age group, the paper's choice).
     """
 
     alpha: float = 1.0
@@ -196,6 +198,11 @@ class CLSDConfig:
             raise ValueError(f"warmup_samples={self.warmup_samples!r} must be >= 0")
         if not self.local_fields:
             raise ValueError("local_fields must name at least one SampleBatch field")
+        for spec in self.local_fields:
+            name, _, col = spec.partition(".")
+            ok = name in LOCAL_FIELDS if not col else (name in ("user_profile", "item_profile") and col.isdigit())
+            if not ok:
+                raise ValueError(f"local_fields entry {spec!r}: use one of {LOCAL_FIELDS} or 'user_profile.<k>'")
         _positive("local_buckets", self.local_buckets)
         _positive("local_dim", self.local_dim)
         _dims("local_hidden", self.local_hidden)

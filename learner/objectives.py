@@ -112,8 +112,9 @@ class NDTWeightedObjective(nn.Module):
 class AdGate(nn.Module):
     """CLSD eq. 3 before the sigmoid: an MLP over x_local. forward(batch) -> z_local (B,).
 
-    Each field in ``local_fields`` is a (B,) integer column of the batch (default: user_group,
-    the activeness code), hashed into ``local_buckets`` rows of its own embedding table.
+    Each entry of ``local_fields`` is a (B,) integer column of the batch (default: user_group,
+    the activeness code; "user_profile.<k>" picks a profile column such as the age group), hashed
+    into ``local_buckets`` rows of its own embedding table.
     """
 
     def __init__(self, cfg: CLSDConfig):
@@ -126,8 +127,15 @@ class AdGate(nn.Module):
         # logit_sum starts neutral (z_local = 0); clamped_sum starts with a small p_local = sigmoid(-4)
         nn.init.constant_(last.bias, 0.0 if cfg.local_combine == "logit_sum" else -4.0)
 
+    @staticmethod
+    def column(batch: SampleBatch, spec: str) -> torch.Tensor:
+        """The (B,) x_local column named by ``spec`` ("user_group" or "user_profile.<k>")."""
+        name, _, col = spec.partition(".")
+        value = getattr(batch, name)
+        return value[:, int(col)] if col else value
+
     def forward(self, batch: SampleBatch) -> torch.Tensor:
-        x = torch.cat([t(hash_ids(getattr(batch, f), self.n_buckets, salt=31 + i))
+        x = torch.cat([t(hash_ids(self.column(batch, f), self.n_buckets, salt=31 + i))
                        for i, (f, t) in enumerate(zip(self.fields, self.tables))], -1)  # (B, n_fields * d)
         return self.net(x).squeeze(-1)                                      # (B,)
 

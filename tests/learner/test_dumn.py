@@ -165,3 +165,15 @@ def test_sample_entries_pick_real_entries_deterministically():
     assert s[0, 0].item() in (1.0, 3.0)
     s2, _ = sample_entries(e, mask, torch.tensor([10, 11]), salt=1)
     assert torch.equal(s, s2)
+
+
+def test_bf16_autocast_forward_backward_keeps_fp32_memory():
+    torch.manual_seed(0)
+    model = build_model("dumn", tiny_config("dumn")).train()
+    b = synthetic_batch(8, 5, seed=6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(b)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(out.main.float(), b.clicked) + out.aux_loss.float()
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert model.memory.memory.dtype == torch.float32 and torch.isfinite(model.memory.memory).all()

@@ -195,3 +195,15 @@ def test_clsd_teacher_is_previous_step_model(name):
     torch.manual_seed(0)
     fresh = build_model(name, tiny_config(name))
     assert not torch.allclose(teacher_probs(fresh, b2), expected)
+
+
+def test_adgate_profile_column_and_config_validation():
+    cfg = CLSDConfig(warmup_samples=0, local_fields=("user_group", "user_profile.0"))
+    obj = CLSDObjective(cfg)
+    b = tiny_batch()
+    assert obj.adgate(b).shape == (3,)
+    assert torch.equal(obj.adgate.column(b, "user_profile.0"), b.user_profile[:, 0])
+    with pytest.raises(ValueError, match="local_fields"):
+        CLSDConfig(local_fields=("clicked",))
+    with pytest.raises(ValueError, match="local_fields"):
+        CLSDConfig(local_fields=("user_profile.x",))

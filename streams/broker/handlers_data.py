@@ -9,6 +9,7 @@ where a protocol version starts addressing topics by id only (Produce v13, Fetch
 from __future__ import annotations
 
 import logging
+import uuid
 
 from kafka.protocol.metadata import ApiVersionsRequest, ApiVersionsResponse, MetadataRequest, MetadataResponse
 
@@ -19,6 +20,7 @@ from streams.broker.server import Broker, HandlerTable, RequestContext
 logger = logging.getLogger(__name__)
 
 LEADER_EPOCH = 0  # one node that never changes leadership: epoch 0 forever
+_ZERO_UUID = uuid.UUID(int=0)
 
 
 async def handle_api_versions(ctx: RequestContext, request: ApiVersionsRequest) -> ApiVersionsResponse:
@@ -75,7 +77,8 @@ def topic_metadata(broker: Broker, name: str, n_partitions: int, error: int) -> 
         for i in range(n_partitions)
     ]
     return R.MetadataResponseTopic(
-        error_code=error, name=name, topic_id=handlers_admin.topic_uuid(name), is_internal=False, partitions=partitions,
+        error_code=error, name=name, topic_id=handlers_admin.topic_uuid(name) if error == ec.NONE else _ZERO_UUID,
+        is_internal=False, partitions=partitions,
     )
 
 

@@ -60,6 +60,9 @@ def test_describe_configs_for_topic_and_broker(broker, admin):
     ], config_filter="all")
     text = repr(result)
     assert "123456" in text and "cleanup.policy" in text and "num.partitions" in text
+    cluster = admin.describe_cluster()
+    assert cluster["controller_id"] == broker.config.node_id
+    assert [(b["broker_id"], b["port"]) for b in cluster["brokers"]] == [(broker.config.node_id, broker.port)]
 
 
 def test_list_offsets_earliest_latest_and_by_timestamp(broker):

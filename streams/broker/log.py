@@ -193,11 +193,16 @@ class _Segment:
 
     # --- open / recover ----------------------------------------------------------------------
     def open_sealed(self, next_offset: int) -> None:
-        if not self._load_indexes() or not self.time_ts:
-            logger.warning("segment index rebuild path=%s", self.stem)
+        consistent = self._load_indexes()
+        if not consistent or not self.time_ts or (not self.idx_offsets and self.size > self._interval):
             self._reset_indexes(0)
-            self._scan(0, verify_crc=False)
+            end = self._scan(0, verify_crc=False)
             self.seal()
+            level = logging.WARNING if (end, self.next_offset) != (self.size, next_offset) else logging.INFO
+            logger.log(
+                level, "segment indexes rebuilt path=%s valid_bytes=%d file_bytes=%d next_offset=%d expected=%d",
+                self.stem.with_suffix(".log"), end, self.size, self.next_offset, next_offset,
+            )
         self.next_offset = next_offset
         self.max_ts, self.max_ts_offset = max(zip(self.time_ts, self.time_offsets), key=lambda e: e[0])
 
@@ -290,6 +295,8 @@ class _Segment:
         """(position, size) of the batch containing ``offset``, which must be in this segment."""
         pos = self.lookup(offset)
         while True:
+            if pos + _LOCATE.size > self.size:  # only after damage the recovery could not repair
+                raise CorruptRecordError(f"offset={offset} is missing from segment path={self.stem}.log")
             base, length, last_delta = _LOCATE.unpack(os.pread(self.fd, _LOCATE.size, pos))
             if base + last_delta >= offset:
                 return pos, 12 + length

@@ -215,13 +215,35 @@ def test_sealed_segment_indexes_rebuilt_when_missing(tmp_path):
         log.append(make_batch([b"%d" % i], ts=100 + i))
     before = read_all(log)
     log.close()
-    first = tmp_path / "p" / "00000000000000000000"
+    first, second = sorted(p.with_suffix("") for p in (tmp_path / "p").glob("*.log"))[:2]
     first.with_suffix(".index").unlink()
     first.with_suffix(".timeindex").write_bytes(b"\x01\x02\x03")  # not a whole entry
+    second.with_suffix(".index").unlink()  # time index intact, offset index gone
     log = PartitionLog(tmp_path / "p", cfg)
     assert read_all(log) == before
     assert log.offset_for_timestamp(103) == (3, 103)
     assert first.with_suffix(".index").stat().st_size > 0
+    assert second.with_suffix(".index").stat().st_size > 0
+    assert first.with_suffix(".timeindex").stat().st_size % 12 == 0
+
+
+def test_damaged_sealed_segment_is_reported_not_misread(tmp_path, caplog):
+    cfg = config(segment_bytes=1024, index_interval_bytes=64)
+    log = PartitionLog(tmp_path / "p", cfg)
+    for i in range(30):
+        log.append(make_batch([b"%d" % i]))
+    log.close()
+    first = tmp_path / "p" / f"{0:020d}.log"
+    with open(first, "r+b") as f:
+        f.truncate(first.stat().st_size // 2)
+    with caplog.at_level("WARNING", logger="streams.broker.log"):
+        log = PartitionLog(tmp_path / "p", cfg)
+    assert "segment indexes rebuilt" in caplog.text
+    second_base = sorted(int(p.stem) for p in (tmp_path / "p").glob("*.log"))[1]
+    assert decode(log.read(0, 1))[0][2] == b"0"
+    with pytest.raises(CorruptRecordError, match="missing"):
+        log.read(second_base - 1, 100)
+    assert decode(log.read(second_base, 1))[0][2] == b"%d" % second_base
 
 
 def _last_segment(directory: Path) -> Path:

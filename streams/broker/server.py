@@ -214,6 +214,11 @@ class Broker:
                 if not fut.done():
                     fut.set_result(None)
 
+    @property
+    def n_waiting_fetches(self) -> int:
+        """Fetches parked until an append (or their max_wait) arrives."""
+        return len({id(f) for waiters in self._append_waiters.values() for f in waiters})
+
     async def wait_for_append(self, keys: list[tuple[str, int]], timeout_s: float) -> bool:
         """Wait until one of ``keys`` gets an append or ``timeout_s`` passes; True if woken."""
         if timeout_s <= 0:

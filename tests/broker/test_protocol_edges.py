@@ -117,7 +117,7 @@ def test_long_poll_fetch_returns_early_when_data_arrives(broker, raw_client):
 
     thread = threading.Thread(target=fetch)
     thread.start()
-    wait_for(lambda: broker.broker._append_waiters, 5, 0.005, "the fetch to start waiting")
+    wait_for(lambda: broker.broker.n_waiting_fetches == 1, 5, 0.005, "the fetch to start waiting")
     producer = KafkaProducer(bootstrap_servers=broker.bootstrap, acks=1)
     producer.send("poll", b"wake-up", partition=0).get(timeout=10)
     producer.close()

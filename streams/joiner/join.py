@@ -1,0 +1,373 @@
+"""The per-partition join state machine: impressions + clicks, dwell and feedback -> one record each.
+
+Pure and faust-free: :meth:`JoinCore.process` takes events (decoded contracts) in arrival order and
+returns what became final. Every rule is stated in event time, so the output depends only on the
+set of events as long as each arrives no later than the allowed lateness (see docs/joiner.md).
+
+* watermark ``W`` = max event time seen - ``allowed_lateness_ms`` (an event with ``ts < W`` when it
+  arrives violates the bound);
+* impression ``i`` opens a pending record; an outcome (click, dwell, feedback) attaches by
+  ``impression_id`` when ``ts_i - grace_ms <= ts < ts_i + label_window_ms``; outcomes that arrive
+  before their impression wait in a buffer;
+* close ``c_i`` = ``ts_i + label_window_ms``, or with early emission ``max(first click ts, first
+  dwell ts) + final_dwell_settle_ms`` when smaller; the record is emitted once, when ``W >= c_i``,
+  with the attached outcomes of ``ts < c_i``;
+* an outcome for an emitted impression is ``late`` (or ``duplicate``); an outcome still waiting when
+  ``W > ts + orphan_grace_ms`` is an ``orphan``; a repeated ``event_id`` is a ``duplicate``.
+
+>>> from streams.contracts import Click, Dwell, Impression
+>>> core = JoinCore(JoinerConfig(allowed_lateness_ms=0, label_window_ms=1_000))
+>>> out = core.process([Click(2, 105, 7, 1, 9), Impression(1, 100, 1, 9, 7), Dwell(3, 300, 7, 1, 9, 200)])
+>>> out.samples, core.counters()["pending"]
+([], 1)
+>>> [(s.impression.impression_id, s.clicked, s.dwell_ms, s.label_ts_ms) for s in core.advance(1_100).samples]
+[(7, True, 200, 1100)]
+"""
+from __future__ import annotations
+
+import heapq
+import logging
+import struct
+from dataclasses import dataclass, field
+
+from streams.contracts import Click, Dwell, Event, Feedback, FeedbackKind, Impression, decode, encode
+from streams.joiner.config import JoinerConfig
+
+logger = logging.getLogger(__name__)
+
+_INF = 2**63  # a watermark past every event time (flush)
+_NEG_INF = -(2**63)
+
+
+@dataclass(frozen=True, slots=True)
+class JoinedImpression:
+    """An impression with the outcomes that count toward its label (before ``label_ts_ms``).
+
+    ``click_ts_ms`` is the first click's time; ``dwell_ms`` comes from the latest dwell report
+    (by ts, then event_id) and is -1 when none arrived; ``early`` says the close came from the
+    final dwell rather than the label window.
+    """
+
+    impression: Impression
+    clicked: bool
+    click_ts_ms: int
+    dwell_ms: int
+    dwell_ts_ms: int
+    liked: bool
+    disliked: bool
+    label_ts_ms: int
+    early: bool
+
+
+@dataclass(frozen=True, slots=True)
+class LateEvent:
+    event: Event
+    reason: str  # after_emit | after_window | after_close | window_closed
+
+
+@dataclass(frozen=True, slots=True)
+class OrphanEvent:
+    event: Event
+    reason: str  # no_impression | before_impression | no_impression_id
+
+
+@dataclass
+class JoinOutput:
+    samples: list[JoinedImpression] = field(default_factory=list)
+    late: list[LateEvent] = field(default_factory=list)
+    orphans: list[OrphanEvent] = field(default_factory=list)
+
+
+class _Pending:
+    __slots__ = ("impression", "events", "ids", "close", "first_click", "first_dwell")
+
+    def __init__(self, impression: Impression, close: int) -> None:
+        self.impression = impression
+        self.events: list[Event] = []
+        self.ids = {impression.event_id}
+        self.close = close
+        self.first_click = _INF
+        self.first_dwell = _INF
+
+
+_COUNTERS = ("events", "impressions", "emitted", "emitted_early", "late", "orphan", "duplicate")
+
+
+class JoinCore:
+    """Join state of one partition; state changes only through :meth:`process` / :meth:`advance`."""
+
+    def __init__(self, config: JoinerConfig) -> None:
+        self.config = config
+        self._max_ts = _NEG_INF
+        self._pending: dict[int, _Pending] = {}
+        self._buffer: dict[int, list[Event]] = {}  # impression_id -> outcomes waiting for it
+        self._emitted: dict[int, tuple[int, set[int]]] = {}  # impression_id -> (close, event ids)
+        self._due: list[tuple[int, int]] = []  # (close, impression_id), lazily invalidated
+        self._orphan_due: list[tuple[int, int, int]] = []  # (ts + orphan grace, impression_id, event_id)
+        self._forget_due: list[tuple[int, int]] = []  # (close + retention, impression_id)
+        self._n = dict.fromkeys(_COUNTERS, 0)
+
+    # -- public API -------------------------------------------------------------------------
+    @property
+    def watermark_ms(self) -> int | None:
+        """Max event time seen minus the allowed lateness; None before the first event."""
+        return None if self._max_ts == _NEG_INF else self._max_ts - self.config.allowed_lateness_ms
+
+    def process(self, events: list[Event]) -> JoinOutput:
+        """Apply events in arrival order; return the samples, late events and orphans they finalise."""
+        out = JoinOutput()
+        lateness = self.config.allowed_lateness_ms
+        n = self._n
+        for e in events:
+            n["events"] += 1
+            if type(e) is Impression:
+                self._on_impression(e, out)
+            else:
+                self._on_outcome(e, out)
+            if e.ts_ms > self._max_ts:
+                self._max_ts = e.ts_ms
+                self._advance(e.ts_ms - lateness, out)
+        return out
+
+    def advance(self, event_time_ms: int) -> JoinOutput:
+        """Move event time forward as if an event at ``event_time_ms`` was seen (idle partitions)."""
+        out = JoinOutput()
+        if event_time_ms > self._max_ts:
+            self._max_ts = event_time_ms
+            self._advance(event_time_ms - self.config.allowed_lateness_ms, out)
+        return out
+
+    def flush(self) -> JoinOutput:
+        """End of input: emit every pending record and orphan every waiting outcome."""
+        out = JoinOutput()
+        self._advance(_INF, out)
+        return out
+
+    def counters(self) -> dict[str, int]:
+        """Monotonic path counters plus the sizes of the state (``pending``, ``buffered``, ``retained``)."""
+        return {**self._n, "pending": len(self._pending),
+                "buffered": sum(map(len, self._buffer.values())), "retained": len(self._emitted)}
+
+    # -- event paths -----------------------------------------------------------------------
+    def _on_impression(self, imp: Impression, out: JoinOutput) -> None:
+        k = imp.impression_id
+        if k in self._pending or k in self._emitted:
+            self._n["duplicate"] += 1  # the same event again, or a reused impression_id: first wins
+            return
+        close = imp.ts_ms + self.config.label_window_ms
+        if close <= self._max_ts - self.config.allowed_lateness_ms:
+            self._late(out, imp, "window_closed")
+            return
+        self._n["impressions"] += 1
+        p = self._pending[k] = _Pending(imp, close)
+        heapq.heappush(self._due, (close, k))
+        for e in self._buffer.pop(k, ()):
+            self._attach(p, e, out)
+
+    def _on_outcome(self, e: Event, out: JoinOutput) -> None:
+        k = e.impression_id
+        if k is None:
+            self._n["orphan"] += 1
+            out.orphans.append(OrphanEvent(e, "no_impression_id"))
+            return
+        p = self._pending.get(k)
+        if p is not None:
+            if e.event_id in p.ids:
+                self._n["duplicate"] += 1
+            else:
+                self._attach(p, e, out)
+            return
+        done = self._emitted.get(k)
+        if done is not None:
+            if e.event_id in done[1]:
+                self._n["duplicate"] += 1
+            else:
+                done[1].add(e.event_id)
+                self._late(out, e, "after_emit")
+            return
+        waiting = self._buffer.setdefault(k, [])
+        if any(w.event_id == e.event_id for w in waiting):
+            self._n["duplicate"] += 1
+            return
+        waiting.append(e)
+        heapq.heappush(self._orphan_due, (e.ts_ms + self.config.orphan_grace_ms, k, e.event_id))
+
+    def _attach(self, p: _Pending, e: Event, out: JoinOutput) -> None:
+        cfg = self.config
+        ts_i = p.impression.ts_ms
+        p.ids.add(e.event_id)
+        if e.ts_ms < ts_i - cfg.grace_ms:
+            self._n["orphan"] += 1
+            out.orphans.append(OrphanEvent(e, "before_impression"))
+            return
+        if e.ts_ms >= ts_i + cfg.label_window_ms:
+            self._late(out, e, "after_window")
+            return
+        p.events.append(e)
+        kind = type(e)
+        if kind is Click and e.ts_ms < p.first_click:
+            p.first_click = e.ts_ms
+        elif kind is Dwell and e.ts_ms < p.first_dwell:
+            p.first_dwell = e.ts_ms
+        else:
+            return
+        if cfg.emit_early_on_final_dwell and p.first_click != _INF and p.first_dwell != _INF:
+            early = max(p.first_click, p.first_dwell) + cfg.final_dwell_settle_ms
+            if early < p.close:
+                p.close = early
+                heapq.heappush(self._due, (early, p.impression.impression_id))
+
+    def _late(self, out: JoinOutput, e: Event, reason: str) -> None:
+        self._n["late"] += 1
+        out.late.append(LateEvent(e, reason))
+
+    # -- watermark ---------------------------------------------------------------------------
+    def _advance(self, w: int, out: JoinOutput) -> None:
+        due, pending = self._due, self._pending
+        while due and due[0][0] <= w:
+            close, k = heapq.heappop(due)
+            p = pending.get(k)
+            if p is not None and p.close == close:
+                del pending[k]
+                out.samples.append(self._emit(p, out))
+        orphan_due, buffer = self._orphan_due, self._buffer
+        while orphan_due and orphan_due[0][0] < w:
+            _t, k, event_id = heapq.heappop(orphan_due)
+            waiting = buffer.get(k)
+            if waiting:
+                for j, e in enumerate(waiting):
+                    if e.event_id == event_id:
+                        del waiting[j]
+                        self._n["orphan"] += 1
+                        out.orphans.append(OrphanEvent(e, "no_impression"))
+                        break
+                if not waiting:
+                    del buffer[k]
+        forget, emitted = self._forget_due, self._emitted
+        while forget and forget[0][0] <= w:
+            t, k = heapq.heappop(forget)
+            done = emitted.get(k)
+            if done is not None and done[0] + self.config.emitted_retention_ms == t:
+                del emitted[k]
+
+    def _emit(self, p: _Pending, out: JoinOutput) -> JoinedImpression:
+        close = p.close
+        click_ts, dwell, liked, disliked = _INF, None, False, False
+        for e in p.events:
+            if e.ts_ms >= close:
+                self._late(out, e, "after_close")
+                continue
+            kind = type(e)
+            if kind is Click:
+                click_ts = min(click_ts, e.ts_ms)
+            elif kind is Dwell:
+                if dwell is None or (e.ts_ms, e.event_id) > (dwell.ts_ms, dwell.event_id):
+                    dwell = e
+            elif e.kind == FeedbackKind.LIKE:
+                liked = True
+            else:
+                disliked = True
+        imp = p.impression
+        early = close != imp.ts_ms + self.config.label_window_ms
+        self._n["emitted"] += 1
+        self._n["emitted_early"] += early
+        self._emitted[imp.impression_id] = (close, p.ids)
+        heapq.heappush(self._forget_due, (close + self.config.emitted_retention_ms, imp.impression_id))
+        clicked = click_ts != _INF
+        return JoinedImpression(
+            imp, clicked, click_ts if clicked else -1, -1 if dwell is None else dwell.dwell_ms,
+            -1 if dwell is None else dwell.ts_ms, liked, disliked, close, early)
+
+    # -- state -------------------------------------------------------------------------------
+    def to_bytes(self) -> bytes:
+        """The whole state as versioned bytes (events in their contract encoding; no pickle)."""
+        parts = [_STATE_HEAD.pack(_STATE_MAGIC, _STATE_VERSION, self._max_ts, *(self._n[c] for c in _COUNTERS))]
+        parts.append(struct.pack("<I", len(self._pending)))
+        for p in self._pending.values():
+            parts.append(_pack_events([p.impression, *p.events]))
+            parts.append(_pack_ids(p.ids))
+        waiting = [e for es in self._buffer.values() for e in es]
+        parts.append(_pack_events(waiting))
+        parts.append(struct.pack("<I", len(self._emitted)))
+        for k, (close, ids) in self._emitted.items():
+            parts.append(struct.pack("<qq", k, close))
+            parts.append(_pack_ids(ids))
+        return b"".join(parts)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, config: JoinerConfig) -> JoinCore:
+        """Rebuild a core from :meth:`to_bytes`; it continues exactly as the original would."""
+        view = memoryview(data)
+        if len(view) < _STATE_HEAD.size or bytes(view[:4]) != _STATE_MAGIC:
+            raise ValueError("joiner state: bad magic or truncated header")
+        magic, version, max_ts, *counts = _STATE_HEAD.unpack_from(view, 0)
+        if version != _STATE_VERSION:
+            raise ValueError(f"joiner state: version={version} (known: {_STATE_VERSION})")
+        core = cls(config)
+        core._max_ts = max_ts
+        core._n = dict(zip(_COUNTERS, counts))
+        pos = _STATE_HEAD.size
+        (n_pending,), pos = struct.unpack_from("<I", view, pos), pos + 4
+        for _ in range(n_pending):
+            events, pos = _unpack_events(view, pos)
+            imp = events[0]
+            p = core._pending[imp.impression_id] = _Pending(imp, imp.ts_ms + config.label_window_ms)
+            heapq.heappush(core._due, (p.close, imp.impression_id))
+            core._restore_attached(p, events[1:])
+            p.ids, pos = _unpack_ids(view, pos)
+        waiting, pos = _unpack_events(view, pos)
+        for e in waiting:
+            core._buffer.setdefault(e.impression_id, []).append(e)
+            heapq.heappush(core._orphan_due, (e.ts_ms + config.orphan_grace_ms, e.impression_id, e.event_id))
+        (n_emitted,), pos = struct.unpack_from("<I", view, pos), pos + 4
+        for _ in range(n_emitted):
+            k, close = struct.unpack_from("<qq", view, pos)
+            ids, pos = _unpack_ids(view, pos + 16)
+            core._emitted[k] = (close, ids)
+            heapq.heappush(core._forget_due, (close + config.emitted_retention_ms, k))
+        if pos != len(view):
+            raise ValueError(f"joiner state: {len(view) - pos} trailing bytes")
+        logger.info("joiner state restored pending=%d buffered=%d retained=%d watermark_ms=%s",
+                    len(core._pending), len(waiting), len(core._emitted), core.watermark_ms)
+        return core
+
+    def _restore_attached(self, p: _Pending, events: list[Event]) -> None:
+        sink = JoinOutput()
+        for e in events:
+            self._attach(p, e, sink)
+        if sink.late or sink.orphans or len(p.events) != len(events):
+            raise ValueError("joiner state: a stored attached event no longer attaches (config changed?)")
+
+
+_STATE_MAGIC = b"SRJ\x00"
+_STATE_VERSION = 1
+_STATE_HEAD = struct.Struct(f"<4sBq{len(_COUNTERS)}Q")
+
+
+def _pack_events(events: list[Event]) -> bytes:
+    parts = [struct.pack("<I", len(events))]
+    for e in events:
+        value = encode(e)
+        parts.append(struct.pack("<B", len(value)))
+        parts.append(value)
+    return b"".join(parts)
+
+
+def _unpack_events(view: memoryview, pos: int) -> tuple[list[Event], int]:
+    (n,) = struct.unpack_from("<I", view, pos)
+    pos += 4
+    events = []
+    for _ in range(n):
+        size = view[pos]
+        events.append(decode(bytes(view[pos + 1:pos + 1 + size])))
+        pos += 1 + size
+    return events, pos
+
+
+def _pack_ids(ids: set[int]) -> bytes:
+    return struct.pack(f"<I{len(ids)}q", len(ids), *sorted(ids))
+
+
+def _unpack_ids(view: memoryview, pos: int) -> tuple[set[int], int]:
+    (n,) = struct.unpack_from("<I", view, pos)
+    return set(struct.unpack_from(f"<{n}q", view, pos + 4)), pos + 4 + 8 * n

@@ -197,12 +197,13 @@ class _Segment:
         if not consistent or not self.time_ts or (not self.idx_offsets and self.size > self._interval):
             self._reset_indexes(0)
             end = self._scan(0, verify_crc=False)
-            self.seal()
+            self.seal(fsync=False)
             level = logging.WARNING if (end, self.next_offset) != (self.size, next_offset) else logging.INFO
             logger.log(
                 level, "segment indexes rebuilt path=%s valid_bytes=%d file_bytes=%d next_offset=%d expected=%d",
                 self.stem.with_suffix(".log"), end, self.size, self.next_offset, next_offset,
             )
+        self._close_index_fds()  # a sealed segment is never written again: one fd per segment
         self.next_offset = next_offset
         self.max_ts, self.max_ts_offset = max(zip(self.time_ts, self.time_offsets), key=lambda e: e[0])
 
@@ -331,21 +332,32 @@ class _Segment:
         return os.pread(self.fd, size, pos)
 
     # --- lifecycle ---------------------------------------------------------------------------
-    def seal(self) -> None:
-        """Record the segment's final max timestamp so a reopen need not scan it."""
+    def seal(self, fsync: bool) -> None:
+        """Record the final max timestamp, then keep only the log's fd (indexes live in memory)."""
         if self.max_ts != _NO_TS or not self.time_ts:
             self.time_ts.append(self.max_ts)
             self.time_offsets.append(self.max_ts_offset)
             _write_all(self.time_fd, _TIMEINDEX.pack(self.max_ts, self.max_ts_offset - self.base_offset))
+        if fsync:
+            self.fsync()
+        self._close_index_fds()
+
+    def _close_index_fds(self) -> None:
+        for fd in (self.index_fd, self.time_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.index_fd = self.time_fd = -1
 
     def fsync(self) -> None:
-        os.fsync(self.fd)
-        os.fsync(self.index_fd)
-        os.fsync(self.time_fd)
+        for fd in (self.fd, self.index_fd, self.time_fd):
+            if fd >= 0:
+                os.fsync(fd)
 
     def close(self) -> None:
-        for fd in (self.fd, self.index_fd, self.time_fd):
-            os.close(fd)
+        self._close_index_fds()
+        if self.fd >= 0:
+            os.close(self.fd)
+        self.fd = -1
 
     def unlink(self) -> None:
         self.close()
@@ -481,9 +493,8 @@ class PartitionLog:
 
     def _roll(self, now: int) -> _Segment:
         old = self._segments[-1]
-        old.seal()
+        old.seal(fsync=self.config.fsync != "never")
         if self.config.fsync != "never":
-            old.fsync()
             self._unsynced.discard(old.base_offset)
         seg = _Segment(self.directory, old.next_offset, now, self.config.index_interval_bytes)
         self._segments.append(seg)

@@ -753,3 +753,21 @@ def test_failed_write_leaves_the_log_consistent(tmp_path):
     log = PartitionLog(tmp_path / "p", config(index_interval_bytes=1))
     values = [r[2] for r in read_all(log)]
     assert values == [b"%d" % i if i >= 0 else b"after" for _, i in acked for _ in range(3)]
+
+
+def test_one_fd_per_sealed_segment_and_none_after_close(tmp_path):
+    def n_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    before = n_fds()
+    log = PartitionLog(tmp_path / "p", config(segment_bytes=1024))
+    for i in range(60):
+        log.append(make_batch([b"x" * 100]))
+    assert log.n_segments >= 6
+    assert n_fds() - before == log.n_segments + 2  # sealed: the .log only; active: all three
+    log.close()
+    assert n_fds() == before
+    log = PartitionLog(tmp_path / "p", config(segment_bytes=1024))
+    assert n_fds() - before == log.n_segments + 2
+    log.delete()
+    assert n_fds() == before

@@ -11,6 +11,7 @@ from kafka.errors import (
     TopicAlreadyExistsError,
     UnknownTopicOrPartitionError,
 )
+from kafka.protocol.consumer import ListOffsetsRequest
 from kafka.protocol.metadata import MetadataRequest
 
 from streams.broker import error_codes as ec
@@ -65,7 +66,7 @@ def test_describe_configs_for_topic_and_broker(broker, admin):
     assert [(b["broker_id"], b["port"]) for b in cluster["brokers"]] == [(broker.config.node_id, broker.port)]
 
 
-def test_list_offsets_earliest_latest_and_by_timestamp(broker):
+def test_list_offsets_earliest_latest_and_by_timestamp(broker, raw_client):
     topic = "timed"
     base_ts = 1_700_000_000_000
     producer = KafkaProducer(bootstrap_servers=broker.bootstrap, acks=1, linger_ms=0)
@@ -83,6 +84,14 @@ def test_list_offsets_earliest_latest_and_by_timestamp(broker):
         assert consumer.offsets_for_times({tp: base_ts + 10**9})[tp] is None
     finally:
         consumer.close()
+    late = KafkaProducer(bootstrap_servers=broker.bootstrap, acks=1)
+    late.send(topic, value=b"late", partition=0, timestamp_ms=base_ts - 5000).get(timeout=10)  # offset 50, older
+    late.close()
+    T = ListOffsetsRequest.ListOffsetsTopic
+    request = ListOffsetsRequest(replica_id=-1, isolation_level=0, topics=[T(name=topic, partitions=[
+        T.ListOffsetsPartition(partition_index=0, current_leader_epoch=-1, timestamp=-3)])])
+    part = raw_client().request(request, 7).topics[0].partitions[0]
+    assert (part.error_code, part.offset, part.timestamp) == (0, 49, base_ts + 49_000)  # KIP-734 max timestamp
 
 
 def test_metadata_without_auto_create_reports_unknown_topic(broker, raw_client):

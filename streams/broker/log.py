@@ -402,7 +402,7 @@ class PartitionLog:
 
     def _load(self) -> None:
         now, interval = self._now_ms(), self.config.index_interval_bytes
-        bases = sorted(int(p.stem) for p in self.directory.glob("*.log") if p.stem.isdigit())
+        bases = sorted(int(p.stem) for p in self.directory.glob("*.log") if p.stem.isdigit() and len(p.stem) == 20)
         for path in self.directory.iterdir():
             if path.suffix in (".index", ".timeindex") and path.stem.isdigit() and int(path.stem) not in bases:
                 path.unlink()  # left behind by a segment deletion cut short

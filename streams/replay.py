@@ -14,17 +14,21 @@ Producing: each event goes to ``topic_for(event)`` keyed by ``key_for(event)`` (
 all of one user's events share a partition) with an idempotent ``acks=all`` producer; the four
 topics are created with ``partitions`` partitions when missing.
 
-Resume. The state file (JSON, written to a temp file and renamed) holds, per replay key (a
-digest of the inputs' bytes, the options that shape the sequence and the bootstrap servers), the
-number of events of the sequence that are in the topics and the end offset of every partition
-this replay wrote to, both taken right after a producer flush in which every send was
-acknowledged. A rerun skips that prefix. Events sent after the last state write (a crash, or
-Ctrl-C/SIGTERM between the flush and the write; interruptions otherwise flush and save first) sit
-in the topics past the recorded offsets: before producing, the replay reads exactly those
-records back, decodes their event ids and skips those events, so a resumed replay neither loses
-nor duplicates an event as long as no other producer writes identical event ids into the topics.
-If a partition now ends before its recorded offset (the topics were deleted or the cluster is a
-different one), the replay stops with :class:`ReplayStateError`; ``restart=True`` starts over.
+Resume. The state file (JSON, default ``data/replay/state.json``, written to a temp file, fsynced
+and renamed) holds, per replay key (a digest of the inputs' bytes, the options that shape the
+sequence, the window and the bootstrap servers), the number of events of the sequence that are in
+the topics and the end offset of every partition of the four topics, both taken right after a
+producer flush in which every send was acknowledged (every ``checkpoint_events`` sends or
+``checkpoint_interval_s``, at the end, and on Ctrl-C/SIGTERM or any error). A rerun skips that
+prefix. Events sent after the last state write (a crash or ``kill -9`` between checkpoints, a
+failed send) sit in the topics past the recorded offsets: before producing, the replay reads
+exactly those records back, decodes their event ids and skips those events when it meets them.
+So a resumed replay neither loses nor duplicates an event, provided nothing else writes records
+with the same event ids into these topics. The state must never run ahead of the topics: if a
+partition now ends before its recorded offset (the topics were deleted, or this is another
+cluster), the replay stops with :class:`ReplayStateError`; ``restart=True`` (``--restart``)
+forgets the position and replays everything again. A completed replay reruns as a no-op. Do not
+run two replays with the same state file at the same time (the last writer wins).
 """
 from __future__ import annotations
 
@@ -138,6 +142,7 @@ class ReplayStats:
     position: int = 0
     total: int | None = None  # events in the sequence, when counted (progress bar)
     complete: bool = False
+    interrupted: bool = False  # stopped by ``stop()`` (a signal); the position was saved
     elapsed_s: float = 0.0
 
     @property
@@ -154,6 +159,7 @@ class ReplayStats:
             f"replay total produced={self.n_produced} skipped_resumed={self.skipped_resumed} "
             f"already_present={self.already_present} duplicates_dropped={self.duplicates_dropped} "
             f"bad_lines={self.bad_lines} position={self.position} complete={self.complete} "
+            f"interrupted={self.interrupted} "
             f"elapsed_s={self.elapsed_s:.2f} events_per_s={self.events_per_s:.0f}")
         return lines
 
@@ -339,26 +345,28 @@ class _Kafka:
 
 
 def run_replay(config: ReplayConfig, *, clock: Callable[[], float] = time.monotonic,
-               sleep: Callable[[float], None] = time.sleep) -> ReplayStats:
+               sleep: Callable[[float], None] = time.sleep,
+               stop: Callable[[], bool] | None = None) -> ReplayStats:
     """Replay ``config.paths`` into the event topics; see the module docstring for guarantees.
 
-    ``clock`` (seconds, monotonic) and ``sleep`` drive pacing and the checkpoint interval.
+    ``clock`` (seconds, monotonic) and ``sleep`` drive pacing and the checkpoint interval. When
+    ``stop()`` turns true (checked before each send, e.g. set by a signal handler that also wakes
+    ``sleep``), the run flushes, saves its exact position and returns with ``interrupted=True``.
     """
     sources = open_sources(config.paths, config.kuairand_options(), config.generic_options())
     key = replay_key(config, sources)
     state_file = StateFile(config.state_path)
     state = ReplayState() if config.restart else state_file.load(key)
-    stats = ReplayStats(skipped_resumed=state.produced, position=state.produced)
+    stats = ReplayStats(skipped_resumed=state.produced, position=state.produced, complete=state.complete)
     started = clock()
     if state.complete:
         logger.info("replay already complete key=%s position=%d state=%s", key, state.produced, config.state_path)
-        stats.complete = True
         return stats
     kafka = _Kafka(config)
     try:
         ends = kafka.ensure_topics()
         gap_ids = kafka.read_back_ids(state.offsets) if state.offsets else set()
-        offsets = {**ends, **state.offsets} if state.offsets else ends
+        offsets = {**ends, **state.offsets}
         state_file.save(key, ReplayState(state.produced, offsets), config)
         logger.info("replay start key=%s position=%d read_back=%d speed=%s", key, state.produced,
                     len(gap_ids), config.speed or "max")
@@ -366,73 +374,93 @@ def run_replay(config: ReplayConfig, *, clock: Callable[[], float] = time.monoto
             stats.total = sum(1 for _ in iter_events(config.paths, from_ms=config.from_ms, until_ms=config.until_ms,
                                                      kuairand=config.kuairand_options(),
                                                      generic=config.generic_options()))
-        _produce(config, kafka, sources, state, stats, gap_ids, offsets, state_file, key, clock, sleep)
+        run = _Run(config, kafka, lambda s: state_file.save(key, s, config), stats, offsets, clock, sleep,
+                   stop or (lambda: False))
+        run.produce(window(merge_sources(sources), config.from_ms, config.until_ms, stats.filtered),
+                    state.produced, gap_ids, ends)
     finally:
         kafka.close()
         for src in sources:
             stats.duplicates_dropped += src.counters.duplicates_dropped
             stats.bad_lines += src.counters.bad_lines
         stats.elapsed_s = max(clock() - started, 0.0)
-    if gap_ids:
-        logger.warning("replay read back events not in its sequence n=%d (another producer?)", len(gap_ids))
-    logger.info("replay %s key=%s position=%d produced=%d", "complete" if stats.complete else "stopped",
+    if gap_ids:  # e.g. events of the gap that lie before the resume point, or another producer's
+        logger.info("replay read back ids not met after the resume point n=%d", len(gap_ids))
+    logger.info("replay %s key=%s position=%d produced=%d",
+                "complete" if stats.complete else "interrupted" if stats.interrupted else "stopped",
                 key, stats.position, stats.n_produced)
     return stats
 
 
-def _produce(config: ReplayConfig, kafka: _Kafka, sources: list[Source], state: ReplayState,
-             stats: ReplayStats, gap_ids: set[int], offsets: dict[str, int], state_file: StateFile,
-             key: str, clock: Callable[[], float], sleep: Callable[[float], None]) -> None:
-    def checkpoint(complete: bool = False) -> None:
-        offsets.update(kafka.flush())  # raises ReplayError when any send failed: state stays behind
-        state_file.save(key, ReplayState(stats.position, offsets, complete), config)
+@dataclass
+class _Run:
+    """The produce loop of one run: pacing, sends, checkpoints (flush, then save the position)."""
 
-    events = window(merge_sources(sources), config.from_ms, config.until_ms, stats.filtered)
-    bar = _progress_bar(config, stats)
-    base: tuple[float, int] | None = None
-    last_checkpoint, since_checkpoint = clock(), 0
-    stop_at = None if config.max_events is None else state.produced + config.max_events
-    try:
-        for index, event in enumerate(events):
-            if index < state.produced:
-                continue
-            if stop_at is not None and index >= stop_at:
-                break
-            if gap_ids and event.event_id in gap_ids:
-                gap_ids.discard(event.event_id)
-                stats.already_present += 1
-                stats.position = index + 1
-                continue
-            if config.speed is not None:
-                if base is None:
-                    base = (clock(), event.ts_ms)
-                delay = base[0] + (event.ts_ms - base[1]) / 1000.0 / config.speed - clock()
-                if delay > 0:
-                    sleep(delay)
-            stats.produced[kafka.send(event)] += 1
-            stats.position = index + 1
-            since_checkpoint += 1
-            if bar is not None and since_checkpoint % 256 == 0:
-                bar.update(stats.position - bar.n)
-            now = clock()
-            if since_checkpoint >= config.checkpoint_events or now - last_checkpoint >= config.checkpoint_interval_s:
-                checkpoint()
-                last_checkpoint, since_checkpoint = now, 0
-        else:
-            stats.complete = True
-        checkpoint(complete=stats.complete)
-    except BaseException:
+    config: ReplayConfig
+    kafka: _Kafka
+    save: Callable[[ReplayState], None]
+    stats: ReplayStats
+    offsets: dict[str, int]
+    clock: Callable[[], float]
+    sleep: Callable[[float], None]
+    stop: Callable[[], bool]
+
+    def checkpoint(self, complete: bool = False) -> None:
+        self.offsets.update(self.kafka.flush())  # raises ReplayError when a send failed: state stays behind
+        self.save(ReplayState(self.stats.position, dict(self.offsets), complete))
+
+    def produce(self, events: Iterator[Event], skip: int, gap_ids: set[int], ends: dict[str, int]) -> None:
+        config, stats, clock = self.config, self.stats, self.clock
+        bar = _progress_bar(config, stats)
+        base: tuple[float, int] | None = None
+        last_checkpoint, since_checkpoint = clock(), 0
+        stop_at = None if config.max_events is None else skip + config.max_events
         try:
-            checkpoint()
-        except Exception as exc:  # the original exception propagates; the next run reads back
-            logger.error("replay could not save its position position=%d error=%r", stats.position, exc)
-        else:
-            logger.info("replay interrupted; position saved position=%d", stats.position)
-        raise
-    finally:
-        if bar is not None:
-            bar.update(stats.position - bar.n)
-            bar.close()
+            for index, event in enumerate(events):
+                if index < skip:
+                    continue
+                if stop_at is not None and index >= stop_at:
+                    break
+                if gap_ids and event.event_id in gap_ids:
+                    gap_ids.discard(event.event_id)
+                    stats.already_present += 1
+                    stats.position = index + 1
+                    if not gap_ids:  # every read-back event met: later resumes need not re-read them
+                        self.offsets.update({k: max(v, self.offsets.get(k, 0)) for k, v in ends.items()})
+                    continue
+                if config.speed is not None:
+                    if base is None:
+                        base = (clock(), event.ts_ms)
+                    delay = base[0] + (event.ts_ms - base[1]) / 1000.0 / config.speed - clock()
+                    if delay > 0:
+                        self.sleep(delay)
+                if self.stop():
+                    stats.interrupted = True
+                    break
+                stats.produced[self.kafka.send(event)] += 1
+                stats.position = index + 1
+                since_checkpoint += 1
+                if bar is not None and since_checkpoint % 256 == 0:
+                    bar.update(stats.position - bar.n)
+                now = clock()
+                if since_checkpoint >= config.checkpoint_events or now - last_checkpoint >= config.checkpoint_interval_s:
+                    self.checkpoint()
+                    last_checkpoint, since_checkpoint = now, 0
+            else:
+                stats.complete = True
+            self.checkpoint(complete=stats.complete)
+        except BaseException:
+            try:
+                self.checkpoint()
+            except Exception as exc:  # the original exception propagates; the next run reads back
+                logger.error("replay could not save its position position=%d error=%r", stats.position, exc)
+            else:
+                logger.info("replay interrupted; position saved position=%d", stats.position)
+            raise
+        finally:
+            if bar is not None:
+                bar.update(stats.position - bar.n)
+                bar.close()
 
 
 def _progress_bar(config: ReplayConfig, stats: ReplayStats):  # -> tqdm | None

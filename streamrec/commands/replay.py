@@ -2,14 +2,16 @@
 
 Settings come from the ``[replay]`` table of ``--config`` with the flags below on top; see
 :class:`streams.replay.ReplayConfig` for every setting. A directory input stands for the KuaiRand
-logs (``log_*.csv*``) and ``*.jsonl*`` files in it. Ctrl-C or SIGTERM flushes the producer and
-saves the position, and the same command resumes where it stopped.
+logs (``log_*.csv*``) and ``*.jsonl*`` files in it. Ctrl-C or SIGTERM stops after the current
+event, flushes the producer and saves the position (exit status 130); the same command resumes
+where it stopped.
 """
 from __future__ import annotations
 
 import argparse
 import signal
 import sys
+import threading
 
 from streamrec.config import build, load_section
 
@@ -47,8 +49,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+class _StopOnSignal:
+    """SIGINT/SIGTERM ask the replay to stop after the current event (flush, save the exact position,
+    exit 130); a second signal interrupts at once (the next run then reads back what was in flight)."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.previous: dict[int, object] = {}
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.event.is_set():
+            raise KeyboardInterrupt
+        self.event.set()
+
+    def __enter__(self) -> _StopOnSignal:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self.previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -60,14 +81,13 @@ def run(args: argparse.Namespace) -> int:
         "kuairand_users", "kuairand_videos", "keep_duplicates", "autoplay_dwell", "skip_bad_lines", "progress")}
     flags["paths"] = tuple(args.paths) or None
     config = build(ReplayConfig, load_section(args.config, "replay"), flags)
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # SIGTERM saves the position like Ctrl-C
     try:
-        stats = run_replay(config)
+        with _StopOnSignal() as stopper:
+            # Pacing sleeps on the stop event, so a signal also cuts a long wait short.
+            stats = run_replay(config, sleep=stopper.event.wait, stop=stopper.event.is_set)
     except StreamsError as exc:
         print(f"streamrec replay: error: {exc}", file=sys.stderr)
         return 1
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     for line in stats.summary_lines():
         print(line)
-    return 0
+    return 130 if stats.interrupted else 0

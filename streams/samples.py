@@ -246,8 +246,8 @@ def decode(value: bytes) -> Sample:
             item_category, user_group, bool(flags & FLAG_CLICKED), dwell_ms, bool(flags & FLAG_VALID_READ),
             rules, ndt, bool(flags & FLAG_LIKED), bool(flags & FLAG_DISLIKED), bool(flags & FLAG_EARLY), snapshot)
     except ValueError as exc:
-        code = "leakage" if str(exc).startswith("leakage") else "invalid_field"
-        raise ContractError(f"{code}: {exc}") from None
+        text = str(exc)
+        raise ContractError(text if text.startswith("leakage: ") else f"invalid_field: {text}") from None
 
 
 @dataclass(frozen=True)

@@ -771,3 +771,28 @@ def test_one_fd_per_sealed_segment_and_none_after_close(tmp_path):
     assert n_fds() - before == log.n_segments + 2
     log.delete()
     assert n_fds() == before
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    stamps=st.lists(st.lists(st.integers(0, 10_000), min_size=1, max_size=6), min_size=1, max_size=30),
+    segment_bytes=st.integers(1024, 3000),
+    index_interval_bytes=st.integers(1, 1024),
+    probes=st.lists(st.integers(0, 10_001), min_size=1, max_size=10),
+)
+def test_timestamp_lookups_match_a_scan(tmp_path_factory, stamps, segment_bytes, index_interval_bytes, probes):
+    directory = tmp_path_factory.mktemp("ts") / "p"
+    cfg = config(segment_bytes=segment_bytes, index_interval_bytes=index_interval_bytes)
+    log = PartitionLog(directory, cfg)
+    for batch_stamps in stamps:
+        log.append(make_batch([b"v" * 40] * len(batch_stamps), ts=batch_stamps))
+    records = read_all(log)
+    top = max(t for *_, t in records)
+    for reopen in (False, True):
+        if reopen:
+            log.close()
+            log = PartitionLog(directory, cfg)
+        for ts in probes:
+            assert log.offset_for_timestamp(ts) == _oracle_for_timestamp(records, ts)
+        assert log.max_timestamp_offset() == min((o, t) for o, _, _, t in records if t == top)
+    log.close()

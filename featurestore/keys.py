@@ -34,6 +34,7 @@ featurestore.KeyEncodingError: item_id=-1 out of range [0, 18446744073709551615]
 """
 from __future__ import annotations
 
+import operator
 import re
 import struct
 from enum import IntEnum
@@ -84,9 +85,16 @@ _U64_U8 = struct.Struct(">QB")
 
 
 def _check(name: str, value: int, hi: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= hi:
+    """``value`` as a plain int (numpy integers welcome) if it lies in ``[0, hi]``."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        as_int = operator.index(value)
+    except TypeError:
+        raise KeyEncodingError(f"{name}={value!r} is not an integer") from None
+    if not 0 <= as_int <= hi:
         raise KeyEncodingError(f"{name}={value!r} out of range [0, {hi}]")
-    return value
+    return as_int
 
 
 def meta_key(name: bytes) -> bytes:

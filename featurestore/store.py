@@ -168,6 +168,9 @@ class StoreBatch(FeatureView):
         return obj
 
     def _saw(self, ts_ms: int) -> None:
+        """Validate an event time before anything is staged and track the newest one."""
+        if ts_ms < 0:
+            raise ValueError(f"ts_ms={ts_ms!r} < 0")
         if ts_ms > self._max_event_ts_ms:
             self._max_event_ts_ms = ts_ms
 
@@ -177,22 +180,26 @@ class StoreBatch(FeatureView):
         if not -1 <= category <= _I32_MAX:
             raise ValueError(f"category={category!r} out of range [-1, {_I32_MAX}]")
         keys.item_sketch_key(item_id)  # validates item_id like every other key field
+        self._saw(ts_ms)
         cap = self.config.sequences.capacity
         seq = self._for_update(keys.user_sequence_key(user_id, kind), self._decode_sequence,
                                lambda: UserSequence(cap), UserSequence.to_bytes)
         seq.add(item_id, category, ts_ms)
-        self._saw(ts_ms)
 
     def add_user_event(self, user_id: int, counter: CounterKind, ts_ms: int, n: int = 1) -> None:
         """Count ``n`` events of ``counter`` for the user at event time ``ts_ms``."""
+        if n < 0:
+            raise ValueError(f"n={n!r} < 0")
+        self._saw(ts_ms)
         cfg = self.config.counters
         cnt = self._for_update(keys.user_counter_key(user_id, counter), self._decode_counter,
                                lambda: WindowedCounter.from_config(cfg), WindowedCounter.to_bytes)
         cnt.add(ts_ms, n)
-        self._saw(ts_ms)
 
     def add_item_dwell(self, item_id: int, dwell_ms: float) -> None:
         """Feed one click's dwell into the item's KLL sketch (T3)."""
+        if not dwell_ms >= 0:
+            raise ValueError(f"dwell_ms={dwell_ms!r} < 0")
         k = self.config.sketch.k
         sk = self._for_update(keys.item_sketch_key(item_id), DwellSketch.from_bytes,
                               lambda: DwellSketch(k), DwellSketch.to_bytes)
@@ -208,11 +215,13 @@ class StoreBatch(FeatureView):
     def add_global_dwell(self, dwell_ms: float, ts_ms: int, shard: int = 0) -> None:
         """Feed one click's dwell into this writer's partial of the global ln(dwell) stats (T1);
         ``shard`` names the partial (e.g. the source partition), readers merge all shards."""
+        if not dwell_ms >= 0:
+            raise ValueError(f"dwell_ms={dwell_ms!r} < 0")
+        self._saw(ts_ms)
         dcfg = self.config.dwell
         stats = self._for_update(keys.global_dwell_key(shard), self._decode_dwell,
                                  lambda: DwellStats.from_config(dcfg), DwellStats.to_bytes)
         stats.update(dwell_ms, ts_ms)
-        self._saw(ts_ms)
 
     def set_offset(self, topic: str, partition: int, offset: int) -> None:
         """Stage the next offset to consume (last applied + 1) for ``(topic, partition)``."""

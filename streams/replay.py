@@ -443,7 +443,8 @@ class _Run:
                 if bar is not None and since_checkpoint % 256 == 0:
                     bar.update(stats.position - bar.n)
                 now = clock()
-                if since_checkpoint >= config.checkpoint_events or now - last_checkpoint >= config.checkpoint_interval_s:
+                due = now - last_checkpoint >= config.checkpoint_interval_s
+                if due or since_checkpoint >= config.checkpoint_events:
                     self.checkpoint()
                     last_checkpoint, since_checkpoint = now, 0
             else:
@@ -468,7 +469,7 @@ def _progress_bar(config: ReplayConfig, stats: ReplayStats):  # -> tqdm | None
         return None
     from tqdm import tqdm
 
-    return tqdm(total=stats.total, initial=stats.position, unit="ev", unit_scale=True,
+    return tqdm(total=stats.total, initial=stats.position, unit="ev", unit_scale=(stats.total or 0) >= 10_000,
                 desc="replay", dynamic_ncols=True, smoothing=0.1)
 
 

@@ -25,10 +25,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Protocol, TextIO
+from typing import TYPE_CHECKING, Protocol, TextIO
 
 from streams import StreamsError
 from streams.contracts import Click, Dwell, Event, Feedback, Impression, topic_for
+
+if TYPE_CHECKING:
+    from streams.sources.kuairand import KuaiRandOptions
 
 RANKS: dict[type, int] = {Impression: 0, Click: 1, Dwell: 2, Feedback: 3}
 KeyedEvent = tuple[int, int, int, Event]  # (ts_ms, rank, seq, event)
@@ -106,7 +109,7 @@ def _first_line(path: Path) -> str:
     return ""
 
 
-def open_source(path: str | Path, *, kuairand: object | None = None,
+def open_source(path: str | Path, *, kuairand: KuaiRandOptions | None = None,
                 generic: GenericOptions | None = None) -> Source:
     """Detect the format of ``path`` from its first line and return a source for it.
 
@@ -169,7 +172,7 @@ def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
     return out
 
 
-def open_sources(paths: Sequence[str | Path], kuairand: object | None = None,
+def open_sources(paths: Sequence[str | Path], kuairand: KuaiRandOptions | None = None,
                  generic: GenericOptions | None = None) -> list[Source]:
     """:func:`open_source` for each input of :func:`expand_paths`."""
     return [open_source(p, kuairand=kuairand, generic=generic) for p in expand_paths(paths)]

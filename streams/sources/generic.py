@@ -22,9 +22,9 @@ CSV: a header row with a ``type`` column and any of the field names; a cell left
 "not given" (the default, or an error for a required field). A non-empty cell in a column the
 row's type does not have is an error, and so is an unknown column in the header.
 
-Blank lines are ignored (an empty file is an empty stream). A line is malformed when it is not a JSON object / not a full CSV row,
-names an unknown type or field, lacks a required field, holds a non-integer or out-of-range
-value, or repeats an ``event_id`` already seen in the same file. By default the first malformed
+Blank lines are ignored, and an empty file is an empty stream. A line is malformed when it is not
+a JSON object / not a full CSV row, names an unknown type or field, lacks a required field, holds
+a non-integer or out-of-range value, or repeats an ``event_id`` already seen in the same file. By default the first malformed
 line raises :class:`SourceError` reading ``path:line: reason``; with ``skip_bad_lines=True`` such
 lines are skipped and counted (``counters.bad_lines``, first reason in ``first_bad_line``) and a
 warning with the count is logged when the file is done.
@@ -35,8 +35,9 @@ large to hold in memory (use a time-sorted format such as the KuaiRand reader fo
 
 >>> import tempfile, pathlib
 >>> p = pathlib.Path(tempfile.mkdtemp()) / "events.jsonl"
->>> _ = p.write_text('{"type": "click", "event_id": 2, "ts_ms": 5, "impression_id": 1, "user_id": 7, "item_id": 3}\\n'
-...                  '{"type": "impression", "event_id": 1, "ts_ms": 5, "user_id": 7, "item_id": 3, "impression_id": 1}\\n')
+>>> _ = p.write_text(
+...     '{"type": "click", "event_id": 2, "ts_ms": 5, "impression_id": 1, "user_id": 7, "item_id": 3}\\n'
+...     '{"type": "impression", "event_id": 1, "ts_ms": 5, "user_id": 7, "item_id": 3, "impression_id": 1}\\n')
 >>> [type(e).__name__ for _ts, _r, _s, e in JsonlSource(p, GenericOptions()).keyed_events()]
 ['Impression', 'Click']
 """

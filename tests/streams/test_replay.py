@@ -1,6 +1,7 @@
 """Replay into the embedded broker over TCP: counts, order, partitioning, window, pacing, resume."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -173,15 +174,16 @@ def test_state_ahead_of_topics_is_refused(broker, tmp_path):
     assert run_replay(config(broker, tmp_path, paths=[path], restart=True)).n_produced == 3
 
 
-def test_generic_inputs_merge_into_topics(broker, tmp_path):
+def test_generic_inputs_merge_into_topics(broker, tmp_path, capsys):
     a = write_jsonl(tmp_path / "a.jsonl", [10, 30])
     b = tmp_path / "b.csv"
     b.write_text("type,event_id,ts_ms,user_id,item_id,impression_id,dwell_ms,kind\n"
                  "click,101,30,1,7,2,,\n"
                  "dwell,102,40,1,7,2,900,\n"
                  "feedback,103,20,0,7,,,dislike\n")
-    stats = run_replay(config(broker, tmp_path, paths=[a, b]))
+    stats = run_replay(dataclasses.replace(config(broker, tmp_path, paths=[a, b]), progress=True))
     assert stats.produced == {"impressions": 2, "clicks": 1, "dwell": 1, "feedback": 1}
+    assert stats.total == 5 and "5/5" in capsys.readouterr().err  # the bar counted the events first
     per_topic = defaultdict(list)
     for (topic, _p), events in read_topics(broker.bootstrap).items():
         per_topic[topic].extend(e.event_id for e in events)

@@ -12,7 +12,9 @@ Pacing: ``speed=None`` produces as fast as possible; ``speed=s`` holds event ``e
 
 Producing: each event goes to ``topic_for(event)`` keyed by ``key_for(event)`` (the user id, so
 all of one user's events share a partition) with an idempotent ``acks=all`` producer; the four
-topics are created with ``partitions`` partitions when missing.
+topics are created with ``partitions`` partitions when missing. Event time travels in the payload
+(``ts_ms``); the Kafka record timestamp is the produce time, because historical timestamps would
+make a broker's time-based retention delete the records as soon as they land.
 
 Resume. The state file (JSON, default ``data/replay/state.json``, written to a temp file, fsynced
 and renamed) holds, per replay key (a digest of the inputs' bytes, the options that shape the

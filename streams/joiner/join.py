@@ -15,7 +15,7 @@ set of events as long as each arrives no later than the allowed lateness (see do
 * an outcome for an emitted impression is ``late`` (or ``duplicate``); an outcome still waiting when
   ``W > ts + orphan_grace_ms`` is an ``orphan``; a repeated ``event_id`` is a ``duplicate``.
 
->>> from streams.contracts import Click, Dwell, Impression
+>>> from streams.contracts import Click, ContractError, Dwell, Impression
 >>> core = JoinCore(JoinerConfig(allowed_lateness_ms=0, label_window_ms=1_000))
 >>> out = core.process([Click(2, 105, 7, 1, 9), Impression(1, 100, 1, 9, 7), Dwell(3, 300, 7, 1, 9, 200)])
 >>> out.samples, core.counters()["pending"]
@@ -30,7 +30,7 @@ import logging
 import struct
 from dataclasses import dataclass, field
 
-from streams.contracts import Click, Dwell, Event, Feedback, FeedbackKind, Impression, decode, encode
+from streams.contracts import Click, ContractError, Dwell, Event, Feedback, FeedbackKind, Impression, decode, encode
 from streams.joiner.config import JoinerConfig
 
 logger = logging.getLogger(__name__)
@@ -118,6 +118,7 @@ class JoinCore:
         out = JoinOutput()
         lateness = self.config.allowed_lateness_ms
         n = self._n
+        due, orphan_due, forget = self._due, self._orphan_due, self._forget_due
         for e in events:
             n["events"] += 1
             if type(e) is Impression:
@@ -126,7 +127,10 @@ class JoinCore:
                 self._on_outcome(e, out)
             if e.ts_ms > self._max_ts:
                 self._max_ts = e.ts_ms
-                self._advance(e.ts_ms - lateness, out)
+            w = self._max_ts - lateness
+            # due records: the watermark moved, or an early close fell behind it (late input)
+            if (due and due[0][0] <= w) or (orphan_due and orphan_due[0][0] < w) or (forget and forget[0][0] <= w):
+                self._advance(w, out)
         return out
 
     def advance(self, event_time_ms: int) -> JoinOutput:
@@ -306,30 +310,37 @@ class JoinCore:
         core = cls(config)
         core._max_ts = max_ts
         core._n = dict(zip(_COUNTERS, counts))
-        pos = _STATE_HEAD.size
+        try:
+            pos, n_waiting = core._restore_body(view, _STATE_HEAD.size)
+        except (struct.error, IndexError, ContractError) as exc:
+            raise ValueError(f"joiner state: truncated or corrupt body ({exc})") from None
+        if pos != len(view):
+            raise ValueError(f"joiner state: {len(view) - pos} trailing bytes")
+        logger.info("joiner state restored pending=%d buffered=%d retained=%d watermark_ms=%s",
+                    len(core._pending), n_waiting, len(core._emitted), core.watermark_ms)
+        return core
+
+    def _restore_body(self, view: memoryview, pos: int) -> tuple[int, int]:
+        config = self.config
         (n_pending,), pos = struct.unpack_from("<I", view, pos), pos + 4
         for _ in range(n_pending):
             events, pos = _unpack_events(view, pos)
             imp = events[0]
-            p = core._pending[imp.impression_id] = _Pending(imp, imp.ts_ms + config.label_window_ms)
-            heapq.heappush(core._due, (p.close, imp.impression_id))
-            core._restore_attached(p, events[1:])
+            p = self._pending[imp.impression_id] = _Pending(imp, imp.ts_ms + config.label_window_ms)
+            heapq.heappush(self._due, (p.close, imp.impression_id))
+            self._restore_attached(p, events[1:])
             p.ids, pos = _unpack_ids(view, pos)
         waiting, pos = _unpack_events(view, pos)
         for e in waiting:
-            core._buffer.setdefault(e.impression_id, []).append(e)
-            heapq.heappush(core._orphan_due, (e.ts_ms + config.orphan_grace_ms, e.impression_id, e.event_id))
+            self._buffer.setdefault(e.impression_id, []).append(e)
+            heapq.heappush(self._orphan_due, (e.ts_ms + config.orphan_grace_ms, e.impression_id, e.event_id))
         (n_emitted,), pos = struct.unpack_from("<I", view, pos), pos + 4
         for _ in range(n_emitted):
             k, close = struct.unpack_from("<qq", view, pos)
             ids, pos = _unpack_ids(view, pos + 16)
-            core._emitted[k] = (close, ids)
-            heapq.heappush(core._forget_due, (close + config.emitted_retention_ms, k))
-        if pos != len(view):
-            raise ValueError(f"joiner state: {len(view) - pos} trailing bytes")
-        logger.info("joiner state restored pending=%d buffered=%d retained=%d watermark_ms=%s",
-                    len(core._pending), len(waiting), len(core._emitted), core.watermark_ms)
-        return core
+            self._emitted[k] = (close, ids)
+            heapq.heappush(self._forget_due, (close + config.emitted_retention_ms, k))
+        return pos, len(waiting)
 
     def _restore_attached(self, p: _Pending, events: list[Event]) -> None:
         sink = JoinOutput()

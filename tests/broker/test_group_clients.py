@@ -18,6 +18,7 @@ import pytest
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 
 N_PARTITIONS = 3
+POLL_TIMEOUT_MS = 1000
 FAST_GROUP = dict(heartbeat_interval_ms=100, session_timeout_ms=6000, max_poll_interval_ms=10_000)
 
 
@@ -96,7 +97,10 @@ class ConsumerThread:
             )
             try:
                 while not self._stop.is_set():
-                    batch = consumer.poll(timeout_ms=50)
+                    # kafka-python 3.0.12 can drop a finished JoinGroup/SyncGroup when poll() times
+                    # out while a rejoin is in flight (the member then stops heartbeating and is
+                    # expired); a poll timeout longer than a rebalance keeps clear of that client race.
+                    batch = consumer.poll(timeout_ms=POLL_TIMEOUT_MS)
                     got = [r.value for recs in batch.values() for r in recs]
                     if got:
                         consumer.commit()
@@ -296,10 +300,10 @@ c = KafkaConsumer(sys.argv[2], bootstrap_servers=sys.argv[1], group_id=sys.argv[
                   heartbeat_interval_ms=100, session_timeout_ms=1500, max_poll_interval_ms=10000)
 deadline = time.monotonic() + 60
 while not c.assignment() and time.monotonic() < deadline:
-    c.poll(timeout_ms=50)
+    c.poll(timeout_ms=1000)
 print("assigned", sorted(tp.partition for tp in c.assignment()), flush=True)
 while True:
-    c.poll(timeout_ms=50)
+    c.poll(timeout_ms=1000)
 """
 
 
@@ -315,7 +319,7 @@ def test_killed_member_expires_after_session_timeout(broker):
         line = crashing.stdout.readline()  # blocks until the subprocess owns partitions (or dies)
         assert line.startswith("assigned ["), line
         wait_until(lambda: describe(bootstrap, group) == ("Stable", 2), what="a stable group of two")
-        assert survivor.snapshot()[1] != set(range(N_PARTITIONS))
+        wait_until(lambda: 0 < len(survivor.snapshot()[1]) < N_PARTITIONS, what="the survivor to own a share")
         crashing.kill()  # no LeaveGroup
         crashing.wait(timeout=10)
         killed_at = time.monotonic()

@@ -342,7 +342,7 @@ class _Kafka:
         return ids
 
     def close(self) -> None:
-        self.producer.close()
+        self.producer.close(timeout=30)
         self.consumer.close()
 
 

@@ -160,7 +160,7 @@ class StoreBatch(FeatureView):
         self._check_open()
         obj = self._cache.get(key)
         if obj is None:
-            raw = self._store._get_many([key])[0]
+            raw = self._store._require_db().get(key)
             obj = new() if raw is None else decode(raw)
             self._cache[key] = obj
             self._encoders[key] = encode

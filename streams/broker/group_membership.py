@@ -68,6 +68,13 @@ class GroupMembership:
                     self._complete_join(group)
                 else:
                     self._maybe_complete_join(group)
+            if group.state is GroupState.EMPTY and group.is_empty() and not self._retains(group.group_id):
+                del self._groups[group.group_id]
+                logger.info("group removed group=%s generation=%d", group.group_id, group.generation_id)
+
+    def _retains(self, group_id: str) -> bool:
+        """Whether an empty group must be kept (it has committed offsets); overridden by the coordinator."""
+        return False
 
     # ------------------------------------------------------------------ JoinGroup
     async def join_group(

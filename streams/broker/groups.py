@@ -68,6 +68,9 @@ class GroupCoordinator(GroupMembership):
         self.fail_all_waiters(ErrorCode.COORDINATOR_NOT_AVAILABLE)
         self._store.close()
 
+    def _retains(self, group_id: str) -> bool:
+        return group_id in self._offsets
+
     async def _tick_forever(self) -> None:
         while True:
             await asyncio.sleep(self._tick_interval_ms / 1000)

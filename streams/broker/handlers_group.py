@@ -266,7 +266,8 @@ async def handle_offset_fetch(ctx: RequestContext, req: OffsetFetchRequest) -> O
     return OffsetFetchResponse(version=v, throttle_time_ms=0, topics=topics, error_code=ErrorCode.NONE)
 
 
-def _partition(cls: type, v: int, partition: int, committed: CommittedOffset | None):  # noqa: ANN202
+def _partition(cls: type, v: int, partition: int, committed: CommittedOffset | None) -> object:
+    """One OffsetFetch partition entry (``cls`` differs between the v0-7 and v8+ layouts)."""
     if committed is None:
         return cls(version=v, partition_index=partition, committed_offset=-1, committed_leader_epoch=-1,
                    metadata="", error_code=ErrorCode.NONE)

@@ -192,6 +192,25 @@ def test_member_id_required_round_trip(tmp_path):
     run(body)
 
 
+def test_empty_group_without_offsets_is_removed(tmp_path):
+    async def body():
+        coord = await started(tmp_path, FakeClock())
+        for group in ("scratch", "kept"):
+            res = await join(coord, group=group)
+            await coord.sync_group(group, 1, res.member_id, assignments={})
+            if group == "kept":
+                await coord.commit_offsets(group, 1, res.member_id, None, {("t", 0): CommittedOffset(3)})
+            await coord.leave_group(group, [(res.member_id, None)])
+        coord.tick()
+        assert coord.describe_group("scratch") is None
+        kept = coord.describe_group("kept")
+        assert kept.state is GroupState.EMPTY
+        assert [g.group_id for g in coord.list_groups()] == ["kept"]
+        await coord.stop()
+
+    run(body)
+
+
 def test_invalid_session_timeout_and_inconsistent_protocols(tmp_path):
     async def body():
         coord = await started(tmp_path, FakeClock(), min_session_timeout_ms=1000, max_session_timeout_ms=20_000)

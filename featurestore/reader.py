@@ -10,6 +10,20 @@ read-only. A secondary never blocks the writer; it sees nothing new until :meth:
 refresh exposes whole commits only: state and the offsets that cover it always agree. Staleness =
 time since the last :meth:`refresh` plus the writer's commit interval; :meth:`staleness_ms` reports
 ``now - wall time of the last visible commit``.
+
+>>> import tempfile
+>>> from featurestore.store import RocksFeatureStore
+>>> path = tempfile.mkdtemp()
+>>> writer = RocksFeatureStore(path)
+>>> reader = FeatureReader(path)
+>>> with writer.transaction() as tx:
+...     tx.add_sequence_event(5, SequenceKind.LIKE, item_id=11, category=3, ts_ms=1_000)
+...     tx.set_offset("feedback", 0, 1)
+>>> reader.committed_offset("feedback", 0) is None      # not caught up yet
+True
+>>> reader.refresh().commit_seq, reader.user_features(5).like.item_ids.tolist()
+(1, [11])
+>>> reader.close(); writer.close()
 """
 from __future__ import annotations
 
@@ -30,7 +44,7 @@ from featurestore.config import FeatureStoreConfig
 from featurestore.counters import WindowedCounter
 from featurestore.dwellstats import DwellStats
 from featurestore.keys import CounterKind, SequenceKind
-from featurestore.sequences import SequenceSlice, UserSequence
+from featurestore.sequences import EMPTY_SLICE, SequenceSlice, UserSequence
 from featurestore.sketches import DwellSketch
 
 logger = logging.getLogger(__name__)
@@ -125,7 +139,7 @@ class FeatureView:
         slices = []
         for seq in seqs:
             if seq is None:
-                slices.append(UserSequence(1).latest(0))
+                slices.append(EMPTY_SLICE)
             else:
                 slices.append(seq.latest(n) if ts_ms is None else seq.before(ts_ms, n))
         counts = [0 if c is None else (c.latest_count() if ts_ms is None else c.count(ts_ms))

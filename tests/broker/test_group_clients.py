@@ -332,3 +332,34 @@ def test_killed_member_expires_after_session_timeout(broker):
             crashing.kill()
             crashing.wait()
         survivor.close()
+
+
+def test_committed_offsets_survive_broker_restart(tmp_path):
+    """Commits are durable: a restarted broker on the same data dir serves them to a new consumer."""
+    from streams.broker import EmbeddedBroker
+    from streams.broker.config import BrokerConfig
+
+    config = BrokerConfig(data_dir=tmp_path / "broker", port=0)
+    topic, group = "durable-clicks", "durable-group"
+    with EmbeddedBroker(config) as first:
+        create_topic(first.bootstrap, topic)
+        sent = produce(first.bootstrap, topic, "a", per_partition=4)
+        consumer = KafkaConsumer(topic, bootstrap_servers=first.bootstrap, group_id=group,
+                                 auto_offset_reset="earliest", enable_auto_commit=False, **FAST_GROUP)
+        got: list[bytes] = []
+        deadline = time.monotonic() + 30
+        while len(got) < len(sent) and time.monotonic() < deadline:
+            got.extend(r.value for recs in consumer.poll(timeout_ms=POLL_TIMEOUT_MS).values() for r in recs)
+        consumer.commit()
+        consumer.close()
+        assert sorted(got) == sorted(sent)
+    with EmbeddedBroker(config) as second:
+        assert committed_offsets(second.bootstrap, group) == {p: 4 for p in range(N_PARTITIONS)}
+        more = produce(second.bootstrap, topic, "b", per_partition=1)
+        resumed = ConsumerThread(second.bootstrap, topic, group)
+        try:
+            wait_until(lambda: len(resumed.snapshot()[0]) >= len(more), what="the resumed consumer")
+            values, _ = resumed.snapshot()
+        finally:
+            resumed.close()
+        assert sorted(values) == sorted(more)

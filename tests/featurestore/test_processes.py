@@ -207,6 +207,33 @@ def test_secondary_reader_in_another_process_sees_commits_after_catch_up(tmp_pat
         child.kill()
 
 
+def test_secondary_reader_follows_the_writer_across_a_crash_and_restart(tmp_path):
+    """The learner's reader stays open while the joiner is killed and restarted."""
+    path = tmp_path / "fs"
+    first = Child("stepped-writer", path)
+    try:
+        first.expect("open")
+        first.send("3")
+        assert first.expect("at") == 3
+        with FeatureReader(path, CONFIG) as reader:
+            assert reader.committed_offset(TOPIC, 0) == 3
+            first.kill()
+            second = Child("stepped-writer", path)
+            try:
+                assert second.expect("open") == 3      # resumes at the committed offset
+                second.send("30")                      # enough to flush memtables and roll files
+                assert second.expect("at") == 33
+                reader.refresh()
+                assert reader.committed_offset(TOPIC, 0) == 33
+                assert_consistent(reader, 33)
+                second.send("quit")
+                second.expect("closed")
+            finally:
+                second.kill()
+    finally:
+        first.kill()
+
+
 def test_reader_needs_an_existing_store(tmp_path):
     from featurestore import StoreNotFoundError
     with pytest.raises(StoreNotFoundError):

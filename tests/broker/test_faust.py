@@ -114,6 +114,7 @@ def start_worker(tmp_path: Path, bootstrap: str, run: int) -> tuple[subprocess.P
 
 
 def stop_worker(proc: subprocess.Popen, log: Path) -> None:
+    """SIGTERM, then wait for a clean exit (checked by ``assert_clean_exit`` once the run's checks pass)."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -122,6 +123,10 @@ def stop_worker(proc: subprocess.Popen, log: Path) -> None:
             proc.kill()
             proc.wait()
             raise AssertionError(f"faust worker did not stop on SIGTERM:\n{tail(log)}")
+
+
+def assert_clean_exit(proc: subprocess.Popen, log: Path) -> None:
+    assert proc.returncode == 0, f"faust worker exited rc={proc.returncode}:\n{tail(log)}"
 
 
 def produce_clicks(bootstrap: str, users: list[str]) -> None:
@@ -157,6 +162,7 @@ def test_faust_agent_counts_into_table_and_output_topic(broker, tmp_path):
     finally:
         stop_worker(proc, log)
 
+    assert_clean_exit(proc, log)
     outputs = out.poll()
     assert len(outputs) == len(first)
     per_user: dict[bytes, list[int]] = {}
@@ -178,6 +184,7 @@ def test_faust_agent_counts_into_table_and_output_topic(broker, tmp_path):
         wait_until(lambda: len(out.poll()) >= len(first) + len(second), 120, "the second run's output", proc, log)
     finally:
         stop_worker(proc, log)
+    assert_clean_exit(proc, log)
     new_outputs = out.poll()[len(first):]
     assert sorted((k.decode(), int(v)) for k, v in new_outputs) == [("u1", 5), ("u2", 3), ("u6", 1)]
     table = {json.loads(k): json.loads(v) for k, v in latest_by_key(changelog.poll()).items()}

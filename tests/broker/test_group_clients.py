@@ -15,7 +15,7 @@ import time
 from typing import Callable
 
 import pytest
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 
 N_PARTITIONS = 3
 POLL_TIMEOUT_MS = 1000

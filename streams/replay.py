@@ -355,6 +355,8 @@ def run_replay(config: ReplayConfig, *, clock: Callable[[], float] = time.monoto
     ``stop()`` turns true (checked before each send, e.g. set by a signal handler that also wakes
     ``sleep``), the run flushes, saves its exact position and returns with ``interrupted=True``.
     """
+    from kafka.errors import KafkaError
+
     sources = open_sources(config.paths, config.kuairand_options(), config.generic_options())
     key = replay_key(config, sources)
     state_file = StateFile(config.state_path)
@@ -380,6 +382,8 @@ def run_replay(config: ReplayConfig, *, clock: Callable[[], float] = time.monoto
                    stop or (lambda: False))
         run.produce(window(merge_sources(sources), config.from_ms, config.until_ms, stats.filtered),
                     state.produced, gap_ids, ends)
+    except KafkaError as exc:
+        raise ReplayError(f"kafka error while replaying to bootstrap={config.bootstrap!r}: {exc!r}") from exc
     finally:
         kafka.close()
         for src in sources:

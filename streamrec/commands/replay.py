@@ -17,23 +17,27 @@ from streamrec.config import build, load_section
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("replay", help="replay historical logs into the event topics",
-                              description=__doc__.split("\n\n")[0])
+    p = subparsers.add_parser(
+        "replay", help="replay historical logs into the event topics",
+        description="Replay historical logs into the event topics in event-time order; resumable.",
+        epilog="Inputs: KuaiRand exposure logs (feature tables found beside them) and generic JSONL/CSV "
+               "with a 'type' field per line; see streams/sources/. A directory stands for the "
+               "log_*.csv* and *.jsonl* files in it.")
     p.add_argument("paths", nargs="*", metavar="PATH",
                    help="KuaiRand log, generic JSONL/CSV, or a directory of them (gzip welcome)")
     p.add_argument("--bootstrap", default=None, help="host:port[,host:port] (default 127.0.0.1:9092)")
     p.add_argument("--speed", default=None,
                    help="1 = real time, 100 = a hundred times faster, max = no pacing (default max)")
-    p.add_argument("--from", dest="from_ms", default=None,
+    p.add_argument("--from", dest="from_ms", default=None, metavar="TIME",
                    help="first event time to replay, ISO-8601 or epoch ms (inclusive)")
-    p.add_argument("--until", dest="until_ms", default=None,
+    p.add_argument("--until", dest="until_ms", default=None, metavar="TIME",
                    help="event time to stop at, ISO-8601 or epoch ms (exclusive)")
-    p.add_argument("--partitions", type=int, default=None, help="partitions of topics it creates (default 3)")
-    p.add_argument("--state", dest="state_path", default=None,
+    p.add_argument("--partitions", type=int, default=None, metavar="N", help="partitions of topics it creates (default 3)")
+    p.add_argument("--state", dest="state_path", default=None, metavar="FILE",
                    help="resume state file (default data/replay/state.json)")
     p.add_argument("--restart", action="store_true", default=None,
                    help="ignore the saved position and replay from the start")
-    p.add_argument("--max-events", type=int, default=None, help="stop after this many events (resume later)")
+    p.add_argument("--max-events", type=int, default=None, metavar="N", help="stop after this many events (resume later)")
     p.add_argument("--kuairand-users", default=None, metavar="FILE",
                    help="KuaiRand user_features table (default: found next to the log)")
     p.add_argument("--kuairand-videos", default=None, metavar="FILE",
@@ -80,7 +84,11 @@ def run(args: argparse.Namespace) -> int:
         "bootstrap", "speed", "from_ms", "until_ms", "partitions", "state_path", "restart", "max_events",
         "kuairand_users", "kuairand_videos", "keep_duplicates", "autoplay_dwell", "skip_bad_lines", "progress")}
     flags["paths"] = tuple(args.paths) or None
-    config = build(ReplayConfig, load_section(args.config, "replay"), flags)
+    section = load_section(args.config, "replay")
+    if flags["paths"] is None and not section.get("paths"):
+        print("streamrec replay: give at least one PATH (or paths in the [replay] config)", file=sys.stderr)
+        return 2
+    config = build(ReplayConfig, section, flags)
     try:
         with _StopOnSignal() as stopper:
             # Pacing sleeps on the stop event, so a signal also cuts a long wait short.

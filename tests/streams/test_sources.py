@@ -304,3 +304,54 @@ def test_kuairand_source_reads_slice_directly():
     assert src.videos_path.name == "video_features_basic_pure.csv.gz"
     assert len(src.fingerprint()) == 64
     assert src.fingerprint() != KuaiRandSource(SLICE_LOG, KuaiRandOptions(autoplay_dwell=True)).fingerprint()
+
+
+LOG_HEADER = ["user_id", "video_id", "date", "hourmin", "time_ms", "is_click", "is_like", "is_follow",
+              "is_comment", "is_forward", "is_hate", "long_view", "play_time_ms", "duration_ms",
+              "profile_stay_time", "comment_stay_time", "is_profile_enter", "is_rand", "tab"]
+row_strategy = st.tuples(
+    st.integers(0, 3),  # user
+    st.integers(0, 3),  # video
+    st.integers(0, 5),  # time_ms offset: many rows share a millisecond
+    st.booleans(), st.booleans(), st.booleans(),  # click, like, hate
+    st.sampled_from([0, 0, 1, 2, 7, 5000]),  # play_time_ms
+    st.integers(0, 2),  # repeat count: exact duplicates
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(row_strategy, min_size=1, max_size=30), st.booleans(), st.booleans())
+def test_kuairand_mapping_invariants(tmp_path_factory, spec, keep_duplicates, autoplay):
+    """Synthetic logs: one impression per (de-duplicated) row, reactions per flag, causal order, unique ids."""
+    d = tmp_path_factory.mktemp("kr")
+    rows = []
+    for user, video, t, click, like, hate, play, repeat in spec:
+        row = [user, video, 20220425, 0, 1_650_000_000_000 + t, int(click), int(like), 0, 0, 0, int(hate), 0,
+               play, 1000, 0, 0, 0, 0, 1]
+        rows.extend([[str(v) for v in row]] * (repeat + 1))
+    rows.sort(key=lambda r: int(r[4]))
+    with (d / "log.csv").open("w", newline="") as fh:
+        csv.writer(fh).writerows([LOG_HEADER, *rows])
+    options = KuaiRandOptions(keep_duplicates=keep_duplicates, autoplay_dwell=autoplay)
+    events = list(iter_events([d / "log.csv"], kuairand=options))
+
+    replayed = rows if keep_duplicates else list({tuple(r): r for r in rows}.values())
+    col = {name: i for i, name in enumerate(LOG_HEADER)}
+    flag = lambda name: sum(r[col[name]] == "1" for r in replayed)  # noqa: E731
+    autoplay_rows = sum(r[col["is_click"]] == "0" and int(r[col["play_time_ms"]]) > 0 for r in replayed)
+    assert count_types(events) == {
+        "Impression": len(replayed), "Click": flag("is_click"),
+        "Dwell": flag("is_click") + (autoplay_rows if autoplay else 0),
+        "Feedback": flag("is_like") + flag("is_hate")}
+    assert len({e.event_id for e in events}) == len(events)
+    keys = [(e.ts_ms, RANK[type(e)]) for e in events]
+    assert keys == sorted(keys)
+    shown: dict[int, Impression] = {}
+    for e in events:
+        if isinstance(e, Impression):
+            assert (e.activeness, e.item_category, e.item_duration_ms) == (0, -1, 1000)  # no feature tables
+            shown[e.impression_id] = e
+        else:
+            imp = shown[e.impression_id]
+            play = e.ts_ms - imp.ts_ms
+            assert play == 0 if isinstance(e, Click) else play >= 0

@@ -363,3 +363,45 @@ def test_committed_offsets_survive_broker_restart(tmp_path):
         finally:
             resumed.close()
         assert sorted(values) == sorted(more)
+
+
+def test_confluent_kafka_group_of_two_rebalances(broker):
+    """librdkafka as leader and follower: the split, then a LeaveGroup hands everything to the survivor."""
+    from confluent_kafka import Consumer
+
+    bootstrap, topic, group = broker.bootstrap, "rd-pair-clicks", "rd-pair-group"
+    create_topic(bootstrap, topic)
+
+    def consumer() -> Consumer:
+        c = Consumer({
+            "bootstrap.servers": bootstrap, "group.id": group, "auto.offset.reset": "earliest",
+            "session.timeout.ms": 6000, "heartbeat.interval.ms": 100, "broker.address.family": "v4",
+        })
+        c.subscribe([topic])
+        return c
+
+    def parts(c) -> set[int]:
+        return {tp.partition for tp in c.assignment()}
+
+    def poll_until(members, cond, what: str) -> None:
+        deadline = time.monotonic() + 30
+        while not cond():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}: {[parts(c) for c in members]}")
+            for c in members:
+                c.poll(0.05)
+
+    a = consumer()
+    b = None
+    try:
+        poll_until([a], lambda: parts(a) == set(range(N_PARTITIONS)), "a alone to own everything")
+        b = consumer()
+        poll_until([a, b], lambda: parts(a) and parts(b) and not parts(a) & parts(b)
+                   and parts(a) | parts(b) == set(range(N_PARTITIONS)), "a split between a and b")
+        b.close()  # LeaveGroup
+        b = None
+        poll_until([a], lambda: parts(a) == set(range(N_PARTITIONS)), "a to take everything back")
+    finally:
+        a.close()
+        if b is not None:
+            b.close()

@@ -29,6 +29,7 @@ any snapshot entry and must be < ``ts_ms``: a snapshot holds only what happened 
 from __future__ import annotations
 
 import math
+import operator
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -77,6 +78,19 @@ def _check_int(name: str, value: object, lo: int, hi: int) -> int:
     return value
 
 
+def _checked_ids(name: str, values, lo: int, hi: int) -> tuple[int, ...]:
+    """``values`` as a tuple of ints in [lo, hi]; checked with C-level passes, not one call per entry."""
+    try:
+        out = tuple(map(operator.index, values))
+    except TypeError:
+        bad = next(v for v in values if not isinstance(v, (int, np.integer)))
+        raise ValueError(f"{name}: {bad!r} is not an integer") from None
+    if out and (min(out) < lo or max(out) > hi):
+        bad = next(v for v in out if not lo <= v <= hi)
+        raise ValueError(f"{name}: {bad!r} outside [{lo}, {hi}]")
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     """The user's last behaviours strictly before the impression, oldest first, with item categories.
@@ -98,8 +112,8 @@ class Snapshot:
     def __post_init__(self) -> None:
         empty = True
         for kind in SEQUENCE_KINDS:
-            items = tuple(_check_int(f"{kind}_items[]", v, *_I64) for v in getattr(self, f"{kind}_items"))
-            cats = tuple(_check_int(f"{kind}_cats[]", v, -1, 2**31 - 1) for v in getattr(self, f"{kind}_cats"))
+            items = _checked_ids(f"{kind}_items", getattr(self, f"{kind}_items"), *_I64)
+            cats = _checked_ids(f"{kind}_cats", getattr(self, f"{kind}_cats"), -1, 2**31 - 1)
             if len(items) != len(cats):
                 raise ValueError(f"{kind}: {len(items)} items but {len(cats)} categories")
             if len(items) > _MAX_SEQ:
@@ -201,6 +215,55 @@ def encode(sample: Sample) -> bytes:
         items, cats = snap.sequence(kind)
         parts.append(struct.pack(f"<{n}q{n}i{4 * (n & 1)}x", *items, *cats))
     return b"".join(parts)
+
+
+_EMPTY_SEQUENCES = b""
+
+
+def _sequence_bytes(snap: Snapshot) -> bytes:
+    parts = []
+    for kind in SEQUENCE_KINDS:
+        items, cats = snap.sequence(kind)
+        n = len(items)
+        if n:
+            parts.append(struct.pack(f"<{n}q{n}i{4 * (n & 1)}x", *items, *cats))
+    return b"".join(parts)
+
+
+def encode_batch(fixed: np.ndarray, snapshots: Sequence[Snapshot]) -> list[bytes]:
+    """Encode many samples from columns: ``fixed`` (B,) FIXED_DTYPE rows and one Snapshot per row.
+
+    The header, counts, ``snapshot_ts_ms`` and reserved fields are filled here (``fixed`` is
+    updated in place); every other column is the caller's. Rows are checked with the same
+    vectorised rules as :func:`decode_batch`; a bad row raises ValueError with decode's reason.
+    """
+    if fixed.dtype != FIXED_DTYPE:
+        raise ValueError(f"fixed has dtype {fixed.dtype}, expected FIXED_DTYPE")
+    if len(fixed) != len(snapshots):
+        raise ValueError(f"{len(fixed)} rows but {len(snapshots)} snapshots")
+    fixed["magic"], fixed["version"], fixed["type"] = MAGIC, SAMPLE_VERSION, SAMPLE_TYPE
+    fixed["reserved0"], fixed["reserved1"] = 0, 0
+    seq_bytes = []
+    for j, snap in enumerate(snapshots):
+        if not isinstance(snap, Snapshot):
+            raise ValueError(f"row {j}: snapshot={snap!r} is not a Snapshot")
+        seq_bytes.append(_sequence_bytes(snap) if snap.newest_ts_ms >= 0 else _EMPTY_SEQUENCES)
+    for kind in SEQUENCE_KINDS:
+        fixed[f"n_{kind}"] = np.fromiter((len(getattr(s, f"{kind}_items")) for s in snapshots),
+                                         dtype=np.int64, count=len(snapshots))
+    fixed["snapshot_ts_ms"] = np.fromiter((s.newest_ts_ms for s in snapshots), dtype=np.int64, count=len(snapshots))
+    lens = FIXED_BYTES + np.fromiter(map(len, seq_bytes), dtype=np.int64, count=len(seq_bytes))
+    buf = fixed.tobytes()
+    values = [buf[i:i + FIXED_BYTES] + seq for i, seq in zip(range(0, len(buf), FIXED_BYTES), seq_bytes)]
+    bad = _bad_rows(fixed, lens)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        try:
+            decode(values[i])
+        except ContractError as exc:
+            raise ValueError(f"row {i}: {exc.reason}") from None
+        raise RuntimeError(f"row {i} rejected in batch but decodes alone")
+    return values
 
 
 def _expected_length(counts) -> int:
@@ -313,6 +376,27 @@ def _bad_rows(fx: np.ndarray, lens: np.ndarray) -> np.ndarray:
     return bad
 
 
+def _gather(words: np.ndarray, first: np.ndarray, keep: np.ndarray, t: int, zero_padding: bool) -> np.ndarray:
+    """(B, T) matrix of ``keep[b]`` words from ``first[b]`` on, per row.
+
+    Dense sequences: one row gather from a sliding-window view (B copies of T words), then the
+    padding is cleared. Sparse ones (under a quarter full): scatter only the real entries into zeros.
+    """
+    b = len(first)
+    total = int(keep.sum())
+    if total * 4 < b * t:
+        out = np.zeros((b, t), dtype=words.dtype)
+        if total:
+            rows = np.repeat(np.arange(b), keep)
+            pos = np.arange(total) - np.repeat(np.cumsum(keep) - keep, keep)
+            out[rows, pos] = words[np.repeat(first, keep) + pos]
+        return out
+    out = sliding_window_view(words, t)[first]
+    if zero_padding and b and (keep < t).any():
+        out *= np.arange(t) < keep[:, None]  # (B, T) mask; a multiply beats a masked store
+    return out
+
+
 def decode_batch(values: Sequence[bytes], seq_len: int | None = 100, zero_padding: bool = True) -> SampleColumns:
     """Decode many samples into columns; sequences become (B, ``seq_len``) matrices.
 
@@ -371,13 +455,11 @@ def decode_batch(values: Sequence[bytes], seq_len: int | None = 100, zero_paddin
     keep = np.minimum(counts, t)  # (4, B)
     words = (3 * counts + (counts & 1)) // 2  # 8-byte words each sequence takes
     base = starts + _WORDS + np.concatenate([np.zeros((1, b), np.int64), np.cumsum(words[:-1], axis=0)])
-    items = sliding_window_view(w8, t)[base + counts - keep]  # (4, B, T) int64
-    cats = sliding_window_view(w4, t)[2 * (base + counts) + counts - keep]  # (4, B, T) int32
-    if zero_padding and b:
-        pad = np.arange(t) >= keep[:, :, None]  # (4, B, T)
-        if pad.any():
-            items[pad] = 0
-            cats[pad] = 0
-    lengths = keep.astype(np.int32)
-    seq = {kind: SequenceColumns(items[j], cats[j], lengths[j]) for j, kind in enumerate(SEQUENCE_KINDS)}
+    seq = {}
+    for j, kind in enumerate(SEQUENCE_KINDS):
+        first8 = base[j] + counts[j] - keep[j]  # word of the oldest kept item
+        first4 = 2 * (base[j] + counts[j]) + counts[j] - keep[j]  # its category, in 4-byte words
+        seq[kind] = SequenceColumns(_gather(w8, first8, keep[j], t, zero_padding),  # (B, T) int64
+                                    _gather(w4, first4, keep[j], t, zero_padding),  # (B, T) int32
+                                    keep[j].astype(np.int32))
     return SampleColumns(fixed, seq, errors, candidates.astype(np.int64))

@@ -16,6 +16,7 @@ from streams.joiner.validread import (
     RULE_X_L_UNKNOWN,
     DwellStatistics,
     describe_rules,
+    label_batch,
     label_samples,
     primary_rule,
     valid_read_batch,
@@ -25,6 +26,6 @@ __all__ = [
     "DwellStatistics", "JoinCore", "JoinOutput", "JoinedImpression", "JoinerConfig", "LateEvent",
     "NdtConfig", "NdtParams", "OrphanEvent", "RULE_MIN_DWELL", "RULE_P10_UNKNOWN", "RULE_T1", "RULE_T2",
     "RULE_T3", "RULE_X_L_UNKNOWN", "ValidReadConfig", "derive_params", "describe_rules", "gain_beyond",
-    "label_samples", "ndt_weight_ms", "normalized_dwell_time", "primary_rule", "user_group_code",
+    "label_batch", "label_samples", "ndt_weight_ms", "normalized_dwell_time", "primary_rule", "user_group_code",
     "valid_read_batch",
 ]

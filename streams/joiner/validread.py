@@ -36,10 +36,21 @@ from typing import Protocol
 
 import numpy as np
 
-from streams.joiner.config import JoinerConfig, ValidReadConfig, user_group_code
+from streams.joiner.config import USER_GROUP_FIELDS, JoinerConfig, ValidReadConfig
 from streams.joiner.join import JoinedImpression
 from streams.joiner.ndt import NdtParams, derive_params, ndt_weight_ms
-from streams.samples import Sample, Snapshot
+from streams.samples import (
+    FIXED_DTYPE,
+    FLAG_CLICKED,
+    FLAG_DISLIKED,
+    FLAG_EARLY,
+    FLAG_LIKED,
+    FLAG_VALID_READ,
+    Sample,
+    Snapshot,
+    decode,
+    encode_batch,
+)
 
 RULE_T1, RULE_T2, RULE_T3, RULE_MIN_DWELL = 1, 2, 4, 8
 RULE_X_L_UNKNOWN, RULE_P10_UNKNOWN = 16, 32
@@ -121,41 +132,53 @@ def ndt_params(cfg: JoinerConfig, stats: DwellStatistics | None) -> NdtParams:
     return NdtParams.from_config(cfg.ndt)
 
 
-def label_samples(joined: Sequence[JoinedImpression], snapshots: Sequence[Snapshot],
-                  stats: DwellStatistics, cfg: JoinerConfig) -> list[Sample]:
-    """Samples for joined impressions: valid read, rules, NDT weight and the given snapshots.
+def label_batch(joined: Sequence[JoinedImpression], snapshots: Sequence[Snapshot],
+                stats: DwellStatistics, cfg: JoinerConfig) -> list[bytes]:
+    """Encoded samples (topic ``samples``) for joined impressions, built column-wise.
 
-    The statistics must describe the stream before these clicks (query, then update the store);
-    the snapshots must be the user's sequences before each impression's ts.
+    Valid read, rules and NDT weight from ``stats``; the snapshots as given. The statistics must
+    describe the stream before these clicks (query, then update the store); the snapshots must
+    be the user's sequences before each impression's ts (the encoder rejects a newer entry).
     """
     if len(joined) != len(snapshots):
         raise ValueError(f"{len(joined)} joined impressions but {len(snapshots)} snapshots")
-    vr = cfg.valid_read
+    n, vr = len(joined), cfg.valid_read
+    imps = [j.impression for j in joined]
+    clicked = np.fromiter((j.clicked for j in joined), dtype=bool, count=n)
+    dwell = np.fromiter((j.dwell_ms for j in joined), dtype=np.int64, count=n)
     x_l = x_l_ms_from_moments(stats.ln_dwell_ms_moments()) if vr.t1 else math.nan
-    clicked = np.array([j.clicked for j in joined], dtype=bool)
-    dwell = np.array([j.dwell_ms for j in joined], dtype=np.int64)
-    p10 = np.full(len(joined), math.nan)
-    n_clicks = np.zeros(len(joined), dtype=np.int64)
-    for i, j in enumerate(joined):
-        if not j.clicked:
-            continue
-        imp = j.impression
+    p10 = np.full(n, math.nan)
+    n_clicks = np.zeros(n, dtype=np.int64)
+    for i in np.flatnonzero(clicked).tolist():
+        imp = imps[i]
         if vr.t3:
             q = stats.item_dwell_quantile_ms(imp.item_id, vr.t3_quantile)
             p10[i] = math.nan if q is None else q
         if vr.t2:
-            n_clicks[i] = stats.user_clicks_7d(imp.user_id, j.click_ts_ms)
+            n_clicks[i] = stats.user_clicks_7d(imp.user_id, joined[i].click_ts_ms)
     valid, rules = valid_read_batch(clicked, dwell, x_l, p10, n_clicks, vr)
-    weights = np.where(clicked, ndt_weight_ms(dwell, ndt_params(cfg, stats)), np.float32(0.0))
-    out = []
-    fields_ = cfg.user_group_fields
-    for i, (j, snap) in enumerate(zip(joined, snapshots)):
-        imp = j.impression
-        out.append(Sample(
-            impression_id=imp.impression_id, ts_ms=imp.ts_ms, user_id=imp.user_id, item_id=imp.item_id,
-            label_ts_ms=j.label_ts_ms, activeness=imp.activeness, age_group=imp.age_group,
-            item_duration_ms=imp.item_duration_ms, item_category=imp.item_category,
-            user_group=user_group_code(fields_, imp.activeness, imp.age_group), clicked=j.clicked,
-            dwell_ms=j.dwell_ms, valid_read=bool(valid[i]), rules=int(rules[i]),
-            ndt_weight=float(weights[i]), liked=j.liked, disliked=j.disliked, early=j.early, snapshot=snap))
-    return out
+    fixed = np.zeros(n, dtype=FIXED_DTYPE)
+    for name in ("impression_id", "ts_ms", "user_id", "item_id", "activeness", "age_group",
+                 "item_duration_ms", "item_category"):
+        fixed[name] = np.fromiter((getattr(i, name) for i in imps), dtype=np.int64, count=n)
+    fixed["label_ts_ms"] = np.fromiter((j.label_ts_ms for j in joined), dtype=np.int64, count=n)
+    fixed["dwell_ms"] = dwell
+    fixed["rules"] = rules
+    fixed["ndt_weight"] = np.where(clicked, ndt_weight_ms(dwell, ndt_params(cfg, stats)), np.float32(0.0))
+    liked = np.fromiter((j.liked for j in joined), dtype=bool, count=n)
+    disliked = np.fromiter((j.disliked for j in joined), dtype=bool, count=n)
+    early = np.fromiter((j.early for j in joined), dtype=bool, count=n)
+    fixed["flags"] = (clicked * FLAG_CLICKED | valid * FLAG_VALID_READ | liked * FLAG_LIKED
+                      | disliked * FLAG_DISLIKED | early * FLAG_EARLY)
+    group = np.zeros(n, dtype=np.int64)
+    for name in cfg.user_group_fields:  # mixed radix, as user_group_code
+        values = fixed[name].astype(np.int64) + (1 if name == "age_group" else 0)
+        group = group * USER_GROUP_FIELDS[name] + values
+    fixed["user_group"] = group
+    return encode_batch(fixed, snapshots)
+
+
+def label_samples(joined: Sequence[JoinedImpression], snapshots: Sequence[Snapshot],
+                  stats: DwellStatistics, cfg: JoinerConfig) -> list[Sample]:
+    """:func:`label_batch` as Sample objects (decoded back: what the learner will see)."""
+    return [decode(v) for v in label_batch(joined, snapshots, stats, cfg)]

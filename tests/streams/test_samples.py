@@ -205,3 +205,38 @@ def test_point_in_time_check():
     assert not snapshot_is_point_in_time(BASE, entry_ts_ms=[100, 1_000])  # at the impression: leak
     assert not snapshot_is_point_in_time(BASE, entry_ts_ms=[950])  # newer than the declared newest
     assert not snapshot_is_point_in_time(BASE, entry_ts_ms=[900], own_outcome_ts_ms=[900])  # own outcome
+
+
+def fixed_rows(sample_list) -> np.ndarray:
+    fixed = np.zeros(len(sample_list), dtype=samples_module.FIXED_DTYPE)
+    for i, s in enumerate(sample_list):
+        for name in ("impression_id", "ts_ms", "user_id", "item_id", "label_ts_ms", "activeness", "age_group",
+                     "item_duration_ms", "item_category", "user_group", "dwell_ms", "rules", "ndt_weight", "flags"):
+            fixed[name][i] = getattr(s, name)
+    return fixed
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(samples(), max_size=15))
+def test_encode_batch_equals_per_message(sample_list):
+    values = samples_module.encode_batch(fixed_rows(sample_list), [s.snapshot for s in sample_list])
+    assert values == [encode(s) for s in sample_list]
+
+
+def test_encode_batch_rejects_bad_rows_with_the_decode_reason():
+    fixed = fixed_rows([BASE, BASE])
+    fixed["label_ts_ms"][1] = BASE.ts_ms
+    with pytest.raises(ValueError, match="row 1: invalid_field: label_ts_ms=1000 <= ts_ms=1000"):
+        samples_module.encode_batch(fixed, [BASE.snapshot, BASE.snapshot])
+    late_snapshot = Snapshot(click_items=(1,), click_cats=(1,), newest_ts_ms=BASE.ts_ms)
+    with pytest.raises(ValueError, match="row 0: leakage"):
+        samples_module.encode_batch(fixed_rows([BASE]), [late_snapshot])
+
+
+def test_snapshot_rejects_non_integers_and_out_of_range_ids():
+    with pytest.raises(ValueError, match="1.5 is not an integer"):
+        Snapshot(click_items=(1.5,), click_cats=(1,), newest_ts_ms=1)
+    with pytest.raises(ValueError, match="-1 outside"):
+        Snapshot(click_items=(-1,), click_cats=(1,), newest_ts_ms=1)
+    with pytest.raises(ValueError, match="-2 outside"):
+        Snapshot(click_items=(1,), click_cats=(-2,), newest_ts_ms=1)

@@ -249,3 +249,20 @@ def test_ndt_params_derived_from_live_moments_in_seconds():
     assert p.offset_s == pytest.approx(math.exp(mu - sigma) / 1000)
     assert ndt_params(dataclasses.replace(cfg, ndt=NdtConfig()), stats) == NdtParams(15.0, 20.0, 2.319, 0.744)
     assert ndt_params(cfg, ExactDwellStats([])) == NdtParams(15.0, 20.0, 2.319, 0.744)  # nothing known yet
+
+
+def test_label_batch_bytes_equal_per_sample_encoding():
+    from streams.joiner import label_batch
+    from streams.samples import encode
+
+    t0 = 100 * DAY_MS
+    stats = ExactDwellStats([(1, 10, t0 - DAY_MS, 20_000), (2, 10, t0 - DAY_MS, 9_000)])
+    js = [joined(1, 1, 10, t0, t0 + 5, 60_000, liked=True), joined(2, 2, 11, t0), joined(3, 1, 10, t0, t0 + 1)]
+    snaps = [Snapshot(like_items=(4, 5, 6), like_cats=(1, 2, 3), newest_ts_ms=t0 - 10), Snapshot(), Snapshot()]
+    cfg = JoinerConfig(user_group_fields=("activeness", "age_group"))
+    values = label_batch(js, snaps, stats, cfg)
+    assert values == [encode(s) for s in label_samples(js, snaps, stats, cfg)]
+    assert [s.user_group for s in label_samples(js, snaps, stats, cfg)] == [3 * 129 + 3] * 3
+    leaky = [Snapshot(click_items=(1,), click_cats=(1,), newest_ts_ms=t0)] * 3
+    with pytest.raises(ValueError, match="leakage"):
+        label_batch(js, leaky, stats, cfg)

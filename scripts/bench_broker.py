@@ -186,6 +186,7 @@ def main() -> int:
     print("kafka-python: KafkaProducer(acks=1, linger_ms=5, batch_size=262144); KafkaConsumer assign + poll")
     for name, times in results.items():
         print(report(name, times, args.messages, args.size))
+    print(f"loadavg_1m at the end: {os.getloadavg()[0]:.2f} (other work on the machine skews the figures)")
     return 0
 
 

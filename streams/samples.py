@@ -202,21 +202,6 @@ def snapshot_is_point_in_time(sample: Sample, entry_ts_ms: Sequence[int] | None 
     return not any(t in own for t in times)
 
 
-def encode(sample: Sample) -> bytes:
-    """Encode one sample (current version)."""
-    snap = sample.snapshot
-    counts = [len(getattr(snap, f"{k}_items")) for k in SEQUENCE_KINDS]
-    parts = [_FIXED.pack(
-        MAGIC, SAMPLE_VERSION, SAMPLE_TYPE, sample.flags, sample.rules, sample.activeness,
-        sample.age_group, 0, sample.impression_id, sample.ts_ms, sample.label_ts_ms, snap.newest_ts_ms,
-        sample.user_id, sample.item_id, sample.item_category, sample.item_duration_ms, sample.dwell_ms,
-        sample.ndt_weight, sample.user_group, *counts, 0)]
-    for kind, n in zip(SEQUENCE_KINDS, counts):
-        items, cats = snap.sequence(kind)
-        parts.append(struct.pack(f"<{n}q{n}i{4 * (n & 1)}x", *items, *cats))
-    return b"".join(parts)
-
-
 _EMPTY_SEQUENCES = b""
 
 
@@ -228,6 +213,17 @@ def _sequence_bytes(snap: Snapshot) -> bytes:
         if n:
             parts.append(struct.pack(f"<{n}q{n}i{4 * (n & 1)}x", *items, *cats))
     return b"".join(parts)
+
+
+def encode(sample: Sample) -> bytes:
+    """Encode one sample (current version)."""
+    snap = sample.snapshot
+    counts = [len(getattr(snap, f"{k}_items")) for k in SEQUENCE_KINDS]
+    return _FIXED.pack(
+        MAGIC, SAMPLE_VERSION, SAMPLE_TYPE, sample.flags, sample.rules, sample.activeness,
+        sample.age_group, 0, sample.impression_id, sample.ts_ms, sample.label_ts_ms, snap.newest_ts_ms,
+        sample.user_id, sample.item_id, sample.item_category, sample.item_duration_ms, sample.dwell_ms,
+        sample.ndt_weight, sample.user_group, *counts, 0) + _sequence_bytes(snap)
 
 
 def encode_batch(fixed: np.ndarray, snapshots: Sequence[Snapshot]) -> list[bytes]:

@@ -160,7 +160,8 @@ class JoinCore:
             return
         close = imp.ts_ms + self.config.label_window_ms
         if close <= self._max_ts - self.config.allowed_lateness_ms:
-            self._late(out, imp, "window_closed")
+            for e in [imp, *self._buffer.pop(k, ())]:  # waiting outcomes share its fate
+                self._late(out, e, "window_closed")
             return
         self._n["impressions"] += 1
         p = self._pending[k] = _Pending(imp, close)

@@ -282,3 +282,11 @@ def test_config_rejects_bad_values():
         JoinerConfig(label_window_ms=0)
     with pytest.raises(ValueError, match="user_group_fields"):
         JoinerConfig(user_group_fields=("gender",))
+
+
+def test_outcomes_waiting_for_a_window_closed_impression_are_late_with_it():
+    core = JoinCore(CFG)
+    core.process([Click(2, 109_000, 7, 1, 9), Impression(50, 112_000, 2, 3, 50)])  # W = 111_000
+    out = core.process([imp(100_000)])
+    assert [(x.event.event_id, x.reason) for x in out.late] == [(70, "window_closed"), (2, "window_closed")]
+    assert core.counters()["buffered"] == 0

@@ -184,16 +184,24 @@ async def handle_offset_commit(ctx: RequestContext, req: OffsetCommitRequest) ->
                 leader_epoch=p.committed_leader_epoch if v >= 6 else -1,
                 metadata=p.committed_metadata,
             )
+    # As Kafka does: a partition that does not exist is refused, the rest of the commit goes ahead.
+    n_partitions = ctx.broker.logs.topics() if ctx.broker.logs is not None else {}
+    errors = {
+        tp: ErrorCode.UNKNOWN_TOPIC_OR_PARTITION
+        for tp in offsets
+        if not 0 <= tp[1] < n_partitions.get(tp[0], 0)
+    }
+    known = {tp: c for tp, c in offsets.items() if tp not in errors}
     if groups is None:
-        errors = {tp: ErrorCode.COORDINATOR_NOT_AVAILABLE for tp in offsets}
-    else:
-        errors = await groups.commit_offsets(
+        errors.update({tp: ErrorCode.COORDINATOR_NOT_AVAILABLE for tp in known})
+    elif known:
+        errors.update(await groups.commit_offsets(
             group_id=req.group_id,
             generation_id=req.generation_id_or_member_epoch if v >= 1 else -1,
             member_id=req.member_id if v >= 1 else "",
             group_instance_id=req.group_instance_id if v >= 7 else None,
-            offsets=offsets,
-        )
+            offsets=known,
+        ))
     topics = [
         OffsetCommitResponse.OffsetCommitResponseTopic(
             version=v,

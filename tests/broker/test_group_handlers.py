@@ -61,7 +61,8 @@ def with_broker(tmp_path, body):
     async def main():
         coord = GroupCoordinator(GroupConfig(), tmp_path / "__groups", lambda: 1_000_000, tick_interval_ms=3_600_000)
         await coord.start()
-        broker = SimpleNamespace(groups=coord, node_id=0, advertised_host="127.0.0.1", port=19092)
+        logs = SimpleNamespace(topics=lambda: {"t": 2})  # what handlers read of the log manager
+        broker = SimpleNamespace(groups=coord, logs=logs, node_id=0, advertised_host="127.0.0.1", port=19092)
         try:
             await body(broker)
         finally:
@@ -150,11 +151,14 @@ def test_offset_commit_and_fetch_all_versions(tmp_path, v):
             retention_time_ms=-1,
             topics=[T(version=v, name="t", partitions=[
                 P(version=v, partition_index=p, committed_offset=10 + p, committed_leader_epoch=-1,
-                  commit_timestamp=-1, committed_metadata="md") for p in (0, 1)])],
+                  commit_timestamp=-1, committed_metadata="md") for p in (0, 1, 2)]),
+                T(version=v, name="nope", partitions=[
+                    P(version=v, partition_index=0, committed_offset=1, committed_leader_epoch=-1,
+                      commit_timestamp=-1, committed_metadata=None)])],
         )
         resp = await call(broker, req)
         assert [(t.name, [(p.partition_index, p.error_code) for p in t.partitions]) for t in resp.topics] == [
-            ("t", [(0, 0), (1, 0)])]
+            ("t", [(0, 0), (1, 0), (2, 3)]), ("nope", [(0, 3)])]  # 3: UNKNOWN_TOPIC_OR_PARTITION
         got = await fetch(broker, v, [("t", [1, 2])])
         assert got == {("t", 1): (11, "md"), ("t", 2): (-1, "")}
         if v >= 2:

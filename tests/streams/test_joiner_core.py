@@ -214,10 +214,12 @@ def test_early_emission_when_clicked_and_dwell_final():
     core = JoinCore(EARLY)
     core.process([imp(100_000), Click(2, 101_000, 7, 1, 9), Dwell(3, 120_000 - 15_000, 7, 1, 9, 4_000)])
     # close = max(101_000, 105_000) + 500 = 105_500: emitted once W >= 105_500
-    assert core.process([Feedback(4, 105_400, 1, 9, FeedbackKind.LIKE, 7)]).samples == []
+    assert core.process([Feedback(4, 105_400, 1, 9, FeedbackKind.LIKE, 7),
+                         Feedback(6, 105_500, 1, 9, FeedbackKind.DISLIKE, 7)]).samples == []
     out = core.advance(106_500)
     [s] = out.samples
-    assert (s.early, s.label_ts_ms, s.liked, s.dwell_ms) == (True, 105_500, True, 4_000)
+    assert (s.early, s.label_ts_ms, s.liked, s.disliked, s.dwell_ms) == (True, 105_500, True, False, 4_000)
+    assert [(x.event.event_id, x.reason) for x in out.late] == [(6, "after_close")]  # ts == close: out
     out = core.process([Feedback(5, 106_000, 1, 9, FeedbackKind.DISLIKE, 7)])
     assert [(x.event.event_id, x.reason) for x in out.late] == [(5, "after_emit")]
     assert core.counters()["emitted_early"] == 1

@@ -288,6 +288,9 @@ class StoreBatch(FeatureView):
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        """Commit on a clean exit, abort on an exception; no-op if already committed or aborted."""
+        if self.state != self.OPEN:
+            return
         if exc_type is None:
             self.commit()
         else:

@@ -13,7 +13,7 @@ from kafka.protocol.producer import InitProducerIdRequest, InitProducerIdRespons
 
 from streams.broker import error_codes as ec
 from streams.broker.producers import BATCH_HEADER, BATCH_HEADER_BYTES
-from streams.broker.server import Broker, HandlerTable, RequestContext
+from streams.broker.server import Broker, CloseConnection, HandlerTable, RequestContext
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +40,9 @@ async def handle_produce(ctx: RequestContext, request: ProduceRequest) -> Produc
                 parts.append(_append(broker, name, pd.index, pd.records))
         responses.append(_TopicResp(name=name, partition_responses=parts))
     if acks == 0:
+        failed = [(t.name, p.index, p.error_code) for t in responses for p in t.partition_responses if p.error_code]
+        if failed:
+            raise CloseConnection(f"acks=0 produce failed partitions={failed[:5]}")
         return None
     return ProduceResponse(responses=responses, throttle_time_ms=0)
 

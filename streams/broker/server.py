@@ -46,6 +46,11 @@ class ProtocolViolation(BrokerError):
     """A client sent bytes that are not a request this broker can answer; its connection is closed."""
 
 
+class CloseConnection(BrokerError):
+    """Raised by a handler to close the client's connection instead of answering (as Kafka does when
+    an acks=0 produce fails, so that the client refreshes its metadata)."""
+
+
 @dataclass(frozen=True)
 class RequestContext:
     """What a handler knows about the request besides its body."""
@@ -138,7 +143,7 @@ class Broker:
         self._append_waiters: dict[tuple[str, int], set[asyncio.Future[None]]] = {}
         self._periodic: asyncio.Task[None] | None = None
         # per-event facts: ("requests", api_key), ("connections", "accepted"), ("connections", "malformed"),
-        # ("requests", "unsupported"), ("connections", "handler_error")
+        # ("requests", "unsupported"), ("connections", "handler_error"), ("connections", "closed_by_handler")
         self.counters: Counter[tuple[str, int | str]] = Counter()
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -272,6 +277,10 @@ class Broker:
                 except ProtocolViolation as exc:
                     counters["connections", "malformed"] += 1
                     logger.warning("closing connection: %s peer=%s", exc, peer)
+                    return
+                except CloseConnection as exc:
+                    counters["connections", "closed_by_handler"] += 1
+                    logger.debug("closing connection: %s peer=%s", exc, peer)
                     return
                 if out is not None:
                     writer.write(out)

@@ -10,7 +10,7 @@ import pytest
 from kafka import KafkaProducer
 from kafka.protocol.consumer import FetchRequest, FetchResponse
 from kafka.protocol.metadata import ApiVersionsRequest, ApiVersionsResponse, MetadataRequest
-from kafka.protocol.producer import InitProducerIdRequest
+from kafka.protocol.producer import InitProducerIdRequest, ProduceRequest
 
 from streams.broker import error_codes as ec
 from tests.broker.conftest import make_batch, metadata_request, produce_raw, wait_for
@@ -176,3 +176,22 @@ def test_corrupt_batch_rejected_with_corrupt_message(broker, raw_client):
     assert produce_raw(client, "corrupt", two_batches).error_code == ec.INVALID_RECORD
     assert produce_raw(client, "no-such-topic-here", make_batch(-1, -1, -1, [b"x"])).error_code == ec.UNKNOWN_TOPIC_OR_PARTITION
     assert broker.broker.logs.get("corrupt", 0).log_end_offset == 0
+
+
+def test_acks_0_sends_no_response_and_a_failure_closes_the_connection(broker, raw_client):
+    client = raw_client()
+    client.request(metadata_request(["fire-and-forget"]), 9)
+    R = ProduceRequest.TopicProduceData
+
+    def produce_acks_0(topic: str) -> None:
+        req = ProduceRequest(transactional_id=None, acks=0, timeout_ms=5000, topic_data=[
+            R(name=topic, partition_data=[R.PartitionProduceData(index=0, records=make_batch(-1, -1, -1, [b"f"]))])])
+        client.send(req, 9)
+
+    produce_acks_0("fire-and-forget")
+    cid = client.send(ApiVersionsRequest(), 0)
+    assert ApiVersionsResponse.decode(client.recv_frame(), version=0, header=True).header.correlation_id == cid
+    assert broker.broker.logs.get("fire-and-forget", 0).log_end_offset == 1
+    produce_acks_0("no-such-topic-for-acks-0")
+    assert client.is_closed_by_peer(timeout_s=5)
+    assert broker.broker.counters["connections", "closed_by_handler"] == 1

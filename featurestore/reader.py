@@ -1,7 +1,7 @@
 """Read API: ``(user_id, ts_ms)`` / ``item_ids`` -> features, from the writer or another process.
 
-:class:`FeatureView` holds the read logic over three primitives (point get, multi get, prefix
-scan); the writer (:class:`~featurestore.store.RocksFeatureStore`), its open transaction and
+:class:`FeatureView` holds the read logic over two primitives (multi get and prefix scan); the
+writer (:class:`~featurestore.store.RocksFeatureStore`), its open transaction and
 :class:`FeatureReader` all inherit it, so every reader sees the same features for the same bytes.
 
 :class:`FeatureReader` opens the store path as a RocksDB *secondary* instance (default) or
@@ -9,13 +9,14 @@ read-only. A secondary never blocks the writer; it sees nothing new until :meth:
 (``try_catch_up_with_primary``), which replays the writer's WAL. A commit is one WAL record, so a
 refresh exposes whole commits only: state and the offsets that cover it always agree. Staleness =
 time since the last :meth:`refresh` plus the writer's commit interval; :meth:`staleness_ms` reports
-``now - wall time of the last visible commit``.
+``now - wall time of the last visible commit``. A reader is meant for one thread: a refresh
+running between the gets of one ``user_features`` call could mix two commits.
 
 >>> import tempfile
 >>> from featurestore.store import RocksFeatureStore
->>> path = tempfile.mkdtemp()
->>> writer = RocksFeatureStore(path)
->>> reader = FeatureReader(path)
+>>> tmp = tempfile.TemporaryDirectory()
+>>> writer = RocksFeatureStore(tmp.name)
+>>> reader = FeatureReader(tmp.name)
 >>> with writer.transaction() as tx:
 ...     tx.add_sequence_event(5, SequenceKind.LIKE, item_id=11, category=3, ts_ms=1_000)
 ...     tx.set_offset("feedback", 0, 1)
@@ -23,7 +24,7 @@ time since the last :meth:`refresh` plus the writer's commit interval; :meth:`st
 True
 >>> reader.refresh().commit_seq, reader.user_features(5).like.item_ids.tolist()
 (1, [11])
->>> reader.close(); writer.close()
+>>> reader.close(); writer.close(); tmp.cleanup()
 """
 from __future__ import annotations
 

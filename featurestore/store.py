@@ -17,7 +17,8 @@ Reads inside a transaction (``tx.user_features``, ``tx.item_features``, ...) see
 updates; reads on the store see committed state only.
 
 >>> import tempfile
->>> store = RocksFeatureStore(tempfile.mkdtemp())
+>>> tmp = tempfile.TemporaryDirectory()
+>>> store = RocksFeatureStore(tmp.name)
 >>> with store.transaction() as tx:
 ...     tx.add_sequence_event(user_id=7, kind=SequenceKind.CLICK, item_id=3, category=1, ts_ms=100)
 ...     tx.add_user_event(user_id=7, counter=CounterKind.CLICK, ts_ms=100)
@@ -29,7 +30,7 @@ updates; reads on the store see committed state only.
 []
 >>> store.item_features([3, 4]).dwell_quantile_ms.tolist()
 [12000.0, nan]
->>> store.close()
+>>> store.close(); tmp.cleanup()
 """
 from __future__ import annotations
 

@@ -68,7 +68,7 @@ def same_nan(a: float, b: float) -> bool:
     return (math.isnan(a) and math.isnan(b)) or a == b
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(txs=TXS, probe=TS)
 def test_store_matches_in_memory_reference(txs, probe):
     ref = Reference()

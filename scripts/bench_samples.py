@@ -11,6 +11,12 @@ Prints the machine, the exact command, and medians of ``--runs`` timings:
   shuffled within the allowed lateness, 2 % duplicates), and labelling (valid read + NDT +
   Sample construction) + encode samples/s with constant statistics.
 
+Allocator: each decode_batch call returns fresh (B, T) matrices (tens of MB per batch of 4096).
+With glibc defaults, large blocks are mmap-ed and the heap top is trimmed when they are freed, so
+every batch pays page faults for its output; a consumer process that sets
+``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` (e.g. to 4294967296) keeps that memory
+warm. The machine line shows whether they are set; run the script both ways to compare.
+
 Sequence-length profiles (click, unclick, like, dislike): ``full`` = all T; ``mixed`` = uniform
 0..T, T, uniform 0..10, uniform 0..3 (an active user: the unclick history is always full);
 ``short`` = uniform 0..10 each.
@@ -93,7 +99,7 @@ def median_rate(fn, count: int, runs: int) -> float:
 def make_stream(n_events: int, cfg: JoinerConfig, rng: np.random.Generator) -> list:
     events, ids, k, ts = [], 0, 0, T0
     while len(events) < n_events:
-        ts += int(rng.integers(0, 40))
+        ts += int(rng.integers(0, 200))  # ~10 impressions/s: the stream spans several label windows
         user, item = int(rng.integers(0, 30_000)), int(rng.integers(0, 1_000_000))
         ids += 1
         events.append(Impression(ids, ts, user, item, k, activeness=3, item_category=5))
@@ -135,9 +141,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--join-batch", type=int, default=1_000, help="events per JoinCore.process call")
     args = ap.parse_args(argv)
 
+    malloc = " ".join(f"{k}={v}" for k, v in os.environ.items() if k.startswith("MALLOC_")) or "glibc defaults"
     print(f"machine: {cpu_model()} | {os.cpu_count()} cpus | {pin_one_core()} | python {platform.python_version()}"
-          f" | numpy {np.__version__}")
-    print(f"command: {shlex.join([sys.executable, *sys.argv])}")
+          f" | numpy {np.__version__} | malloc: {malloc} | load avg {os.getloadavg()[0]:.1f}")
+    env = " ".join(f"{k}={v}" for k, v in os.environ.items() if k.startswith("MALLOC_"))
+    print(f"command: {(env + ' ') if env else ''}{shlex.join([sys.executable, *sys.argv])}")
     rng = np.random.default_rng(0)
     samples = make_samples(args.n, args.profile, args.seq_len, rng)
     values = [encode(s) for s in samples]

@@ -372,25 +372,33 @@ def _bad_rows(fx: np.ndarray, lens: np.ndarray) -> np.ndarray:
     return bad
 
 
-def _gather(words: np.ndarray, first: np.ndarray, keep: np.ndarray, t: int, zero_padding: bool) -> np.ndarray:
-    """(B, T) matrix of ``keep[b]`` words from ``first[b]`` on, per row.
+def _gather(sources: tuple[tuple[np.ndarray, np.ndarray], ...], keep: np.ndarray, t: int,
+            zero_padding: bool) -> list[np.ndarray]:
+    """Per ``(words, first)`` source, a (B, T) matrix of ``keep[b]`` words from ``first[b]`` on.
 
     Dense sequences: one row gather from a sliding-window view (B copies of T words), then the
-    padding is cleared. Sparse ones (under a quarter full): scatter only the real entries into zeros.
+    padding is cleared. Sparse ones (under a quarter full): scatter only the real entries into
+    zeros through flat indices shared by the sources.
     """
-    b = len(first)
+    b = len(keep)
     total = int(keep.sum())
     if total * 4 < b * t:
-        out = np.zeros((b, t), dtype=words.dtype)
+        outs = [np.zeros(b * t, dtype=words.dtype) for words, _ in sources]
         if total:
-            rows = np.repeat(np.arange(b), keep)
-            pos = np.arange(total) - np.repeat(np.cumsum(keep) - keep, keep)
-            out[rows, pos] = words[np.repeat(first, keep) + pos]
-        return out
-    out = sliding_window_view(words, t)[first]
-    if zero_padding and b and (keep < t).any():
-        out *= np.arange(t) < keep[:, None]  # (B, T) mask; a multiply beats a masked store
-    return out
+            offs = np.cumsum(keep) - keep  # (B,) where each row starts among the entries
+            step = np.arange(total)
+            dst = np.repeat(np.arange(b) * t - offs, keep) + step
+            for out, (words, first) in zip(outs, sources):
+                out[dst] = words[np.repeat(first - offs, keep) + step]
+        return [out.reshape(b, t) for out in outs]
+    mask = np.arange(t) < keep[:, None] if zero_padding and b and (keep < t).any() else None  # (B, T)
+    outs = []
+    for words, first in sources:
+        out = sliding_window_view(words, t)[first]
+        if mask is not None:
+            out *= mask  # a multiply beats a masked store
+        outs.append(out)
+    return outs
 
 
 def decode_batch(values: Sequence[bytes], seq_len: int | None = 100, zero_padding: bool = True) -> SampleColumns:
@@ -455,7 +463,6 @@ def decode_batch(values: Sequence[bytes], seq_len: int | None = 100, zero_paddin
     for j, kind in enumerate(SEQUENCE_KINDS):
         first8 = base[j] + counts[j] - keep[j]  # word of the oldest kept item
         first4 = 2 * (base[j] + counts[j]) + counts[j] - keep[j]  # its category, in 4-byte words
-        seq[kind] = SequenceColumns(_gather(w8, first8, keep[j], t, zero_padding),  # (B, T) int64
-                                    _gather(w4, first4, keep[j], t, zero_padding),  # (B, T) int32
-                                    keep[j].astype(np.int32))
+        items, cats = _gather(((w8, first8), (w4, first4)), keep[j], t, zero_padding)  # (B, T) each
+        seq[kind] = SequenceColumns(items, cats, keep[j].astype(np.int32))
     return SampleColumns(fixed, seq, errors, candidates.astype(np.int64))

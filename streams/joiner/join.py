@@ -30,7 +30,7 @@ import logging
 import struct
 from dataclasses import dataclass, field
 
-from streams.contracts import Click, ContractError, Dwell, Event, Feedback, FeedbackKind, Impression, decode, encode
+from streams.contracts import Click, ContractError, Dwell, Event, FeedbackKind, Impression, decode, encode
 from streams.joiner.config import JoinerConfig
 
 logger = logging.getLogger(__name__)

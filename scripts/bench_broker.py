@@ -54,28 +54,41 @@ def start_broker(data_dir: Path, core: int, partitions: int, fsync: str, log_pat
     raise SystemExit("broker did not start within 60s")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def client_affinity(broker_core: int) -> set[int] | None:
     others = os.sched_getaffinity(0) - {broker_core}
     return others or None
 
 
-def kcat_produce(kcat: str, bootstrap: str, topic: str, lines_file: Path, n: int, affinity) -> tuple[float, list[str]]:
-    cmd = [kcat, "-P", "-b", bootstrap, "-t", topic, "-X", "linger.ms=5", "-X", "batch.num.messages=10000",
-           "-l", str(lines_file)]
+def kcat_produce_cmd(kcat: str, bootstrap: str, topic: str, lines_file: Path | str) -> list[str]:
+    return [kcat, "-P", "-b", bootstrap, "-t", topic, "-X", "linger.ms=5", "-X", "batch.num.messages=10000",
+            "-l", str(lines_file)]
+
+
+def kcat_consume_cmd(kcat: str, bootstrap: str, topic: str, n: int) -> list[str]:
+    return [kcat, "-C", "-b", bootstrap, "-t", topic, "-o", "beginning", "-e", "-q", "-c", str(n)]
+
+
+def kcat_produce(kcat: str, bootstrap: str, topic: str, lines_file: Path, n: int, affinity) -> float:
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, preexec_fn=_pin(affinity))
-    return time.perf_counter() - t0, cmd
+    subprocess.run(kcat_produce_cmd(kcat, bootstrap, topic, lines_file), check=True, preexec_fn=_pin(affinity))
+    return time.perf_counter() - t0
 
 
-def kcat_consume(kcat: str, bootstrap: str, topic: str, n: int, affinity) -> tuple[float, list[str]]:
-    cmd = [kcat, "-C", "-b", bootstrap, "-t", topic, "-o", "beginning", "-e", "-q", "-c", str(n)]
+def kcat_consume(kcat: str, bootstrap: str, topic: str, n: int, affinity) -> float:
+    cmd = kcat_consume_cmd(kcat, bootstrap, topic, n)
     t0 = time.perf_counter()
     out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, preexec_fn=_pin(affinity))
     elapsed = time.perf_counter() - t0
     got = out.stdout.count(b"\n")
     if got != n:
         raise SystemExit(f"kcat consumed {got} messages, expected {n}")
-    return elapsed, cmd
+    return elapsed
 
 
 def _pin(affinity):
@@ -118,10 +131,12 @@ def python_consume(bootstrap: str, topic: str, n: int) -> float:
     return elapsed
 
 
-def report(name: str, times: list[float], n: int, size: int) -> str:
+def report(name: str, times: list[float], cpu: list[float], n: int, size: int) -> str:
     med = statistics.median(times)
     runs = ", ".join(f"{n / t:,.0f}" for t in times)
-    return f"{name:<28} {n / med:>12,.0f} msgs/s {n * size / med / 1e6:>9.1f} MB/s   (runs msgs/s: {runs})"
+    per_cpu = n / statistics.median(cpu) if statistics.median(cpu) > 0 else float("inf")
+    return (f"{name:<22} {n / med:>11,.0f} msgs/s {n * size / med / 1e6:>7.1f} MB/s "
+            f"| broker {per_cpu:>11,.0f} msgs per CPU-s | runs msgs/s: {runs}")
 
 
 def main() -> int:
@@ -151,10 +166,17 @@ def main() -> int:
     print(f"workload: {args.messages:,} messages x {args.size} bytes, {args.runs} runs per client")
 
     results: dict[str, list[float]] = {}
+    broker_cpu: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-broker-") as tmp:
         tmp_path = Path(tmp)
         proc, port = start_broker(tmp_path / "data", args.core, args.partitions, args.fsync, tmp_path / "broker.log")
         bootstrap = f"127.0.0.1:{port}"
+
+        def timed(name: str, fn, *fn_args) -> None:
+            c0 = cpu_seconds(proc.pid)
+            elapsed = fn(*fn_args)
+            broker_cpu.setdefault(name, []).append(cpu_seconds(proc.pid) - c0)
+            results.setdefault(name, []).append(elapsed)
         try:
             lines = tmp_path / "lines.txt"
             if "kcat" in clients:
@@ -165,27 +187,24 @@ def main() -> int:
             for run in range(args.runs):
                 if "kcat" in clients:
                     topic = f"bench-kcat-{run}"
-                    t, produce_cmd = kcat_produce(kcat, bootstrap, topic, lines, args.messages, affinity)
-                    results.setdefault("kcat produce", []).append(t)
-                    t, consume_cmd = kcat_consume(kcat, bootstrap, topic, args.messages, affinity)
-                    results.setdefault("kcat consume", []).append(t)
+                    timed("kcat produce", kcat_produce, kcat, bootstrap, topic, lines, args.messages, affinity)
+                    timed("kcat consume", kcat_consume, kcat, bootstrap, topic, args.messages, affinity)
                 if "kafka-python" in clients:
                     topic = f"bench-py-{run}"
                     if affinity:
                         os.sched_setaffinity(0, affinity)
-                    results.setdefault("kafka-python produce", []).append(
-                        python_produce(bootstrap, topic, args.messages, args.size))
-                    results.setdefault("kafka-python consume", []).append(
-                        python_consume(bootstrap, topic, args.messages))
+                    timed("kafka-python produce", python_produce, bootstrap, topic, args.messages, args.size)
+                    timed("kafka-python consume", python_consume, bootstrap, topic, args.messages)
         finally:
             proc.terminate()
             proc.wait(30)
     if "kcat" in clients:
-        print(f"kcat produce: {shlex.join(produce_cmd)}")
-        print(f"kcat consume: {shlex.join(consume_cmd)}")
+        topic, path = "bench-kcat-<run>", "<file of N lines of --size bytes>"
+        print(f"kcat produce: {shlex.join(kcat_produce_cmd(kcat, bootstrap, topic, path))}")
+        print(f"kcat consume: {shlex.join(kcat_consume_cmd(kcat, bootstrap, topic, args.messages))}")
     print("kafka-python: KafkaProducer(acks=1, linger_ms=5, batch_size=262144); KafkaConsumer assign + poll")
     for name, times in results.items():
-        print(report(name, times, args.messages, args.size))
+        print(report(name, times, broker_cpu[name], args.messages, args.size))
     print(f"loadavg_1m at the end: {os.getloadavg()[0]:.2f} (other work on the machine skews the figures)")
     return 0
 

@@ -13,7 +13,8 @@ set of events as long as each arrives no later than the allowed lateness (see do
   dwell ts) + final_dwell_settle_ms`` when smaller; the record is emitted once, when ``W >= c_i``,
   with the attached outcomes of ``ts < c_i``;
 * an outcome for an emitted impression is ``late`` (or ``duplicate``); an outcome still waiting when
-  ``W > ts + orphan_grace_ms`` is an ``orphan``; a repeated ``event_id`` is a ``duplicate``.
+  ``W > ts + orphan_grace_ms``, or naming another user or item than its impression, is an
+  ``orphan``; a repeated ``event_id`` is a ``duplicate``.
 
 >>> from streams.contracts import Click, ContractError, Dwell, Impression
 >>> core = JoinCore(JoinerConfig(allowed_lateness_ms=0, label_window_ms=1_000))
@@ -68,7 +69,7 @@ class LateEvent:
 @dataclass(frozen=True, slots=True)
 class OrphanEvent:
     event: Event
-    reason: str  # no_impression | before_impression | no_impression_id
+    reason: str  # no_impression | before_impression | no_impression_id | mismatch
 
 
 @dataclass
@@ -199,8 +200,13 @@ class JoinCore:
 
     def _attach(self, p: _Pending, e: Event, out: JoinOutput) -> None:
         cfg = self.config
-        ts_i = p.impression.ts_ms
+        imp = p.impression
+        ts_i = imp.ts_ms
         p.ids.add(e.event_id)
+        if e.user_id != imp.user_id or e.item_id != imp.item_id:
+            self._n["orphan"] += 1
+            out.orphans.append(OrphanEvent(e, "mismatch"))  # names another user's or item's impression
+            return
         if e.ts_ms < ts_i - cfg.grace_ms:
             self._n["orphan"] += 1
             out.orphans.append(OrphanEvent(e, "before_impression"))

@@ -292,3 +292,11 @@ def test_outcomes_waiting_for_a_window_closed_impression_are_late_with_it():
     out = core.process([imp(100_000)])
     assert [(x.event.event_id, x.reason) for x in out.late] == [(70, "window_closed"), (2, "window_closed")]
     assert core.counters()["buffered"] == 0
+
+
+def test_outcome_naming_another_user_or_item_is_an_orphan():
+    core = JoinCore(CFG)
+    out = core.process([Click(2, 100_500, 7, 2, 9), imp(100_000), Dwell(3, 100_600, 7, 1, 8, 9_000)])
+    assert [(o.event.event_id, o.reason) for o in out.orphans] == [(2, "mismatch"), (3, "mismatch")]
+    [s] = core.flush().samples
+    assert not s.clicked and s.dwell_ms == -1

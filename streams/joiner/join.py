@@ -143,7 +143,7 @@ class JoinCore:
         return out
 
     def flush(self) -> JoinOutput:
-        """End of input: emit every pending record and orphan every waiting outcome."""
+        """End of input: emit every pending record, orphan every waiting outcome, forget emitted ids."""
         out = JoinOutput()
         self._advance(_INF, out)
         return out

@@ -57,3 +57,23 @@ def test_demo_replays_the_bundled_slice_and_summarises(tmp_path: Path, capsys):
     assert counts["impressions"] > 10_000
     assert counts["clicks"] == counts["dwell"]  # by default a dwell event per click
     assert "undecodable=0" in out
+
+
+def test_tail_renders_samples_and_reports_malformed_ones():
+    from types import SimpleNamespace
+
+    from streamrec.commands.tail import renderer_for
+    from streams import samples as sample_contract
+
+    sample = sample_contract.Sample(
+        impression_id=1, ts_ms=100, user_id=5, item_id=7, label_ts_ms=200, clicked=True, dwell_ms=9000,
+        snapshot=sample_contract.Snapshot(click_items=(3,), click_cats=(1,), newest_ts_ms=50),
+    )
+    record = SimpleNamespace(topic="samples", partition=0, offset=4, key=b"5", headers=[], timestamp=0,
+                             value=sample_contract.encode(sample))
+    row = renderer_for("samples")(record)
+    assert row["type"] == "sample" and row["clicked"] is True and row["dwell_ms"] == 9000
+    assert row["snapshot"]["click_items"] == [3]
+    record.value = record.value[:-3]
+    row = renderer_for("samples")(record)
+    assert "error" in row and "value_b64" in row

@@ -72,7 +72,26 @@ def render_raw(record: Any) -> dict[str, Any]:
     return out
 
 
+def render_sample(record: Any) -> dict[str, Any]:
+    """A ``samples`` record: labels, rules, NDT weight and the point-in-time snapshot."""
+    from streams import samples as sample_contract
+
+    out = _position(record)
+    try:
+        sample = sample_contract.decode(record.value)
+    except ContractError as exc:
+        out.update(error=exc.reason, value_b64=_b64(record.value))
+        return out
+    out["type"] = "sample"
+    row = dataclasses.asdict(sample)
+    snapshot = row.pop("snapshot")
+    out.update(row)
+    out["snapshot"] = {k: list(v) if isinstance(v, tuple) else v for k, v in snapshot.items()}
+    return out
+
+
 RENDERERS: dict[str, Renderer] = {topic: render_event for topic in EVENT_TOPICS}
+RENDERERS["samples"] = render_sample
 
 
 def renderer_for(topic: str) -> Renderer:

@@ -46,7 +46,8 @@ async def handle_fetch(ctx: RequestContext, request: FetchRequest) -> FetchRespo
 
 
 def _read_all(broker: Broker, request: FetchRequest, max_bytes: int) -> tuple[list[_TopicData], int, bool]:
-    from streams.broker.log import OffsetOutOfRangeError
+    from streams.broker.log import LogClosedError, OffsetOutOfRangeError
+    from streams.broker.records import CorruptRecordError
 
     logs = broker.logs
     topics = logs.topics()
@@ -77,6 +78,12 @@ def _read_all(broker: Broker, request: FetchRequest, max_bytes: int) -> tuple[li
                     records = log.read(offset, min(fp.partition_max_bytes, remaining))
                 except OffsetOutOfRangeError:
                     error = ec.OFFSET_OUT_OF_RANGE
+                except LogClosedError:  # the topic was deleted while this fetch waited
+                    error = ec.UNKNOWN_TOPIC_OR_PARTITION
+                except CorruptRecordError as exc:  # a damaged closed segment: say so, keep serving
+                    logger.error("fetch read failed topic=%s partition=%d offset=%d error=%s",
+                                 name, index, offset, exc)
+                    error = ec.KAFKA_STORAGE_ERROR
                 remaining -= len(records)
                 total += len(records)
             has_error = has_error or error != ec.NONE

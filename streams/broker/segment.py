@@ -243,6 +243,10 @@ class Segment:
         pos, first = self.locate(offset)
         want = max(first, min(max_bytes, self.size - pos))
         buf = os.pread(self.fd, want, pos)
+        if len(buf) < min(want, first):  # the file lost bytes the index still covers
+            raise CorruptRecordError(
+                f"short read path={self.stem}.log position={pos} wanted={want} got={len(buf)}"
+            )
         if want == first or len(buf) == self.size - pos:
             return buf
         cut = first

@@ -195,3 +195,28 @@ def test_acks_0_sends_no_response_and_a_failure_closes_the_connection(broker, ra
     produce_acks_0("no-such-topic-for-acks-0")
     assert client.is_closed_by_peer(timeout_s=5)
     assert broker.broker.counters["connections", "closed_by_handler"] == 1
+
+
+def test_fetch_from_a_damaged_segment_answers_storage_error_and_keeps_serving(tmp_path, caplog):
+    from streams.broker import EmbeddedBroker
+    from streams.broker.config import BrokerConfig, LogConfig
+    from tests.broker.conftest import RawClient
+
+    config = BrokerConfig(data_dir=tmp_path / "b", port=0, log=LogConfig(segment_bytes=4096))
+    with EmbeddedBroker(config) as broker:
+        client = RawClient(broker.bootstrap)
+        try:
+            client.request(metadata_request(["damaged"]), 9)
+            for i in range(20):  # ~20 batches of ~1 KiB: several closed segments
+                assert produce_raw(client, "damaged", make_batch(-1, -1, -1, [bytes([i]) * 1000])).error_code == 0
+            first_segment = sorted((config.data_dir / "logs" / "damaged" / "0").glob("*.log"))[0]
+            with open(first_segment, "r+b") as fh:  # lose the closed segment's tail behind the broker's back
+                fh.truncate(100)
+            with caplog.at_level(logging.ERROR, logger="streams.broker.handlers_fetch"):
+                part = client.request(_fetch("damaged", 0, 0), 12).responses[0].partitions[0]
+            assert part.error_code == ec.KAFKA_STORAGE_ERROR
+            assert "fetch read failed" in caplog.text
+            later = client.request(_fetch("damaged", 19, 0), 12).responses[0].partitions[0]
+            assert later.error_code == 0 and bytes([19]) * 1000 in bytes(later.records)
+        finally:
+            client.close()

@@ -1,0 +1,118 @@
+"""Prequential trainer: score-before-train, determinism, metrics against a direct computation."""
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from learner.config import CLSDConfig
+from learner.data import DataConfig, SampleLoader
+from learner.metrics import auc, gauc, logloss
+from learner.trainer import OBJECTIVES, Trainer, TrainerConfig
+from tests.learner.conftest import tiny_config
+from tests.learner.test_data import make_samples_file
+
+
+@pytest.fixture(scope="module")
+def samples_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("samples") / "s.bin"
+    make_samples_file(path, 600, seed=11)
+    return str(path)
+
+
+def loader(path, batch_size=32, **kw):
+    return SampleLoader(DataConfig(path, batch_size=batch_size, seq_len=8, **kw))
+
+
+def trainer(model="dumn", objective="bce", seed=0, **kw):
+    cfg = TrainerConfig(model=model, objective=objective, seed=seed, device="cpu", window=200,
+                        curve_every=4, clsd=CLSDConfig(warmup_samples=100), **kw)
+    return Trainer(cfg, tiny_config(model, heads=cfg.heads))
+
+
+def test_scores_are_pre_step_predictions(samples_path):
+    """The recorded score of minibatch k equals a no-grad eval forward of the model (and memory) as
+    they stood before minibatch k's update; the memory changes only through the training step."""
+    t = trainer("dumn", "clsd", keep_predictions=True)
+    for k, item in enumerate(loader(samples_path)):
+        if k == 6:
+            break
+        before = copy.deepcopy(t.model).eval()
+        with torch.no_grad():
+            want = torch.sigmoid(before(item.batch, write_memory=False).main)       # (B,)
+        mem_before = t.model.memory.memory.clone()
+        got = t.train_batch(item.batch)
+        assert torch.allclose(got, want, atol=1e-6, rtol=0)
+        assert not torch.equal(t.model.memory.memory, mem_before)                  # this batch was written
+        with torch.no_grad():
+            after = torch.sigmoid(t.model.eval()(item.batch, write_memory=False).main)
+        t.model.train()
+        assert not torch.allclose(after, want)                                    # and trained on
+
+
+def test_separate_eval_pass_gives_same_run(samples_path):
+    a = trainer("dumn", "clsd", keep_predictions=True).run(loader(samples_path))
+    b = trainer("dumn", "clsd", keep_predictions=True, separate_eval_pass=True).run(loader(samples_path))
+    np.testing.assert_allclose(a.predictions["scores"], b.predictions["scores"], atol=1e-5)
+    assert a.final["cum_click_auc"] == pytest.approx(b.final["cum_click_auc"], abs=1e-3)
+
+
+def test_same_seed_same_metrics_other_seed_differs(samples_path):
+    a = trainer("din", seed=3).run(loader(samples_path))
+    b = trainer("din", seed=3).run(loader(samples_path))
+    c = trainer("din", seed=4).run(loader(samples_path))
+    assert a.curve == b.curve and a.final == b.final
+    assert a.final["cum_click_logloss"] != c.final["cum_click_logloss"]
+
+
+def test_metrics_agree_with_direct_computation(samples_path):
+    res = trainer("wide_deep", keep_predictions=True).run(loader(samples_path))
+    p = res.predictions
+    assert res.samples_seen == len(p["scores"]) == 600
+    assert res.final["cum_click_logloss"] == pytest.approx(logloss(p["scores"], p["clicked"]), rel=1e-9)
+    # the cumulative AUC/GAUC bin scores into 1e4 bins: equal up to pairs sharing a bin
+    assert res.final["cum_click_auc"] == pytest.approx(auc(p["scores"], p["clicked"]), abs=2e-3)
+    assert res.final["cum_click_gauc"] == pytest.approx(gauc(p["scores"], p["clicked"], p["users"]), abs=2e-3)
+    assert res.final["cum_vr_auc"] == pytest.approx(auc(p["scores"], p["valid_read"]), abs=2e-3)
+    w = slice(-200, None)                                                     # window=200 is exact
+    assert res.final["window_click_auc"] == pytest.approx(auc(p["scores"][w], p["clicked"][w]), abs=1e-12)
+    assert res.final["window_click_gauc"] == pytest.approx(
+        gauc(p["scores"][w], p["clicked"][w], p["users"][w]), abs=1e-12)
+    assert res.final["window_vr_auc"] == pytest.approx(auc(p["scores"][w], p["valid_read"][w]), abs=1e-12)
+    assert [pt["samples"] for pt in res.curve][-1] == 600
+
+
+@pytest.fixture(scope="module")
+def larger_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("samples") / "s.bin"
+    make_samples_file(path, 1500, seed=12)
+    return str(path)
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_every_objective_runs_and_learns_something(larger_path, objective):
+    res = trainer("deepfm", objective, lr=0.02).run(loader(larger_path, batch_size=50))
+    assert math.isfinite(res.final["cum_click_logloss"]) and res.steps == 30
+    assert 0.0 <= res.final["cum_click_auc"] <= 1.0 and 0.0 <= res.final["cum_vr_auc"] <= 1.0
+    assert res.final["cum_click_auc"] > 0.55          # the stream is learnable (valid reads are clicks)
+
+
+def test_mtl_scores_are_mean_of_two_towers(samples_path):
+    t = trainer("dcn", "mtl")
+    item = next(iter(loader(samples_path)))
+    with torch.no_grad():
+        out = copy.deepcopy(t.model)(item.batch)
+    want = (torch.sigmoid(out.logits["main"]) + torch.sigmoid(out.logits["weighted"])) / 2
+    assert torch.allclose(t.train_batch(item.batch), want, atol=1e-6)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError):
+        TrainerConfig(model="nope")
+    with pytest.raises(ValueError):
+        TrainerConfig(objective="nope")
+    with pytest.raises(ValueError):
+        Trainer(TrainerConfig(model="din", objective="mtl", device="cpu"), tiny_config("din"))

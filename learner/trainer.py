@@ -231,9 +231,9 @@ class Trainer:
         self._last_loss = float(res.loss.detach())
         return scores
 
-    def _curve_point(self) -> None:
-        self.curve.append({"samples": float(self.samples_seen), "step": float(self.step),
-                           "loss": self._last_loss, **self.metrics.compute()})
+    def _point(self) -> dict[str, float]:
+        return {"samples": float(self.samples_seen), "step": float(self.step), "loss": self._last_loss,
+                **self.metrics.compute()}
 
     def run(self, batches: Iterable[LoadedBatch | SampleBatch],
             on_step: Callable[["Trainer"], None] | None = None) -> TrainResult:
@@ -249,7 +249,7 @@ class Trainer:
                 self.source_offsets = {"offset_bytes": item.end_offset_bytes,
                                        "messages": self.source_offsets.get("messages", 0) + item.n_messages}
             if self.step % self.cfg.curve_every == 0:
-                self._curve_point()
+                self.curve.append(self._point())
             now = time.perf_counter()
             if now - last_log >= self.cfg.log_every_s:
                 m = self.metrics.compute()
@@ -261,14 +261,15 @@ class Trainer:
             if on_step is not None:
                 on_step(self)
         elapsed = time.perf_counter() - t0
-        if not self.curve or self.curve[-1]["step"] != self.step:
-            self._curve_point()
+        curve = list(self.curve)
+        if not curve or curve[-1]["step"] != self.step:   # the end point, in the result only: a resumed
+            curve.append(self._point())                   # run keeps the regular curve_every spacing
         preds = None
         if self.cfg.keep_predictions and self._pred:
             preds = {k: np.concatenate([p[i] for p in self._pred])
                      for i, k in enumerate(("scores", "clicked", "valid_read", "users"))}
         n = self.samples_seen - n0
-        return TrainResult(self.config_dict(), list(self.curve), self.metrics.compute(), self.samples_seen,
+        return TrainResult(self.config_dict(), curve, self.metrics.compute(), self.samples_seen,
                            self.step, self.n_rejected, elapsed, n / elapsed if elapsed > 0 else float("nan"),
                            dict(self.source_offsets), preds)
 

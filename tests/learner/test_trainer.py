@@ -64,7 +64,8 @@ def test_same_seed_same_metrics_other_seed_differs(samples_path):
     a = trainer("din", seed=3).run(loader(samples_path))
     b = trainer("din", seed=3).run(loader(samples_path))
     c = trainer("din", seed=4).run(loader(samples_path))
-    assert a.curve == b.curve and a.final == b.final
+    np.testing.assert_equal(a.curve, b.curve)                             # NaN-aware equality
+    np.testing.assert_equal(a.final, b.final)
     assert a.final["cum_click_logloss"] != c.final["cum_click_logloss"]
 
 

@@ -1,0 +1,141 @@
+"""Checkpoints: a resumed run equals an uninterrupted one; damaged files are refused."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from learner.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from learner.config import CLSDConfig
+from learner.data import DataConfig, SampleLoader
+from learner.trainer import Trainer, TrainerConfig
+from tests.learner.conftest import tiny_config
+from tests.learner.test_data import make_samples_file
+
+B = 32
+
+
+class Unsafe:
+    """An arbitrary class: ``torch.load(weights_only=True)`` must refuse to build it."""
+
+
+@pytest.fixture(scope="module")
+def samples_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "s.bin"
+    make_samples_file(path, 480, seed=21)
+    return str(path)
+
+
+def make_trainer(objective="clsd", seed=0, model="dumn"):
+    # warm-up ends at sample 200, after the interruption at 160: the counter must survive the checkpoint
+    cfg = TrainerConfig(model=model, objective=objective, seed=seed, device="cpu", window=100, curve_every=2,
+                        keep_predictions=True, clsd=CLSDConfig(warmup_samples=200))
+    return Trainer(cfg, tiny_config(model, heads=cfg.heads))
+
+
+def loader(path, **kw):
+    return SampleLoader(DataConfig(path, batch_size=B, seq_len=8, **kw))
+
+
+@pytest.mark.parametrize("objective", ["clsd", "mtl_clsd"])
+def test_resume_equals_uninterrupted_run(samples_path, tmp_path, objective):
+    full = make_trainer(objective)
+    want = full.run(loader(samples_path))
+
+    first = make_trainer(objective)
+    first.run(loader(samples_path, max_samples=160))
+    assert int(first.objective.terms["clsd"].n_seen) == 160
+    save_checkpoint(tmp_path / "c.pt", first.checkpoint_state())
+    state = load_checkpoint(tmp_path / "c.pt")
+    assert "memory.memory" in state["model"]                              # DUMN memory is model state
+    assert state["source_offsets"]["messages"] == 160
+
+    resumed = Trainer(first.cfg, first.model_config)
+    with torch.no_grad():                                                 # disturb it: everything must come back
+        for t in [*resumed.model.state_dict().values(), *resumed.objective.state_dict().values()]:
+            t.add_(1) if t.is_floating_point() else t.fill_(7)
+    resumed.load_checkpoint_state(state)
+    assert torch.equal(resumed.model.memory.memory, first.model.memory.memory)
+    assert int(resumed.objective.terms["clsd"].n_seen) == 160
+    got = resumed.run(loader(samples_path, start_offset_bytes=state["source_offsets"]["offset_bytes"]))
+
+    assert got.samples_seen == want.samples_seen == 480 and got.steps == want.steps
+    np.testing.assert_array_equal(got.predictions["scores"], want.predictions["scores"][160:])
+    np.testing.assert_equal(got.final, want.final)
+    np.testing.assert_equal(got.curve, want.curve)                        # NaN-aware
+    for (name, a), (_, b) in zip(full.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(a, b), name
+    for (name, a), (_, b) in zip(full.objective.state_dict().items(), resumed.objective.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_interrupted_run_differs_without_optimizer_state(samples_path, tmp_path):
+    """The comparison above can fail: dropping the Adam moments changes the continuation."""
+    full = make_trainer("bce", model="din")
+    want = full.run(loader(samples_path))
+    first = make_trainer("bce", model="din")
+    first.run(loader(samples_path, max_samples=160))
+    state = first.checkpoint_state()
+    state["optimizer"] = torch.optim.Adam(first.model.parameters(), lr=first.cfg.lr).state_dict()
+    resumed = Trainer(first.cfg, first.model_config)
+    resumed.load_checkpoint_state(state)
+    got = resumed.run(loader(samples_path, start_offset_bytes=state["source_offsets"]["offset_bytes"]))
+    assert not np.array_equal(got.predictions["scores"], want.predictions["scores"][160:])
+
+
+def _saved(tmp_path):
+    t = make_trainer("bce", model="din")
+    t.run(loader(str(tmp_path / "s.bin"), max_samples=64))
+    path = tmp_path / "c.pt"
+    save_checkpoint(path, t.checkpoint_state())
+    return t, path
+
+
+def test_corrupt_truncated_and_foreign_files_are_refused(tmp_path):
+    make_samples_file(tmp_path / "s.bin", 64, seed=5)
+    _, path = _saved(tmp_path)
+    data = path.read_bytes()
+    load_checkpoint(path)                                                 # the intact file loads
+    cases = {
+        "truncated": data[: len(data) // 2],
+        "header only": data[:20],
+        "flipped": data[:-100] + bytes([data[-100] ^ 1]) + data[-99:],
+        "padded": data + b"\0",
+        "foreign": b"PK\x03\x04" + data[4:],
+        "empty": b"",
+    }
+    for name, blob in cases.items():
+        bad = tmp_path / f"{name}.pt"
+        bad.write_bytes(blob)
+        with pytest.raises(CheckpointError):
+            load_checkpoint(bad)
+    with pytest.raises(CheckpointError):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_plain_torch_save_is_refused_and_unsafe_payload_refused(tmp_path):
+    torch.save({"step": 1}, tmp_path / "plain.pt")
+    with pytest.raises(CheckpointError):
+        load_checkpoint(tmp_path / "plain.pt")
+
+    save_checkpoint(tmp_path / "evil.pt", {"x": Unsafe()})                # not loadable with weights_only
+    with pytest.raises(CheckpointError):
+        load_checkpoint(tmp_path / "evil.pt")
+
+
+def test_checkpoint_of_other_config_refused(tmp_path):
+    make_samples_file(tmp_path / "s.bin", 64, seed=5)
+    t, path = _saved(tmp_path)
+    other = Trainer(TrainerConfig(model="din", objective="bce", seed=0, device="cpu", window=100, lr=0.01,
+                                  keep_predictions=True), tiny_config("din"))
+    with pytest.raises(CheckpointError):
+        other.load_checkpoint_state(load_checkpoint(path))
+
+
+def test_save_is_atomic(tmp_path):
+    path = tmp_path / "c.pt"
+    save_checkpoint(path, {"step": 1})
+    with pytest.raises(Exception):
+        save_checkpoint(path, {"step": 2, "bad": lambda: None})           # cannot be pickled
+    assert load_checkpoint(path)["step"] == 1                             # the old file is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"]        # no temp file left behind

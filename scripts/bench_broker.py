@@ -22,18 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchutil import cpu_model  # scripts/ is on sys.path when a script runs
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LISTEN_RE = re.compile(r"broker listening host=\S+ port=(\d+)")
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def start_broker(data_dir: Path, core: int, partitions: int, fsync: str, log_path: Path) -> tuple[subprocess.Popen, int]:

@@ -10,10 +10,10 @@ import argparse
 import os
 import platform
 import shlex
-import statistics
 import sys
-import time
 from pathlib import Path
+
+from benchutil import cpu_model, median_rate  # scripts/ is on sys.path when a script runs
 
 import numpy as np
 
@@ -37,16 +37,6 @@ _RANGES = {
 }
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def make_records(kind: type, n: int, rng: np.random.Generator) -> np.ndarray:
     dtype = record_dtype(kind)
     rec = np.empty(n, dtype=dtype)
@@ -56,15 +46,6 @@ def make_records(kind: type, n: int, rng: np.random.Generator) -> np.ndarray:
             lo = -1  # None travels as -1
         rec[name] = rng.integers(lo, hi, size=n)
     return rec
-
-
-def median_rate(fn, n_events: int, runs: int) -> float:
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return n_events / statistics.median(times)
 
 
 def main(argv: list[str] | None = None) -> int:

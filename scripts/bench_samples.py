@@ -30,8 +30,9 @@ import platform
 import shlex
 import statistics
 import sys
-import time
 from pathlib import Path
+
+from benchutil import cpu_model, median_rate  # scripts/ is on sys.path when a script runs
 
 import numpy as np
 
@@ -42,16 +43,6 @@ from streams.joiner import JoinCore, JoinerConfig, label_batch  # noqa: E402
 from streams.samples import SEQUENCE_KINDS, Sample, Snapshot, decode, decode_batch, encode  # noqa: E402
 
 T0 = 1_650_000_000_000
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def pin_one_core() -> str:
@@ -86,15 +77,6 @@ def make_samples(n: int, profile: str, t: int, rng: np.random.Generator) -> list
             dwell_ms=int(rng.integers(0, 300_000)) if clicked else -1, valid_read=clicked, rules=9 if clicked else 0,
             ndt_weight=0.5 if clicked else 0.0, snapshot=Snapshot(**kw, newest_ts_ms=ts - 1)))
     return out
-
-
-def median_rate(fn, count: int, runs: int) -> float:
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return count / statistics.median(times)
 
 
 def make_stream(n_events: int, cfg: JoinerConfig, rng: np.random.Generator) -> list:

@@ -1,0 +1,312 @@
+"""One partition's joiner, faust-free: events -> JoinCore -> snapshots + statistics -> samples.
+
+The single place where the join is wired; the faust worker (``streams.joiner.app``) and the offline
+builder (``streamrec build-samples``) both drive a :class:`JoinerPipeline` per partition, so both
+produce the same bytes for the same per-partition event sequence.
+
+Per call to :meth:`JoinerPipeline.process` (one ``stream.take`` batch):
+
+1. ``JoinCore.process`` -> the impressions that closed (in close order), late events, orphans.
+2. Closed impressions are cut into runs of one *statistics epoch* (``label_ts_ms //
+   stats_epoch_ms``). For each sample of a run, in close order: read the user's four sequences
+   strictly before the impression's ts (the snapshot) and the user's clicks in ``[click ts - 7 d,
+   click ts)`` (T2) from the open store transaction, then stage that sample's own user updates
+   (click / unclick / like / dislike entries, user counters). So a snapshot holds exactly the
+   outcomes of the impressions closed before it, never its own.
+3. ``label_batch`` judges the run with the global ln(dwell) moments (T1) and item P10 sketches
+   (T3) as of the start of its epoch: a run's item and global updates are deferred (and kept in
+   the committed state) until a sample of a later epoch is labelled. Since the core closes
+   impressions in ``(close, impression_id)`` order whatever the batching, every sample depends
+   only on the partition's event sequence, not on how it was cut into batches or commits.
+4. :meth:`JoinerPipeline.commit` writes all staged state, ``JoinCore.to_bytes()``, the counters,
+   the source offsets and caller metadata in ONE WriteBatch (``featurestore`` transaction).
+
+Statistics are those of this partition's store: T1's moments and T3's sketches are fed by the
+clicks of this partition's users (see docs/joiner.md, "Running the joiner", for what that means
+with several partitions). T2 counts come from the click sequence (exact up to ``max_len`` entries).
+Like and dislike entries carry the impression's ts (the core gives no feedback time).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from featurestore import CounterKind, FeatureStoreConfig, ItemCountField, RocksFeatureStore, SequenceKind
+from featurestore import keys as fs_keys
+from featurestore.store import StoreBatch
+from streams.contracts import Event
+from streams.joiner.config import DAY_MS, JoinerConfig
+from streams.joiner.join import JoinCore, JoinedImpression, JoinOutput, LateEvent, OrphanEvent
+from streams.joiner.stats import FrozenStoreStatistics
+from streams.joiner.validread import RULE_T1, RULE_T2, RULE_T3, label_batch
+from streams.samples import FLAG_CLICKED, FLAG_VALID_READ, Snapshot
+
+logger = logging.getLogger(__name__)
+
+CORE_META = b"joiner.core"
+COUNTERS_META = b"joiner.counters"
+DEFERRED_META = b"joiner.deferred"
+#: item updates of the statistics epoch being labelled, applied when a later epoch starts
+_DEFERRED = np.dtype([("epoch", "<i8"), ("item_id", "<u8"), ("dwell_ms", "<i8"), ("click_ts_ms", "<i8"),
+                      ("flags", "u1")])
+_F_CLICKED, _F_LIKED, _F_DISLIKED = 1, 2, 4
+_SEQ_KINDS = ((SequenceKind.CLICK, "click"), (SequenceKind.UNCLICK, "unclick"),
+              (SequenceKind.LIKE, "like"), (SequenceKind.DISLIKE, "dislike"))
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """The join (``joiner``), the store (``store``) and the labelling cadence.
+
+    ``stats_epoch_ms``: T1/T3 statistics are frozen per epoch of label time; a sample closing in
+    epoch e is judged on the clicks of samples that closed in earlier epochs (and, for T2 and the
+    snapshot, on every sample closed before it). ``t2_window_ms``: the T2 look-back.
+    """
+
+    joiner: JoinerConfig = field(default_factory=JoinerConfig)
+    store: FeatureStoreConfig = field(default_factory=FeatureStoreConfig)
+    stats_epoch_ms: int = 60_000
+    t2_window_ms: int = 7 * DAY_MS
+
+    def __post_init__(self) -> None:
+        for name in ("stats_epoch_ms", "t2_window_ms"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}={v!r} must be an integer >= 1")
+        if self.store.sequences.max_len < self.joiner.seq_len:
+            raise ValueError(f"store sequences.max_len={self.store.sequences.max_len} < joiner "
+                             f"seq_len={self.joiner.seq_len}: snapshots would be cut short")
+
+
+@dataclass
+class PipelineOutput:
+    """What one call produced: encoded samples (with their Kafka keys), late events, orphans."""
+
+    samples: list[bytes] = field(default_factory=list)
+    keys: list[bytes] = field(default_factory=list)
+    late: list[LateEvent] = field(default_factory=list)
+    orphans: list[OrphanEvent] = field(default_factory=list)
+
+    def extend(self, other: PipelineOutput) -> None:
+        self.samples += other.samples
+        self.keys += other.keys
+        self.late += other.late
+        self.orphans += other.orphans
+
+
+class _Blob:
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes = b"") -> None:
+        self.data = data
+
+    def to_bytes(self) -> bytes:
+        return self.data
+
+
+def _stage_meta(tx: StoreBatch, name: bytes, value: bytes) -> None:
+    # the store stages any key through one read-modify-write path; a blob is its own value
+    blob = tx._for_update(fs_keys.meta_key(name), _Blob, _Blob, _Blob.to_bytes)
+    blob.data = value
+
+
+class JoinerPipeline:
+    """The joiner of one source partition over its own :class:`RocksFeatureStore`.
+
+    The store must be this pipeline's alone (one writer per path). State found in the store (a
+    previous run's commit) is restored: the core from its blob, the counters, the offsets.
+    """
+
+    def __init__(self, partition: int, store: RocksFeatureStore, config: PipelineConfig) -> None:
+        self.partition = partition
+        self.store = store
+        self.config = config
+        blob = self.meta(CORE_META)
+        self.core = JoinCore(config.joiner) if blob is None else JoinCore.from_bytes(blob, config.joiner)
+        raw = self.meta(COUNTERS_META)
+        self._n: dict[str, int] = {} if raw is None else json.loads(raw)
+        raw = self.meta(DEFERRED_META)
+        self._deferred: list[tuple[int, int, int, int, int]] = (
+            [] if raw is None else np.frombuffer(raw, dtype=_DEFERRED).tolist())
+        self._tx: StoreBatch | None = None
+        logger.info("pipeline_open partition=%d restored=%s watermark_ms=%s samples=%d", partition,
+                    blob is not None, self.core.watermark_ms, self._n.get("samples", 0))
+
+    # -- reads ---------------------------------------------------------------------------------
+    def meta(self, name: bytes) -> bytes | None:
+        """A committed metadata value (the core blob, counters, or what a caller stored)."""
+        (raw,) = self.store._get_many([fs_keys.meta_key(name)])
+        return raw
+
+    def committed_offset(self, topic: str) -> int | None:
+        """Next offset of ``topic`` (this partition) to consume, per the last commit."""
+        return self.store.committed_offset(topic, self.partition)
+
+    def counters(self) -> dict[str, int]:
+        """Join-core counters and the pipeline's own (samples, valid reads by rule, dead letters)."""
+        return {**self.core.counters(), **self._n}
+
+    # -- processing ----------------------------------------------------------------------------
+    def process(self, events: list[Event]) -> PipelineOutput:
+        """Join ``events`` (arrival order) and label what closed; state is staged until :meth:`commit`."""
+        return self._emit(self.core.process(events))
+
+    def advance(self, event_time_ms: int) -> PipelineOutput:
+        """Move event time forward without events (an idle partition)."""
+        return self._emit(self.core.advance(event_time_ms))
+
+    def finish(self) -> PipelineOutput:
+        """End of input: move event time past every pending close and orphan deadline.
+
+        Unlike ``JoinCore.flush`` the emitted tombstones are kept, so a duplicate arriving after
+        this is still recognised.
+        """
+        w = self.core.watermark_ms
+        if w is None:
+            return PipelineOutput()
+        cfg = self.config.joiner
+        max_ts = w + cfg.allowed_lateness_ms
+        # the new watermark (this - lateness) passes max_ts + window and max_ts + orphan grace
+        return self.advance(max_ts + max(cfg.label_window_ms, cfg.orphan_grace_ms) + cfg.allowed_lateness_ms + 1)
+
+    def count_dead_letter(self, topic: str, code: str, n: int = 1) -> None:
+        """Count a message that went to the dead-letter topic (persisted with the next commit)."""
+        key = f"dead_letter.{topic}.{code}"
+        self._n[key] = self._n.get(key, 0) + n
+        self._n["dead_letter"] = self._n.get("dead_letter", 0) + n
+
+    def commit(self, source_offsets: dict[str, int] | None = None,
+               meta: dict[bytes, bytes] | None = None) -> None:
+        """Write staged state + core blob + counters + ``source_offsets`` + ``meta`` in one WriteBatch.
+
+        ``source_offsets``: topic -> next offset to consume on this partition.
+        """
+        tx = self._open()
+        for topic, offset in (source_offsets or {}).items():
+            tx.set_offset(topic, self.partition, offset)
+        _stage_meta(tx, CORE_META, self.core.to_bytes())
+        _stage_meta(tx, COUNTERS_META, json.dumps(self._n, sort_keys=True).encode())
+        _stage_meta(tx, DEFERRED_META, np.array(self._deferred, dtype=_DEFERRED).tobytes())
+        for name, value in (meta or {}).items():
+            _stage_meta(tx, name, value)
+        tx.commit()
+        self._tx = None
+
+    def close(self) -> None:
+        """Drop uncommitted work (it is redone from the committed offsets) and close the store."""
+        if self._tx is not None:
+            self._tx.abort()
+            self._tx = None
+        self.store.close()
+
+    # -- internals -----------------------------------------------------------------------------
+    def _open(self) -> StoreBatch:
+        if self._tx is None:
+            self._tx = self.store.transaction()
+        return self._tx
+
+    def _emit(self, out: JoinOutput) -> PipelineOutput:
+        result = PipelineOutput(late=out.late, orphans=out.orphans)
+        if out.samples:
+            tx = self._open()
+            result.samples = self._label(out.samples, tx)
+            result.keys = [str(j.impression.user_id).encode() for j in out.samples]
+            self._count(result.samples)
+        return result
+
+    def _label(self, joined: list[JoinedImpression], tx: StoreBatch) -> list[bytes]:
+        epoch_ms = self.config.stats_epoch_ms
+        values: list[bytes] = []
+        i, n = 0, len(joined)
+        while i < n:
+            epoch = joined[i].label_ts_ms // epoch_ms
+            j = i + 1
+            while j < n and joined[j].label_ts_ms // epoch_ms == epoch:
+                j += 1
+            run = joined[i:j]
+            if self._deferred and self._deferred[0][0] != epoch:
+                self._apply_deferred(tx)
+            snapshots, clicks = [], {}
+            for s in run:
+                snapshots.append(self._read_user(tx, s, clicks))
+                self._stage_user(tx, s)
+            stats = FrozenStoreStatistics(tx, clicks)
+            values += label_batch(run, snapshots, stats, self.config.joiner)
+            for s in run:  # the run's item statistics wait until a later epoch starts
+                flags = s.clicked * _F_CLICKED | s.liked * _F_LIKED | s.disliked * _F_DISLIKED
+                self._deferred.append((epoch, s.impression.item_id, s.dwell_ms, s.click_ts_ms, flags))
+            i = j
+        return values
+
+    def _read_user(self, tx: StoreBatch, s: JoinedImpression, clicks: dict[tuple[int, int], int]) -> Snapshot:
+        imp = s.impression
+        uf = tx.user_features(imp.user_id, imp.ts_ms)
+        t = self.config.joiner.seq_len
+        parts: dict[str, tuple[int, ...]] = {}
+        newest = -1
+        for kind, name in _SEQ_KINDS:
+            sl = uf.sequence(kind)
+            if len(sl):
+                parts[f"{name}_items"] = tuple(sl.item_ids[-t:].tolist())
+                parts[f"{name}_cats"] = tuple(sl.categories[-t:].tolist())
+                newest = max(newest, int(sl.ts_ms[-1]))
+        if s.clicked:
+            cs = uf.click if s.click_ts_ms == imp.ts_ms else tx.user_features(imp.user_id, s.click_ts_ms).click
+            lo = s.click_ts_ms - self.config.t2_window_ms
+            clicks[(imp.user_id, s.click_ts_ms)] = int(np.count_nonzero(cs.ts_ms >= lo))
+        return Snapshot(**parts, newest_ts_ms=newest)
+
+    @staticmethod
+    def _stage_user(tx: StoreBatch, s: JoinedImpression) -> None:
+        imp = s.impression
+        user, item, cat = imp.user_id, imp.item_id, imp.item_category
+        tx.add_user_event(user, CounterKind.IMPRESSION, imp.ts_ms)
+        if s.clicked:
+            tx.add_sequence_event(user, SequenceKind.CLICK, item, cat, s.click_ts_ms)
+            tx.add_user_event(user, CounterKind.CLICK, s.click_ts_ms)
+        else:
+            tx.add_sequence_event(user, SequenceKind.UNCLICK, item, cat, imp.ts_ms)
+        if s.liked:
+            tx.add_sequence_event(user, SequenceKind.LIKE, item, cat, imp.ts_ms)
+        if s.disliked:
+            tx.add_sequence_event(user, SequenceKind.DISLIKE, item, cat, imp.ts_ms)
+
+    def _apply_deferred(self, tx: StoreBatch) -> None:
+        for _epoch, item, dwell_ms, click_ts_ms, flags in self._deferred:
+            tx.add_item_count(item, ItemCountField.IMPRESSIONS)
+            if flags & _F_LIKED:
+                tx.add_item_count(item, ItemCountField.LIKES)
+            if flags & _F_DISLIKED:
+                tx.add_item_count(item, ItemCountField.DISLIKES)
+            if flags & _F_CLICKED:
+                tx.add_item_count(item, ItemCountField.CLICKS)
+                if dwell_ms >= 0:
+                    tx.add_item_dwell(item, dwell_ms)
+                    tx.add_global_dwell(dwell_ms, click_ts_ms, shard=self.partition)
+        self._deferred = []
+
+    def _count(self, values: list[bytes]) -> None:
+        n = self._n
+        flags = bytes(v[3] for v in values)
+        rules = bytes(v[4] for v in values)
+        f = np.frombuffer(flags, dtype=np.uint8)
+        r = np.frombuffer(rules, dtype=np.uint8)
+        valid = (f & FLAG_VALID_READ) != 0
+        updates = {
+            "samples": len(values),
+            "clicked": int(np.count_nonzero(f & FLAG_CLICKED)),
+            "valid_read": int(np.count_nonzero(valid)),
+            "rule_t1": int(np.count_nonzero(valid & ((r & RULE_T1) != 0))),
+            "rule_t2": int(np.count_nonzero(valid & ((r & RULE_T2) != 0))),
+            "rule_t3": int(np.count_nonzero(valid & ((r & RULE_T3) != 0))),
+        }
+        for k, v in updates.items():
+            n[k] = n.get(k, 0) + v
+
+
+def open_pipeline(path, partition: int, config: PipelineConfig) -> JoinerPipeline:
+    """A pipeline over the store at ``path`` (created when missing; restored when present)."""
+    return JoinerPipeline(partition, RocksFeatureStore(path, config.store), config)

@@ -37,6 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--item-buckets", type=int, default=EmbeddingConfig().item_buckets)
     p.add_argument("--user-buckets", type=int, default=EmbeddingConfig().user_buckets)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--adam", choices=["fused", "foreach"], default="fused",
+                   help="Adam implementation (the trainer uses fused)")
     return p.parse_args(argv)
 
 
@@ -51,7 +53,7 @@ def bench_one(batch_size: int, device: str, args: argparse.Namespace) -> dict[st
     torch.manual_seed(args.seed)
     cfg = DUMNConfig(embedding=EmbeddingConfig(item_buckets=args.item_buckets, user_buckets=args.user_buckets))
     model = build_model("dumn", cfg).to(device).train()
-    opt = torch.optim.Adam(model.parameters(), lr=0.005)
+    opt = torch.optim.Adam(model.parameters(), lr=0.005, **({"fused": True} if args.adam == "fused" else {}))
     objective = BCEObjective()
     cuda = device == "cuda"
     host = [synthetic_batch(batch_size, args.seq_len, seed=args.seed + i, start_sample_id=i * batch_size)
@@ -94,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"command: {sys.executable} {' '.join(sys.argv)}")
     print(f"model: DUMN T={args.seq_len} E={cfg.embedding.dim} m={cfg.n_slots} Z={cfg.slot_dim} "
           f"ffn={cfg.controller_dim} heads={cfg.n_heads} item_buckets={args.item_buckets} "
-          f"user_buckets={args.user_buckets} optimizer=Adam(lr=0.005) warmup={args.warmup} steps={args.steps}")
+          f"user_buckets={args.user_buckets} optimizer=Adam(lr=0.005,{args.adam}) warmup={args.warmup} steps={args.steps}")
     for device in devices:
         for bs in args.batch_sizes:
             r = bench_one(bs, device, args)

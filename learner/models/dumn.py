@@ -59,6 +59,30 @@ class SequenceEncoder(nn.Module):
         return self.wf(heads.transpose(1, 2).reshape(b, t, e))             # (B, T, E)
 
 
+def encode_all(encoders: nn.ModuleList, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The K :class:`SequenceEncoder` s applied to their own sequences in ONE attention call (their
+    weights stacked): equal to ``stack([encoders[k](x[k], mask[k]) for k])``.
+
+    x (K, B, T, E), mask (K, B, T) -> O (K, B, T, E).
+    """
+    enc0 = encoders[0]
+    n_k, b, t, e = x.shape
+    h, d = enc0.n_heads, enc0.head_dim
+    w = torch.stack([torch.cat([m.wq, m.wk, m.wv], -1) for m in encoders])  # (K, H, d, 3d)
+    xh = x.view(n_k, b, t, h, d)                                            # (K, B, T, H, d)
+    qkv = torch.einsum("kbthd,khde->kbhte", xh, w)                          # (K, B, H, T, 3d)
+    q, k, v = qkv.reshape(n_k * b, h, t, 3 * d).split(d, dim=-1)           # (K B, H, T, d) each
+    flat = mask.reshape(n_k * b, t)                                         # (K B, T)
+    empty = ~flat.any(1, keepdim=True)                                      # (K B, 1)
+    first = torch.arange(t, device=x.device).unsqueeze(0) == 0              # (1, T)
+    keys = (flat | (empty & first))[:, None, None, :]                       # (K B, 1, 1, T)
+    scale = 1.0 / math.sqrt(t if enc0.attention_scale == "seq_len" else d)
+    heads = F.scaled_dot_product_attention(q, k, v, attn_mask=keys, scale=scale)  # (K B, H, T, d)
+    heads = heads.view(n_k, b, h, t, d).transpose(2, 3).reshape(n_k, b, t, e)     # (K, B, T, E)
+    wf = torch.stack([m.wf.weight for m in encoders])                       # (K, E_out, E_in)
+    return torch.einsum("kbte,kfe->kbtf", heads, wf)                        # (K, B, T, E)
+
+
 class TargetAttentionPool(nn.Module):
     """Eq. 3-5: alpha_j = ReLU(Concat(e_user, e_item, o_j) W_c), softmax over real positions,
     f = sum_j alpha~_j o_j. W_c is applied as [W_ctx; W_o] so the (B, T, Du + Di + E) concat is
@@ -206,14 +230,12 @@ class DUMN(nn.Module):
 
     def forward(self, batch: SampleBatch, write_memory: bool | None = None) -> ModelOutput:
         write = self.training if write_memory is None else write_memory
-        e_user = self.embed.user(batch)                                     # (B, Du)
-        e_item = self.embed.item(batch)                                     # (B, Di)
-        seqs, f = [], []
-        for k, kind in enumerate(SEQUENCE_KINDS):
-            e_seq, mask = self.embed.sequence(batch, kind)                  # (B, T, E), (B, T)
-            o = self.encoders[k](e_seq, mask)                               # (B, T, E)
-            f.append(self.pools[k](e_user, e_item, o, mask))                # (B, E)
-            seqs.append((e_seq, mask))
+        user_f, item_f, embedded = self.embed.all_fields(batch)             # one lookup per table
+        e_user, e_item = user_f.flatten(1), item_f.flatten(1)               # (B, Du), (B, Di)
+        seqs = [embedded[kind] for kind in SEQUENCE_KINDS]                  # [(B, T, E), (B, T)] x4
+        o_all = encode_all(self.encoders, torch.stack([e for e, _ in seqs]),
+                           torch.stack([m for _, m in seqs]))              # (4, B, T, E)
+        f = [self.pools[k](e_user, e_item, o_all[k], seqs[k][1]) for k in range(N_KINDS)]  # (B, E) each
         f_c, f_u, f_l, f_d = f
         if self.cfg.use_fp:
             f_c = orthogonal_map(f_c, f_d)                                  # (B, E)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from learner.batch import SampleBatch
@@ -74,12 +75,18 @@ class HashedEmbedding(nn.Module):
         self.weight = nn.Parameter(torch.randn(n_buckets, dim) * init_std)   # (N, E)
 
     def forward(self, ids: torch.Tensor, field: int = 0) -> torch.Tensor:
-        out = None
-        for k in range(self.n_hashes):
-            rows = hash_ids(ids, self.n_buckets, salt=field * 1_000_003 + k)  # (...,)
-            e = self.weight[rows]                                               # (..., E)
-            out = e if out is None else out + e
-        return out
+        return self.multi([(ids, field)])[0]                                    # (..., E)
+
+    def multi(self, parts: list[tuple[torch.Tensor, int]]) -> list[torch.Tensor]:
+        """``[forward(ids, field) for ids, field in parts]`` as ONE table lookup: the backward then
+        builds one dense table-sized gradient instead of one per part (the same sum)."""
+        rows = torch.cat([hash_ids(ids.reshape(-1), self.n_buckets, salt=field * 1_000_003 + k)
+                          for k in range(self.n_hashes) for ids, field in parts])  # (n_hashes * N,)
+        e = F.embedding(rows, self.weight)                                          # (n_hashes * N, E)
+        if self.n_hashes > 1:
+            e = e.view(self.n_hashes, -1, e.shape[-1]).sum(0)                      # (N, E)
+        out = e.split([ids.numel() for ids, _ in parts])
+        return [o.view(*ids.shape, o.shape[-1]) for o, (ids, _) in zip(out, parts)]  # (..., E) each
 
 
 class FeatureEmbeddings(nn.Module):
@@ -130,6 +137,28 @@ class FeatureEmbeddings(nn.Module):
         e = self.items(items) + self.categories(cats)                                      # (B, T, E)
         return e * mask.unsqueeze(-1).to(e.dtype), mask                                    # (B, T, E)
 
+    def all_fields(self, batch: SampleBatch) -> tuple[torch.Tensor, torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+        """``(user_fields(batch), item_fields(batch), {kind: sequence(batch, kind)})`` with one lookup
+        per table (target items and the four sequences together), which makes the backward cheaper."""
+        from learner.batch import SEQUENCE_KINDS
+        cfg = self.cfg
+        self._check_profile(batch.user_profile, cfg.n_user_profile, "user_profile")
+        self._check_profile(batch.item_profile, cfg.n_item_profile, "item_profile")
+        seqs = [batch.sequence(kind) for kind in SEQUENCE_KINDS]
+        items = self.items.multi([(batch.item_id, 0)] + [(s[0], 0) for s in seqs])     # (B, E), (B, T, E) x4
+        cats = self.categories.multi([(batch.item_category, 0)] + [(s[1], 0) for s in seqs])
+        prof = self.profile.multi([(batch.user_group, 1)]
+                                  + [(batch.user_profile[:, k], 10 + k) for k in range(cfg.n_user_profile)]
+                                  + [(batch.item_profile[:, k], 100 + k) for k in range(cfg.n_item_profile)])
+        n_u = 1 + cfg.n_user_profile
+        user = torch.stack([self.users(batch.user_id), *prof[:n_u]], dim=1)                # (B, 2+F_u, E)
+        item = torch.stack([items[0], cats[0], *prof[n_u:]], dim=1)                        # (B, 2+F_i, E)
+        out = {}
+        for j, (kind, (_, _, mask)) in enumerate(zip(SEQUENCE_KINDS, seqs)):
+            e = items[1 + j] + cats[1 + j]                                                 # (B, T, E)
+            out[kind] = (e * mask.unsqueeze(-1).to(e.dtype), mask)                         # (B, T, E), (B, T)
+        return user, item, out
+
     def mean_pool(self, batch: SampleBatch, kind: str) -> torch.Tensor:
         """(B, E) masked mean of a sequence; zero for an empty sequence."""
         e, mask = self.sequence(batch, kind)                                               # (B, T, E)
@@ -174,10 +203,12 @@ def sparse_ids(batch: SampleBatch) -> list[tuple[torch.Tensor, int]]:
 def field_stack(embed: FeatureEmbeddings, batch: SampleBatch) -> torch.Tensor:
     """(B, F, E) field embeddings for the non-sequential baselines: user fields, item fields and the
     masked mean of each of the four behaviour sequences (F = 4 + F_u + F_i + 4)."""
-    from learner.batch import SEQUENCE_KINDS
-    pooled = [embed.mean_pool(batch, kind) for kind in SEQUENCE_KINDS]                       # (B, E) each
-    return torch.cat([embed.user_fields(batch), embed.item_fields(batch),
-                      torch.stack(pooled, 1)], 1)                                               # (B, F, E)
+    user, item, seqs = embed.all_fields(batch)                                                 # one lookup per table
+    pooled = []
+    for e, mask in seqs.values():                                                              # (B, T, E), (B, T)
+        n = mask.sum(1, keepdim=True).clamp(min=1).to(e.dtype)                                 # (B, 1)
+        pooled.append(e.sum(1) / n)                                                            # (B, E)
+    return torch.cat([user, item, torch.stack(pooled, 1)], 1)                                  # (B, F, E)
 
 
 def n_fields(cfg: EmbeddingConfig) -> int:

@@ -117,3 +117,41 @@ def test_config_validation():
         TrainerConfig(objective="nope")
     with pytest.raises(ValueError):
         Trainer(TrainerConfig(model="din", objective="mtl", device="cpu"), tiny_config("din"))
+
+
+# The trainer's DUMN throughput rests on three batched paths; each equals its plain reference.
+
+def test_fast_paths_equal_their_references():
+    from learner.models.dumn import encode_all
+    from learner.models.dumn_memory import loop_writes, sequential_writes
+    from learner.synthetic import synthetic_batch
+    torch.manual_seed(0)
+    model = Trainer(TrainerConfig(model="dumn", device="cpu"), tiny_config("dumn")).model
+    b = synthetic_batch(9, 6, seed=2)
+    user, item, seqs = model.embed.all_fields(b)
+    assert torch.equal(user, model.embed.user_fields(b)) and torch.equal(item, model.embed.item_fields(b))
+    for kind, (e, mask) in seqs.items():
+        e_ref, m_ref = model.embed.sequence(b, kind)
+        assert torch.equal(e, e_ref) and torch.equal(mask, m_ref)
+    x = torch.stack([e for e, _ in seqs.values()])                                   # (4, B, T, E)
+    m = torch.stack([mk for _, mk in seqs.values()])                                 # (4, B, T)
+    m[1, 3] = False                                                                  # an empty sequence
+    ref = torch.stack([model.encoders[k](x[k], m[k]) for k in range(4)])
+    assert torch.allclose(encode_all(model.encoders, x, m), ref, atol=1e-6, rtol=0)
+    mem = torch.randn(4, 5, 3, dtype=torch.float64)
+    w = torch.softmax(torch.randn(7, 4, 5, dtype=torch.float64), -1)
+    e, a = torch.rand(7, 4, 3, dtype=torch.float64), torch.rand(7, 4, 3, dtype=torch.float64) * 2 - 1
+    got = loop_writes(mem.clone(), w, e, a)
+    for k in range(4):
+        assert torch.allclose(got[k], sequential_writes(mem[k], w[:, k], e[:, k], a[:, k]), atol=1e-12, rtol=0)
+    assert not torch.allclose(loop_writes(mem.clone(), w.flip(0), e.flip(0), a.flip(0)), got)  # order matters
+
+
+def test_hashed_multi_lookup_with_two_hashes_equals_separate_lookups():
+    from learner.models.embedding import HashedEmbedding, hash_ids
+    emb = HashedEmbedding(64, 4, n_hashes=2)
+    ids1, ids2 = torch.tensor([1, 5, 2**40]), torch.tensor([[3, 3], [9, 1]])
+    got = emb.multi([(ids1, 0), (ids2, 7)])
+    ref = [sum(emb.weight[hash_ids(i, 64, salt=f * 1_000_003 + k)] for k in range(2))
+           for i, f in ((ids1, 0), (ids2, 7))]
+    assert all(torch.allclose(g, r) for g, r in zip(got, ref)) and got[1].shape == (2, 2, 4)

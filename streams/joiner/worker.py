@@ -121,3 +121,58 @@ def build_samples(events: Iterable[Event], out_path: str | Path, work_dir: str |
     summary.elapsed_s = time.perf_counter() - t0
     logger.info("build_samples_done %s", summary.lines()[0])
     return summary
+
+
+def ensure_topics(bootstrap: str, default_partitions: int = 3) -> int:
+    """Create missing event and output topics; returns the partition count (that of ``impressions``
+    when it exists). Every output topic gets the event topics' partition count: the joiner writes
+    partition p's outputs to partition p."""
+    from kafka import KafkaAdminClient, KafkaConsumer
+    from kafka.admin import NewTopic
+    from kafka.errors import TopicAlreadyExistsError
+
+    from streams.contracts import EVENT_TOPICS
+    from streams.joiner.app import output_topics
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap)
+    try:
+        existing = consumer.topics()
+        found = consumer.partitions_for_topic(EVENT_TOPICS[0]) if EVENT_TOPICS[0] in existing else None
+        n = len(found) if found else default_partitions
+        for t in EVENT_TOPICS[1:]:
+            other = consumer.partitions_for_topic(t) if t in existing else None
+            if other and len(other) != n:
+                raise ValueError(f"topic {t} has {len(other)} partitions, {EVENT_TOPICS[0]} {n}: "
+                                 "the event topics must be co-partitioned")
+    finally:
+        consumer.close()
+    missing = [t for t in (*EVENT_TOPICS, *output_topics()) if t not in existing]
+    if missing:
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+        try:
+            admin.create_topics([NewTopic(t, num_partitions=n, replication_factor=1) for t in missing])
+        except TopicAlreadyExistsError:
+            pass
+        finally:
+            admin.close()
+    return n
+
+
+def run_worker(config, loglevel: str = "info") -> tuple[int, dict[str, int]]:
+    """Run one faust joiner worker until SIGTERM / SIGINT; returns (exit status, final counters)."""
+    import faust
+
+    from streams.joiner.app import make_app
+
+    n = ensure_topics(config.bootstrap)
+    logger.info("joiner_start bootstrap=%s partitions=%d data_dir=%s web_port=%s", config.bootstrap, n,
+                config.data_dir, config.web_port)
+    Path(config.data_dir).mkdir(parents=True, exist_ok=True)
+    app, runtime = make_app(config)
+    worker = faust.Worker(app, loglevel=loglevel, override_logging=False)
+    code = 0
+    try:
+        worker.execute_from_commandline()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return code, runtime.counters()

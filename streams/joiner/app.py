@@ -1,0 +1,353 @@
+"""The faust app: the four event topics -> one :class:`JoinerPipeline` per partition -> ``samples``.
+
+Topology (docs/joiner.md, "Running the joiner")::
+
+    impressions ─┐                    one agent, co-partitioned: partition p of all four topics
+    clicks ──────┼─ noack_take ─> decode (bad -> <topic>.dlq) ─> TopicAligner[p] ─> JoinerPipeline[p]
+    dwell ───────┤                                                       │   (store data_dir/stores/p)
+    feedback ────┘                 samples[p], <topic>.late[p], joiner.orphans[p] <─┘
+
+The agent is thin: it hands each ``stream.noack_take`` batch to :class:`JoinerRuntime.handle`,
+which decodes, aligns, runs the pipelines, produces the outputs (to the source's partition), then
+commits each pipeline (state + core blob + source offsets + output end offsets: one WriteBatch)
+and only then returns the consumed events to ack, so the group's committed offsets never pass the
+store's. A timer releases aligned events when topics catch up, flushes partitions idle for
+``idle_flush_s`` and logs the counters; ``/counters`` on the web port returns them as JSON.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import faust
+
+from streams.contracts import EVENT_TOPICS, decode_batch, encode, kind_of
+from streams.dlq import dlq_topic
+from streams.joiner.pipeline import JoinerPipeline, PipelineConfig, PipelineOutput, open_pipeline
+from streams.joiner.state import Entry, OutputLedger, TopicAligner
+from streams.joiner.worker import merge_counters, store_path, summary_line
+from streams.samples import TOPIC_SAMPLES
+
+logger = logging.getLogger(__name__)
+
+TOPIC_ORPHANS = "joiner.orphans"
+LATE_SUFFIX = ".late"
+
+
+def late_topic(topic: str) -> str:
+    return topic + LATE_SUFFIX
+
+
+def output_topics() -> list[str]:
+    """Every topic the joiner writes, each with as many partitions as the event topics."""
+    return [TOPIC_SAMPLES, TOPIC_ORPHANS, *map(late_topic, EVENT_TOPICS), *map(dlq_topic, EVENT_TOPICS)]
+
+
+@dataclass(frozen=True)
+class JoinerAppConfig:
+    """One joiner worker. ``data_dir`` holds one feature store per partition (``stores/pNNNN``),
+    shared by the workers of one host; ``web_port`` None disables faust's web server."""
+
+    bootstrap: str = "127.0.0.1:9092"
+    data_dir: Path = Path("data/joiner")
+    app_id: str = "streamrec-joiner"
+    web_host: str = "127.0.0.1"
+    web_port: int | None = None
+    batch_max: int = 10_000
+    batch_within_s: float = 0.1
+    tick_s: float = 0.2
+    idle_flush_s: float | None = None
+    log_every_s: float = 10.0
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data_dir", Path(self.data_dir))
+        if self.batch_max < 1:
+            raise ValueError(f"batch_max={self.batch_max!r} must be >= 1")
+        for name in ("batch_within_s", "tick_s", "log_every_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be > 0")
+        if self.idle_flush_s is not None and not self.idle_flush_s > 0:
+            raise ValueError(f"idle_flush_s={self.idle_flush_s!r} must be > 0 or None")
+        if self.web_port is not None and not 0 <= self.web_port <= 65535:
+            raise ValueError(f"web_port={self.web_port!r} must be in [0, 65535] or None")
+
+
+class _Partition:
+    def __init__(self, pipeline: JoinerPipeline, aligner: TopicAligner, ledger: OutputLedger) -> None:
+        self.pipeline, self.aligner, self.ledger = pipeline, aligner, ledger
+        self.last_event_s = time.monotonic()
+        self.flushed = False
+
+
+class JoinerRuntime:
+    """Everything the agent and the timer do, per assigned partition (see the module docstring).
+
+    ``send(topic, key, value, partition, headers)`` is an async producer call returning an
+    awaitable of record metadata; ``read_back(topic, partition, from_offset)`` returns the values
+    in the topic from that offset (used once per partition on assignment); ``caught_up(topic,
+    partition, next_offset)`` says the consumer holds everything the broker has.
+    """
+
+    def __init__(self, config: JoinerAppConfig, *, send, read_back, caught_up, assigned=None, seek=None) -> None:
+        self.config = config
+        self._send, self._read_back, self._caught_up = send, read_back, caught_up
+        self._assigned = assigned or (lambda p: True)
+        self._seek = seek
+        self.partitions: dict[int, _Partition] = {}
+        self.lock = asyncio.Lock()
+        self.closed_counters: dict[int, dict[str, int]] = {}
+        self._last_log_s = time.monotonic()
+
+    # -- assignment ---------------------------------------------------------------------------
+    def _open(self, p: int) -> _Partition:
+        part = self.partitions.get(p)
+        if part is not None:
+            return part
+        pipe = open_pipeline(store_path(self.config.data_dir, p), p, self.config.pipeline)
+        offsets = {t: pipe.committed_offset(t) or 0 for t in EVENT_TOPICS}
+        ledger = OutputLedger()
+        found = []
+        for topic in output_topics():
+            raw = pipe.meta(OutputLedger.meta_name(topic))
+            start = 0 if raw is None else int(raw)
+            ledger.end_offsets[topic] = start
+            found += [(topic, v) for v in self._read_back(topic, p, start)]
+        ledger.suppress(found)
+        part = self.partitions[p] = _Partition(pipe, TopicAligner(offsets), ledger)
+        logger.info("partition_assigned partition=%d offsets=%s resend_suppressed=%d", p, offsets, len(found))
+        return part
+
+    def revoke(self, partitions) -> None:
+        for p in sorted(partitions):
+            part = self.partitions.pop(p, None)
+            if part is not None:
+                part.aligner.drop()
+                self.closed_counters[p] = part.pipeline.counters()
+                part.pipeline.close()
+                logger.info("partition_revoked partition=%d", p)
+
+    def close(self) -> None:
+        self.revoke(list(self.partitions))
+
+    # -- the hot path ---------------------------------------------------------------------------
+    async def handle(self, events: list[Any]) -> list[Any]:
+        """Process one batch of faust events; returns the events that may now be acked."""
+        async with self.lock:
+            acks: list[Any] = []
+            by_tp: dict[tuple[str, int], list[Any]] = {}
+            for ev in events:
+                m = ev.message
+                by_tp.setdefault((m.topic, m.partition), []).append(ev)
+            touched, gaps = set(), {}
+            for (topic, p), evs in by_tp.items():
+                if p not in self.partitions and not self._assigned(p):
+                    continue  # in flight from before a rebalance: another worker owns it now
+                part = self._open(p)
+                part.last_event_s = time.monotonic()
+                part.flushed = False
+                decoded = decode_batch([ev.message.value for ev in evs], kind_of(topic))
+                reasons = dict(decoded.errors)
+                good = iter(_events_of(decoded, topic))
+                for i, ev in enumerate(evs):
+                    m = ev.message
+                    if i in reasons:
+                        entry = Entry(topic, m.offset, None, ev, m.key, m.value, reasons[i])
+                    else:
+                        entry = Entry(topic, m.offset, next(good), ev)
+                    status = part.aligner.add(entry)
+                    if status == TopicAligner.SEEN:
+                        acks.append(ev)
+                    elif status == TopicAligner.GAP:
+                        gaps[(topic, p)] = part.aligner.next_received(topic)
+                touched.add(p)
+            for (topic, p), offset in sorted(gaps.items()):
+                # e.g. local state lost while the group committed further: rebuild from the log
+                logger.warning("offset_gap topic=%s partition=%d seek_to=%d", topic, p, offset)
+                if self._seek is None:
+                    raise RuntimeError(f"offset gap on {topic}[{p}] and no way to seek back to {offset}")
+                await self._seek(topic, p, offset)
+            for p in sorted(touched):
+                acks += await self._step(p)
+            return acks
+
+    async def tick(self) -> list[Any]:
+        """Release what became releasable without new events; flush idle partitions."""
+        async with self.lock:
+            acks: list[Any] = []
+            now = time.monotonic()
+            for p, part in sorted(self.partitions.items()):
+                idle = self.config.idle_flush_s
+                flush = (idle is not None and not part.flushed and now - part.last_event_s >= idle)
+                acks += await self._step(p, flush=flush)
+                if flush:
+                    part.flushed = True
+                    logger.info("partition_idle_flush partition=%d idle_s=%.1f", p, now - part.last_event_s)
+            if now - self._last_log_s >= self.config.log_every_s:
+                self._last_log_s = now
+                logger.info("joiner_counters %s", summary_line(self.counters()))
+            return acks
+
+    async def _step(self, p: int, flush: bool = False) -> list[Any]:
+        part = self.partitions[p]
+        entries = part.aligner.release(lambda t, nxt: self._caught_up(t, p, nxt), force=flush)
+        if not entries and not flush:
+            return []
+        pipe = part.pipeline
+        outputs: list[tuple[str, bytes | None, bytes, Any]] = []
+        events = []
+        for e in entries:
+            if e.event is None:
+                code = e.reason.split(":", 1)[0]
+                pipe.count_dead_letter(e.topic, code)
+                headers = [("reason", e.reason.encode()), ("source.topic", e.topic.encode()),
+                           ("source.partition", str(p).encode()), ("source.offset", str(e.offset).encode())]
+                outputs.append((dlq_topic(e.topic), e.key, e.value if e.value is not None else b"", headers))
+            else:
+                events.append(e.event)
+        out = pipe.process(events) if events else PipelineOutput()
+        if flush:
+            out.extend(pipe.finish())
+        outputs += [(TOPIC_SAMPLES, k, v, None) for k, v in zip(out.keys, out.samples)]
+        outputs += [(late_topic(_topic_of(x.event)), str(x.event.user_id).encode(), encode(x.event),
+                     [("reason", x.reason.encode())]) for x in out.late]
+        outputs += [(TOPIC_ORPHANS, str(x.event.user_id).encode(), encode(x.event),
+                     [("reason", x.reason.encode()), ("source.topic", _topic_of(x.event).encode())])
+                    for x in out.orphans]
+        await self._produce(p, part.ledger, outputs)
+        pipe.commit(part.aligner.next_offsets(), part.ledger.meta())
+        return [e.handle for e in entries]
+
+    async def _produce(self, p: int, ledger: OutputLedger, outputs) -> None:
+        futures = []
+        for topic, key, value, headers in outputs:
+            if ledger.should_send(topic, value):
+                futures.append((topic, await self._send(topic, key, value, p, headers)))
+        for topic, fut in futures:
+            meta = await fut
+            ledger.record(topic, meta.offset + 1)
+
+    def counters(self) -> dict[str, int]:
+        """Counters summed over the partitions this worker holds or held."""
+        live = {p: part.pipeline.counters() for p, part in self.partitions.items()}
+        return merge_counters({**self.closed_counters, **live}.values())
+
+    def counters_by_partition(self) -> dict[str, dict[str, int]]:
+        live = {p: part.pipeline.counters() for p, part in self.partitions.items()}
+        return {str(p): c for p, c in sorted({**self.closed_counters, **live}.items())}
+
+
+def _topic_of(event) -> str:
+    from streams.contracts import topic_for
+    return topic_for(event)
+
+
+def _events_of(decoded, topic: str):
+    from streams.contracts import from_records
+    return from_records(decoded.records, kind_of(topic))
+
+
+def make_app(config: JoinerAppConfig) -> tuple[faust.App, JoinerRuntime]:
+    """The faust app and the runtime its agent drives (the caller runs the app, e.g. faust.Worker)."""
+    web = {"web_enabled": False}
+    if config.web_port is not None:
+        port = config.web_port or free_port(config.web_host)  # faust refuses port 0
+        web = {"web_enabled": True, "web_port": port, "web_bind": config.web_host, "web_host": config.web_host}
+        logger.info("joiner_web url=http://%s:%d/counters", config.web_host, port)
+    app = faust.App(
+        config.app_id, broker=f"kafka://{config.bootstrap}", store="memory://",
+        datadir=str(config.data_dir / "faust"), autodiscover=False,
+        topic_replication_factor=1, consumer_auto_offset_reset="earliest",
+        broker_commit_interval=0.5, broker_heartbeat_interval=0.5, **web)
+    source = app.topic(*EVENT_TOPICS, key_type=bytes, value_type=bytes,
+                       key_serializer="raw", value_serializer="raw")
+
+    async def send(topic, key, value, partition, headers):
+        return await app.producer.send(topic, key, value, partition, None, headers)
+
+    def caught_up(topic: str, partition: int, next_offset: int) -> bool:
+        from faust.types import TP
+        try:
+            hw = app.consumer.highwater(TP(topic, partition))
+        except Exception:  # not fetched yet / consumer not ready
+            return False
+        return hw is not None and next_offset >= hw
+
+    def assigned(partition: int) -> bool:
+        return any(tp.partition == partition and tp.topic in EVENT_TOPICS for tp in app.consumer.assignment())
+
+    async def seek(topic: str, partition: int, offset: int) -> None:
+        from faust.types import TP
+        await app.consumer.seek(TP(topic, partition), offset)
+
+    runtime = JoinerRuntime(config, send=send, read_back=_reader(config.bootstrap), caught_up=caught_up,
+                            assigned=assigned, seek=seek)
+    state: dict[str, Any] = {}
+
+    @app.agent(source, concurrency=1)
+    async def join(stream):
+        state["stream"] = stream
+        async for events in stream.noack_take(config.batch_max, within=config.batch_within_s):
+            for ev in await runtime.handle(events):
+                await stream.ack(ev)
+
+    @app.timer(config.tick_s)
+    async def tick():
+        stream = state.get("stream")
+        if stream is None:
+            return
+        for ev in await runtime.tick():
+            await stream.ack(ev)
+
+    @app.on_partitions_revoked.connect
+    async def on_revoked(app_, revoked, **kwargs):
+        async with runtime.lock:
+            runtime.revoke({tp.partition for tp in revoked if tp.topic in EVENT_TOPICS})
+
+    @app.on_before_shutdown.connect
+    async def on_shutdown(app_, **kwargs):
+        async with runtime.lock:
+            runtime.close()
+        print(f"joiner summary: {summary_line(runtime.counters())}", flush=True)
+
+    @app.page("/counters")
+    async def counters_page(web, request):
+        return web.json({"total": runtime.counters(), "partitions": runtime.counters_by_partition()})
+
+    return app, runtime
+
+
+def free_port(host: str) -> int:
+    """A port free on ``host`` right now (the web server binds it a moment later)."""
+    import socket
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _reader(bootstrap: str):
+    def read_back(topic: str, partition: int, from_offset: int) -> list[bytes]:
+        from kafka import KafkaConsumer, TopicPartition
+        consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+        try:
+            tp = TopicPartition(topic, partition)
+            end = consumer.end_offsets([tp]).get(tp, 0)
+            if end <= from_offset:
+                return []
+            consumer.assign([tp])
+            consumer.seek(tp, from_offset)
+            values: list[bytes] = []
+            deadline = time.monotonic() + 60
+            while consumer.position(tp) < end:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"reading back {topic}[{partition}] from {from_offset} to {end}")
+                for recs in consumer.poll(timeout_ms=200).values():
+                    values += [r.value for r in recs if r.offset < end]
+            return values
+        finally:
+            consumer.close()
+    return read_back

@@ -1,0 +1,136 @@
+"""Per-partition runtime state of the faust worker, faust-free: event-time alignment of the four
+topics, source offsets, output de-duplication after a crash.
+
+:class:`TopicAligner` merges one partition's four topics into one event-time ordered sequence,
+``(ts_ms, topic rank, offset)``, the order the replay and ``iter_events`` use. A topic with
+nothing buffered blocks the merge unless it is *caught up* (the consumer holds everything the
+broker has for it), as Kafka Streams waits on an empty partition; so the join sees the same
+sequence whatever the fetcher's interleaving of the topics. An undecodable message enters its
+topic's queue as a dead letter and leaves (to the DLQ) when it reaches the head.
+
+:class:`OutputLedger` remembers, per output topic, the end offset of this partition's outputs as
+of the last commit; after a crash the outputs found past it (produced, but the commit covering
+their inputs was lost) are suppressed once each when the replay of those inputs emits them again.
+"""
+from __future__ import annotations
+
+from collections import Counter, deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from streams.contracts import EVENT_TOPICS, Event
+
+_RANK = {t: i for i, t in enumerate(EVENT_TOPICS)}
+
+
+@dataclass(slots=True)
+class Entry:
+    """One consumed message: the decoded event (None: a dead letter), its offset and a handle
+    (the faust event to ack)."""
+
+    topic: str
+    offset: int
+    event: Event | None
+    handle: Any = None
+    key: bytes | None = None
+    value: bytes | None = None
+    reason: str = ""
+
+
+class TopicAligner:
+    """Event-time merge of one partition's topics (see the module docstring)."""
+
+    def __init__(self, next_offsets: dict[str, int], topics: Iterable[str] = EVENT_TOPICS) -> None:
+        self.topics = tuple(topics)
+        self._queues: dict[str, deque[Entry]] = {t: deque() for t in self.topics}
+        self._next = {t: next_offsets.get(t, 0) for t in self.topics}  # next offset to receive
+
+    ADDED, SEEN, GAP = "added", "seen", "gap"
+
+    def add(self, entry: Entry) -> str:
+        """Queue ``entry`` (ADDED). SEEN: its offset was already received or applied (ack, drop).
+        GAP: it lies past the next expected offset (the consumer must seek back; drop it)."""
+        nxt = self._next[entry.topic]
+        if entry.offset < nxt:
+            return self.SEEN
+        if entry.offset > nxt:
+            return self.GAP
+        self._queues[entry.topic].append(entry)
+        self._next[entry.topic] = entry.offset + 1
+        return self.ADDED
+
+    def next_received(self, topic: str) -> int:
+        return self._next[topic]
+
+    def buffered(self) -> int:
+        return sum(map(len, self._queues.values()))
+
+    def release(self, caught_up: Callable[[str, int], bool], force: bool = False) -> list[Entry]:
+        """Entries in merge order while no empty topic blocks (``force``: release everything)."""
+        queues, out = self._queues, []
+        blocking = [t for t in self.topics if not queues[t] and not force and not caught_up(t, self._next[t])]
+        if blocking:
+            return out
+        while True:
+            best, best_key = None, None
+            for t in self.topics:
+                q = queues[t]
+                if not q:
+                    if not force and not caught_up(t, self._next[t]):
+                        return out
+                    continue
+                e = q[0]
+                k = (-1 if e.event is None else e.event.ts_ms, _RANK.get(t, len(_RANK)), e.offset)
+                if best_key is None or k < best_key:
+                    best, best_key = t, k
+            if best is None:
+                return out
+            out.append(queues[best].popleft())
+
+    def next_offsets(self) -> dict[str, int]:
+        """Per topic, the first offset not yet released: where to resume after a restart."""
+        return {t: (q[0].offset if q else self._next[t]) for t, q in self._queues.items()}
+
+    def drop(self) -> list[Entry]:
+        """Forget everything buffered (the partition was revoked); returns what was dropped."""
+        out = [e for q in self._queues.values() for e in q]
+        for q in self._queues.values():
+            q.clear()
+        return out
+
+
+class OutputLedger:
+    """Output end offsets per topic (committed with the state) and the suppression of re-sends."""
+
+    META_PREFIX = b"out."
+
+    def __init__(self) -> None:
+        self.end_offsets: dict[str, int] = {}
+        self._suppress: Counter[tuple[str, bytes]] = Counter()
+
+    def suppress(self, found: Iterable[tuple[str, bytes]]) -> None:
+        """Outputs found in the topics past the committed end offsets (produced before a crash)."""
+        self._suppress.update(found)
+
+    def should_send(self, topic: str, value: bytes) -> bool:
+        k = (topic, value)
+        if self._suppress.get(k, 0) > 0:
+            self._suppress[k] -= 1
+            return False
+        return True
+
+    @property
+    def n_suppressed_left(self) -> int:
+        return sum(self._suppress.values())
+
+    def record(self, topic: str, next_offset: int) -> None:
+        if next_offset > self.end_offsets.get(topic, 0):
+            self.end_offsets[topic] = next_offset
+
+    def meta(self) -> dict[bytes, bytes]:
+        return {self.META_PREFIX + t.encode(): str(o).encode() for t, o in self.end_offsets.items()}
+
+    @classmethod
+    def meta_name(cls, topic: str) -> bytes:
+        return cls.META_PREFIX + topic.encode()

@@ -1,0 +1,216 @@
+"""The faust joiner on the embedded broker: the bundled slice replayed into three partitions, one
+worker subprocess (``python -m streamrec.commands.joiner``), the ``samples`` topic read back.
+
+* exactly one sample per impression, byte-identical to the offline builder with three partitions;
+  garbage on ``clicks`` lands in ``clicks.dlq`` with its reason and is counted (web /counters and
+  the printed summary); a click for an emitted impression goes to ``clicks.late``, a click for an
+  impression that never comes to ``joiner.orphans``;
+* a worker killed with SIGKILL mid-stream and restarted emits no duplicate and misses nothing;
+* two workers sharing the partitions give the same samples as one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+from streams.broker import EmbeddedBroker
+from streams.broker.config import BrokerConfig
+from streams.contracts import Click, Impression, encode, key_for
+from streams.joiner.app import free_port
+from streams.joiner.pipeline import PipelineConfig
+from streams.joiner.worker import build_samples
+from streams.replay import ReplayConfig, iter_events, run_replay
+from streams.samples import decode
+from streams.samples_file import read_samples
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SLICE = REPO_ROOT / "data" / "kuairand-slice" / "log_standard_slice.csv.gz"
+N_PARTITIONS = 3
+UNTIL = "2022-04-25T12:00:00Z"  # about 15k events, 8k impressions: keeps each test short
+
+
+def wait_until(cond, timeout_s: float, what: str, procs=()):
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        for proc, log in procs:
+            if proc.poll() is not None:
+                raise AssertionError(f"worker exited rc={proc.returncode} while waiting for {what}:\n{tail(log)}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}:\n"
+                                 + "\n".join(tail(log) for _, log in procs))
+        time.sleep(0.1)
+
+
+def tail(log: Path, n: int = 5000) -> str:
+    return log.read_text(errors="replace")[-n:] if log.exists() else ""
+
+
+class TopicReader:
+    """Every record of a topic (all partitions, from the beginning), no consumer group."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self.consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+        self.consumer.assign([TopicPartition(topic, p) for p in range(N_PARTITIONS)])
+        self.consumer.seek_to_beginning()
+        self.records = []
+
+    def poll(self):
+        for recs in self.consumer.poll(timeout_ms=100).values():
+            self.records.extend(recs)
+        return self.records
+
+    def values(self):
+        return [r.value for r in self.poll()]
+
+    def close(self):
+        self.consumer.close()
+
+
+def start_worker(bootstrap: str, data_dir: Path, log: Path, web_port: int | None = None, batch_max: int = 10_000):
+    cmd = [sys.executable, "-m", "streamrec.commands.joiner", "--bootstrap", bootstrap, "--data-dir", str(data_dir),
+           "--idle-flush-s", "2", "--batch-max", str(batch_max)]
+    if web_port is not None:
+        cmd += ["--web-port", str(web_port)]
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT)
+    return proc, log
+
+
+def stop_worker(proc, log) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise AssertionError(f"worker ignored SIGTERM:\n{tail(log)}")
+
+
+def replay(bootstrap: str, tmp_path: Path) -> list:
+    run_replay(ReplayConfig(paths=(SLICE,), bootstrap=bootstrap, partitions=N_PARTITIONS, until_ms=UNTIL,
+                            state_path=tmp_path / "replay-state.json", progress=False))
+    return list(iter_events([SLICE], until_ms=UNTIL))
+
+
+def produce(bootstrap: str, items) -> None:
+    producer = KafkaProducer(bootstrap_servers=bootstrap)
+    for topic, key, value in items:
+        producer.send(topic, key=key, value=value)
+    producer.flush()
+    producer.close()
+
+
+def offline(events, tmp_path: Path, name: str) -> list[bytes]:
+    build_samples(events, tmp_path / f"{name}.bin", tmp_path / f"{name}-work", PipelineConfig(),
+                  n_partitions=N_PARTITIONS)
+    return sorted(read_samples(tmp_path / f"{name}.bin"))
+
+
+@pytest.mark.timeout(120)
+def test_worker_emits_the_offline_samples_and_routes_bad_late_orphan(broker, tmp_path):
+    events = replay(broker.bootstrap, tmp_path)
+    imps = [e for e in events if type(e) is Impression]
+    t_max = events[-1].ts_ms
+    # an impression closed (30 min) but still remembered (1 h) when t_max arrives: its new click is late
+    target = next(i for i in reversed(imps) if i.ts_ms + 30 * 60_000 + 60_000 < t_max - 10_000)
+    late = Click(event_id=2**62 + 1, ts_ms=t_max, impression_id=target.impression_id,
+                 user_id=target.user_id, item_id=target.item_id)
+    orphan = Click(event_id=2**62 + 2, ts_ms=t_max, impression_id=12345, user_id=target.user_id, item_id=1)
+    produce(broker.bootstrap, [("clicks", b"712", b"junk"), ("clicks", key_for(late), encode(late)),
+                               ("clicks", key_for(orphan), encode(orphan))])
+    expected = offline(events + [late, orphan], tmp_path, "offline")
+    assert len(expected) == len(imps)
+
+    samples, dlq = TopicReader(broker.bootstrap, "samples"), TopicReader(broker.bootstrap, "clicks.dlq")
+    lates, orphans = TopicReader(broker.bootstrap, "clicks.late"), TopicReader(broker.bootstrap, "joiner.orphans")
+    port = free_port("127.0.0.1")
+    proc, log = start_worker(broker.bootstrap, tmp_path / "joiner", tmp_path / "worker.log", web_port=port)
+    try:
+        wait_until(lambda: len(samples.values()) >= len(imps) and orphans.values(), 90, "every sample", [(proc, log)])
+        counters = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/counters", timeout=10).read())
+    finally:
+        stop_worker(proc, log)
+    assert proc.returncode == 0, tail(log)
+    got = samples.values()
+    assert len({decode(v).impression_id for v in got}) == len(got) == len(imps)
+    assert sorted(got) == expected
+
+    (dead,) = dlq.poll()
+    headers = dict(dead.headers)
+    assert dead.value == b"junk" and headers["reason"].startswith(b"bad_magic")
+    assert [decode_event(r.value) for r in lates.poll()] == [late]
+    assert dict(lates.records[0].headers)["reason"] == b"after_emit"
+    assert [decode_event(r.value) for r in orphans.poll()] == [orphan]
+    total = counters["total"]
+    assert (total["samples"], total["dead_letter"], total["dead_letter.clicks.bad_magic"]) == (len(imps), 1, 1)
+    assert (total["late"], total["orphan"], total["pending"]) == (1, 1, 0)
+    assert set(counters["partitions"]) == {"0", "1", "2"}
+    assert f"samples={len(imps)}" in tail(log) and "dead_letter=1" in tail(log)
+    for r in (samples, dlq, lates, orphans):
+        r.close()
+
+
+def decode_event(value: bytes):
+    from streams.contracts import decode as decode_contract
+    return decode_contract(value)
+
+
+@pytest.mark.timeout(150)
+def test_sigkill_mid_stream_then_restart_emits_each_sample_once(broker, tmp_path):
+    events = replay(broker.bootstrap, tmp_path)
+    expected = offline(events, tmp_path, "offline")
+    samples = TopicReader(broker.bootstrap, "samples")
+    # small batches: many commits, so the kill lands between them
+    proc, log = start_worker(broker.bootstrap, tmp_path / "joiner", tmp_path / "worker-1.log", batch_max=200)
+    try:
+        wait_until(lambda: len(samples.values()) >= len(expected) // 4, 90, "a quarter of the samples", [(proc, log)])
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    n_at_kill = len(samples.values())
+    assert n_at_kill < len(expected), "the kill came after the end of the stream"
+    proc, log = start_worker(broker.bootstrap, tmp_path / "joiner", tmp_path / "worker-2.log", batch_max=200)
+    try:
+        wait_until(lambda: len(samples.values()) >= len(expected), 90, "the rest of the samples", [(proc, log)])
+        deadline = time.monotonic() + 3  # anything extra (a duplicate) would show up now
+        while time.monotonic() < deadline:
+            samples.poll()
+            time.sleep(0.1)
+    finally:
+        stop_worker(proc, log)
+    got = samples.values()
+    ids = [decode(v).impression_id for v in got]
+    assert len(ids) == len(set(ids)), f"{len(ids) - len(set(ids))} duplicate samples"
+    assert sorted(got) == expected
+    assert "partition_assigned partition=0" in tail(log)
+    samples.close()
+
+
+@pytest.mark.timeout(150)
+def test_two_workers_give_the_same_samples_as_one(broker, tmp_path):
+    events = replay(broker.bootstrap, tmp_path)
+    expected = offline(events, tmp_path, "offline")
+    samples = TopicReader(broker.bootstrap, "samples")
+    data_dir = tmp_path / "joiner"
+    procs = [start_worker(broker.bootstrap, data_dir, tmp_path / f"worker-{i}.log", batch_max=500) for i in (1, 2)]
+    try:
+        wait_until(lambda: len(samples.values()) >= len(expected), 120, "every sample", procs)
+    finally:
+        for proc, log in procs:
+            stop_worker(proc, log)
+    got = samples.values()
+    assert sorted(got) == expected
+    owners = [{int(line.split("partition=")[1].split()[0]) for line in tail(log, 10**7).splitlines()
+               if "partition_assigned" in line} for _, log in procs]
+    assert owners[0] and owners[1], owners  # both held partitions
+    assert owners[0] | owners[1] == {0, 1, 2}

@@ -28,7 +28,7 @@ from learner import MetricsError
 
 def _np(x, dtype) -> np.ndarray:
     if isinstance(x, torch.Tensor):
-        x = x.detach().float().cpu().numpy() if dtype is np.float64 else x.detach().cpu().numpy()
+        x = x.detach().double().cpu().numpy() if dtype is np.float64 else x.detach().cpu().numpy()
     return np.asarray(x, dtype=dtype).reshape(-1)
 
 

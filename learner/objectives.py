@@ -36,7 +36,7 @@ from learner import MissingHeadError
 from learner.batch import SampleBatch
 from learner.config import CLSDConfig, ObjectiveConfig
 from learner.models.base import ModelOutput
-from learner.models.embedding import hash_ids, mlp
+from learner.models.embedding import mlp
 
 
 @dataclass
@@ -113,8 +113,10 @@ class AdGate(nn.Module):
     """CLSD eq. 3 before the sigmoid: an MLP over x_local. forward(batch) -> z_local (B,).
 
     Each entry of ``local_fields`` is a (B,) integer column of the batch (default: user_group,
-    the activeness code; "user_profile.<k>" picks a profile column such as the age group), hashed
-    into ``local_buckets`` rows of its own embedding table.
+    the activeness code; "user_profile.<k>" picks a profile column such as the age group), mapped
+    to row ``code mod local_buckets`` of its own embedding table: group codes are small categorical
+    values, so every group up to ``local_buckets`` gets its own prior (one-to-one, no hashing; the
+    unknown code -1 takes the last row).
     """
 
     def __init__(self, cfg: CLSDConfig):
@@ -134,9 +136,13 @@ class AdGate(nn.Module):
         value = getattr(batch, name)
         return value[:, int(col)] if col else value
 
+    def rows(self, codes: torch.Tensor) -> torch.Tensor:
+        """(B,) group codes -> (B,) table rows, one-to-one for codes in [-1, local_buckets - 2]."""
+        return torch.remainder(codes.long(), self.n_buckets)                  # (B,)
+
     def forward(self, batch: SampleBatch) -> torch.Tensor:
-        x = torch.cat([t(hash_ids(self.column(batch, f), self.n_buckets, salt=31 + i))
-                       for i, (f, t) in enumerate(zip(self.fields, self.tables))], -1)  # (B, n_fields * d)
+        x = torch.cat([t(self.rows(self.column(batch, f)))
+                       for f, t in zip(self.fields, self.tables)], -1)              # (B, n_fields * d)
         return self.net(x).squeeze(-1)                                      # (B,)
 
 

@@ -116,3 +116,9 @@ def test_window_state_round_trip_and_errors():
         acc.update([0.1, 0.2], [1], [1, 2])
     assert math.isnan(auc([0.1, 0.2], [1, 1]))
     assert math.isnan(gauc([0.1, 0.2], [1, 0], [1, 2]))     # every user has one class only
+
+
+def test_float64_scores_are_not_rounded_into_ties():
+    scores = torch.tensor([0.5, 0.5 + 1e-9], dtype=torch.float64)
+    assert auc(scores, [0, 1]) == 1.0
+    assert auc(scores.numpy(), [0, 1]) == 1.0

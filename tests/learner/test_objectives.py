@@ -207,3 +207,12 @@ def test_adgate_profile_column_and_config_validation():
         CLSDConfig(local_fields=("clicked",))
     with pytest.raises(ValueError, match="local_fields"):
         CLSDConfig(local_fields=("user_profile.x",))
+
+
+def test_adgate_gives_every_activeness_level_its_own_row():
+    from streams.contracts import ACTIVENESS_LEVELS
+
+    obj = CLSDObjective(CLSDConfig(warmup_samples=0))
+    codes = torch.arange(-1, len(ACTIVENESS_LEVELS))  # -1 = unknown group, then every level
+    rows = obj.adgate.rows(codes)
+    assert len(set(rows.tolist())) == len(codes)  # one-to-one: no two groups share a prior

@@ -98,10 +98,11 @@ class TargetAttentionPool(nn.Module):
     def forward(self, e_user: torch.Tensor, e_item: torch.Tensor, o: torch.Tensor,
                 mask: torch.Tensor) -> torch.Tensor:
         ctx = self.w_ctx(torch.cat([e_user, e_item], -1))                  # (B, 1)
-        alpha = F.relu(ctx + self.w_o(o).squeeze(-1))                       # (B, T)
+        # element-wise products, not (B T, E) x (E, 1) matmuls: their backward is far cheaper
+        alpha = F.relu(ctx + (o * self.w_o.weight[0].to(o.dtype)).sum(-1))  # (B, T)
         alpha = alpha.masked_fill(~mask, -1e30)                             # (B, T)
         weights = F.softmax(alpha.float(), dim=-1).to(o.dtype) * mask.to(o.dtype)  # (B, T)
-        return torch.einsum("bt,bte->be", weights, o)                       # (B, E)
+        return (weights.unsqueeze(-1) * o).sum(1)                           # (B, E)
 
 
 def orthogonal_map(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -168,6 +169,21 @@ def cosine_distance(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torc
     return 1 - an @ bn.T                                                    # (N, P)
 
 
+def hardest(a: torch.Tensor, b: torch.Tensor, farthest: bool, eps: float = 1e-8) -> torch.Tensor:
+    """Per row of a, the cosine distance to its farthest (or nearest) row of b:
+    ``cosine_distance(a, b).max(1).values`` (``.min`` when not ``farthest``) with the same value
+    and gradient (at exact ties the gradient may go to another of the tied rows). The (N, P)
+    similarity matrix is only searched, without grad; the chosen pairs are then
+    recomputed with grad, so the backward is O(N Z) instead of O(N P Z) and needs no (N, P)
+    buffers. a (N, Z), b (P, Z) -> (N,)."""
+    an = a / (a.norm(dim=-1, keepdim=True) + eps)                          # (N, Z)
+    with torch.no_grad():   # farthest = least similar; 1 - cos is not formed for the (N, P) search
+        sim = an @ (b / (b.norm(dim=-1, keepdim=True) + eps)).T            # (N, P)
+        idx = (sim.min(1) if farthest else sim.max(1)).indices             # (N,)
+    bn = b[idx] / (b[idx].norm(dim=-1, keepdim=True) + eps)                # (N, Z)
+    return 1 - (an * bn).sum(-1)                                           # (N,)
+
+
 class TripletLoss(nn.Module):
     """Eq. 17-20 with the hardest in-batch samples (section 4.3.4).
 
@@ -197,8 +213,8 @@ class TripletLoss(nn.Module):
             if sp.shape[0] == 0 or sn.shape[0] == 0:
                 parts[f"triplet_{SEQUENCE_KINDS[k]}"] = q.new_zeros(())
                 continue
-            d_pos = cosine_distance(q[:, k], sp).max(1).values              # (B,)
-            d_neg = cosine_distance(q[:, k], sn).min(1).values              # (B,)
+            d_pos = hardest(q[:, k], sp, farthest=True)                     # (B,)
+            d_neg = hardest(q[:, k], sn, farthest=False)                    # (B,)
             lk = F.relu(d_pos - d_neg + self.margin).mean()                 # ()
             parts[f"triplet_{SEQUENCE_KINDS[k]}"] = lk
             total = total + lk
@@ -230,12 +246,13 @@ class DUMN(nn.Module):
 
     def forward(self, batch: SampleBatch, write_memory: bool | None = None) -> ModelOutput:
         write = self.training if write_memory is None else write_memory
-        user_f, item_f, embedded = self.embed.all_fields(batch)             # one lookup per table
+        user_f, item_f, e_seq, mask = self.embed.all_fields(batch)          # one lookup per table
         e_user, e_item = user_f.flatten(1), item_f.flatten(1)               # (B, Du), (B, Di)
-        seqs = [embedded[kind] for kind in SEQUENCE_KINDS]                  # [(B, T, E), (B, T)] x4
-        o_all = encode_all(self.encoders, torch.stack([e for e, _ in seqs]),
-                           torch.stack([m for _, m in seqs]))              # (4, B, T, E)
-        f = [self.pools[k](e_user, e_item, o_all[k], seqs[k][1]) for k in range(N_KINDS)]  # (B, E) each
+        # unbind, not [k]: its backward stacks the four gradients instead of zero-filling four (4, B, T, E)
+        masks = mask.unbind(0)                                              # (B, T) x4
+        seqs = list(zip(e_seq.unbind(0), masks))                            # [(B, T, E), (B, T)] x4
+        o_all = encode_all(self.encoders, e_seq, mask).unbind(0)            # (B, T, E) x4
+        f = [self.pools[k](e_user, e_item, o_all[k], masks[k]) for k in range(N_KINDS)]  # (B, E) each
         f_c, f_u, f_l, f_d = f
         if self.cfg.use_fp:
             f_c = orthogonal_map(f_c, f_d)                                  # (B, E)

@@ -128,13 +128,12 @@ def test_fast_paths_equal_their_references():
     torch.manual_seed(0)
     model = Trainer(TrainerConfig(model="dumn", device="cpu"), tiny_config("dumn")).model
     b = synthetic_batch(9, 6, seed=2)
-    user, item, seqs = model.embed.all_fields(b)
+    user, item, x, m = model.embed.all_fields(b)                                     # (4, B, T, E), (4, B, T)
     assert torch.equal(user, model.embed.user_fields(b)) and torch.equal(item, model.embed.item_fields(b))
-    for kind, (e, mask) in seqs.items():
+    for k, kind in enumerate(("click", "unclick", "like", "dislike")):
         e_ref, m_ref = model.embed.sequence(b, kind)
-        assert torch.equal(e, e_ref) and torch.equal(mask, m_ref)
-    x = torch.stack([e for e, _ in seqs.values()])                                   # (4, B, T, E)
-    m = torch.stack([mk for _, mk in seqs.values()])                                 # (4, B, T)
+        assert torch.equal(x[k], e_ref) and torch.equal(m[k], m_ref)
+    m = m.clone()
     m[1, 3] = False                                                                  # an empty sequence
     ref = torch.stack([model.encoders[k](x[k], m[k]) for k in range(4)])
     assert torch.allclose(encode_all(model.encoders, x, m), ref, atol=1e-6, rtol=0)
@@ -155,3 +154,17 @@ def test_hashed_multi_lookup_with_two_hashes_equals_separate_lookups():
     ref = [sum(emb.weight[hash_ids(i, 64, salt=f * 1_000_003 + k)] for k in range(2))
            for i, f in ((ids1, 0), (ids2, 7))]
     assert all(torch.allclose(g, r) for g, r in zip(got, ref)) and got[1].shape == (2, 2, 4)
+
+
+def test_hardest_pair_search_has_the_full_matrix_value_and_gradient():
+    from learner.models.dumn import cosine_distance, hardest
+    torch.manual_seed(1)
+    a, b = torch.randn(6, 5, requires_grad=True), torch.randn(9, 5, requires_grad=True)
+    for farthest in (True, False):
+        d = cosine_distance(a, b)
+        ref = d.max(1).values if farthest else d.min(1).values
+        ga_ref, gb_ref = torch.autograd.grad((ref * torch.arange(6.0)).sum(), (a, b))
+        got = hardest(a, b, farthest)
+        ga, gb = torch.autograd.grad((got * torch.arange(6.0)).sum(), (a, b))
+        assert torch.allclose(got, ref, atol=1e-6) and torch.allclose(ga, ga_ref, atol=1e-6)
+        assert torch.allclose(gb, gb_ref, atol=1e-6)

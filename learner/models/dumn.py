@@ -59,9 +59,11 @@ class SequenceEncoder(nn.Module):
         return self.wf(heads.transpose(1, 2).reshape(b, t, e))             # (B, T, E)
 
 
-def encode_all(encoders: nn.ModuleList, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def encode_all(encoders: nn.ModuleList, x: torch.Tensor, mask: torch.Tensor,
+               scale_len: int | None = None) -> torch.Tensor:
     """The K :class:`SequenceEncoder` s applied to their own sequences in ONE attention call (their
-    weights stacked): equal to ``stack([encoders[k](x[k], mask[k]) for k])``.
+    weights stacked): equal to ``stack([encoders[k](x[k], mask[k]) for k])``. ``scale_len`` is the
+    T of eq. 1's sqrt(T) when x holds only the first positions of longer padded sequences.
 
     x (K, B, T, E), mask (K, B, T) -> O (K, B, T, E).
     """
@@ -76,11 +78,26 @@ def encode_all(encoders: nn.ModuleList, x: torch.Tensor, mask: torch.Tensor) -> 
     empty = ~flat.any(1, keepdim=True)                                      # (K B, 1)
     first = torch.arange(t, device=x.device).unsqueeze(0) == 0              # (1, T)
     keys = (flat | (empty & first))[:, None, None, :]                       # (K B, 1, 1, T)
-    scale = 1.0 / math.sqrt(t if enc0.attention_scale == "seq_len" else d)
+    scale = 1.0 / math.sqrt((scale_len or t) if enc0.attention_scale == "seq_len" else d)
     heads = F.scaled_dot_product_attention(q, k, v, attn_mask=keys, scale=scale)  # (K B, H, T, d)
     heads = heads.view(n_k, b, h, t, d).transpose(2, 3).reshape(n_k, b, t, e)     # (K, B, T, E)
     wf = torch.stack([m.wf.weight for m in encoders])                       # (K, E_out, E_in)
     return torch.einsum("kbte,kfe->kbtf", heads, wf)                        # (K, B, T, E)
+
+
+def trim_padding(batch: SampleBatch) -> SampleBatch:
+    """The batch with its sequences cut after the last position that is real in any row of any
+    kind (at least 1). Cut positions are padding everywhere: masked as keys, discarded by the
+    pooling, never sampled by the triplet loss, so every output is unchanged (eq. 1's sqrt(T) keeps
+    the full T). Short real-data histories make attention this much cheaper."""
+    masks = [batch.sequence(kind)[2] for kind in SEQUENCE_KINDS]
+    real = torch.stack([m.any(0) for m in masks]).any(0)                    # (T,)
+    t_eff = max(1, int(real.nonzero().max()) + 1) if bool(real.any()) else 1
+    if t_eff == batch.seq_len:
+        return batch
+    cut = {f"{kind}_{part}": getattr(batch, f"{kind}_{part}")[:, :t_eff]
+           for kind in SEQUENCE_KINDS for part in ("items", "cats", "mask")}
+    return SampleBatch(**{**batch.tensors(), **cut})
 
 
 class TargetAttentionPool(nn.Module):
@@ -246,12 +263,13 @@ class DUMN(nn.Module):
 
     def forward(self, batch: SampleBatch, write_memory: bool | None = None) -> ModelOutput:
         write = self.training if write_memory is None else write_memory
-        user_f, item_f, e_seq, mask = self.embed.all_fields(batch)          # one lookup per table
+        t_full = batch.seq_len
+        user_f, item_f, e_seq, mask = self.embed.all_fields(trim_padding(batch))  # one lookup per table
         e_user, e_item = user_f.flatten(1), item_f.flatten(1)               # (B, Du), (B, Di)
         # unbind, not [k]: its backward stacks the four gradients instead of zero-filling four (4, B, T, E)
         masks = mask.unbind(0)                                              # (B, T) x4
         seqs = list(zip(e_seq.unbind(0), masks))                            # [(B, T, E), (B, T)] x4
-        o_all = encode_all(self.encoders, e_seq, mask).unbind(0)            # (B, T, E) x4
+        o_all = encode_all(self.encoders, e_seq, mask, t_full).unbind(0)    # (B, T', E) x4
         f = [self.pools[k](e_user, e_item, o_all[k], masks[k]) for k in range(N_KINDS)]  # (B, E) each
         f_c, f_u, f_l, f_d = f
         if self.cfg.use_fp:

@@ -168,3 +168,34 @@ def test_hardest_pair_search_has_the_full_matrix_value_and_gradient():
         ga, gb = torch.autograd.grad((got * torch.arange(6.0)).sum(), (a, b))
         assert torch.allclose(got, ref, atol=1e-6) and torch.allclose(ga, ga_ref, atol=1e-6)
         assert torch.allclose(gb, gb_ref, atol=1e-6)
+
+
+def test_trimming_padding_changes_no_output(monkeypatch):
+    """DUMN cuts all-padding sequence positions before attention; no output may move."""
+    import learner.models.dumn as dumn
+    from learner.models import build_model
+    from learner.synthetic import synthetic_batch
+    torch.manual_seed(0)
+    model = build_model("dumn", tiny_config("dumn")).train()
+    b = synthetic_batch(7, 6, seed=4)
+    padded = {}
+    for kind in ("click", "unclick", "like", "dislike"):                      # 4 more padding columns
+        items, cats, mask = b.sequence(kind)
+        padded[f"{kind}_items"] = torch.cat([items, torch.full((7, 4), 123)], 1)
+        padded[f"{kind}_cats"] = torch.cat([cats, torch.full((7, 4), 5)], 1)
+        padded[f"{kind}_mask"] = torch.cat([mask, torch.zeros(7, 4, dtype=torch.bool)], 1)
+    long = type(b)(**{**b.tensors(), **padded})
+    assert dumn.trim_padding(long).seq_len == 6
+    empty = type(b)(**{**long.tensors(), **{k: torch.zeros_like(v) for k, v in padded.items() if k.endswith("mask")}})
+    assert dumn.trim_padding(empty).seq_len == 1
+    outs = {}
+    for name, trim in (("trimmed", dumn.trim_padding), ("full", lambda batch: batch)):
+        monkeypatch.setattr(dumn, "trim_padding", trim)
+        for which, batch in (("long", long), ("empty", empty)):
+            out = model(batch, write_memory=False)
+            grads = torch.autograd.grad(out.main.sum() + out.aux_loss, list(model.parameters()), allow_unused=True)
+            outs[name, which] = (out.main.detach(), out.aux_loss.detach(), grads)
+    for which in ("long", "empty"):
+        (m1, a1, g1), (m2, a2, g2) = outs["trimmed", which], outs["full", which]
+        assert torch.allclose(m1, m2, atol=1e-6) and torch.allclose(a1, a2, atol=1e-6)
+        assert all((x is None and y is None) or torch.allclose(x, y, atol=1e-6) for x, y in zip(g1, g2))

@@ -139,6 +139,11 @@ class JoinerConfig:
         if self.seq_len > 0xFFFF:
             raise ValueError(f"seq_len={self.seq_len} must be <= 65535")
         _bool("emit_early_on_final_dwell", self.emit_early_on_final_dwell)
+        if self.emitted_retention_ms < self.label_window_ms + self.allowed_lateness_ms:
+            raise ValueError(
+                f"emitted_retention_ms={self.emitted_retention_ms} < label_window_ms + allowed_lateness_ms="
+                f"{self.label_window_ms + self.allowed_lateness_ms}: an outcome within the lateness bound "
+                "could be called late or orphan depending on arrival order")
         if self.orphan_grace_ms < self.grace_ms:
             raise ValueError(f"orphan_grace_ms={self.orphan_grace_ms} < grace_ms={self.grace_ms}: an "
                              "outcome could be orphaned before its impression may still attach it")

@@ -46,7 +46,9 @@ class JoinedImpression:
 
     ``click_ts_ms`` is the first click's time; ``dwell_ms`` comes from the latest dwell report
     (by ts, then event_id) and is -1 when none arrived; ``early`` says the close came from the
-    final dwell rather than the label window.
+    final dwell rather than the label window. ``like_ts_ms`` / ``dislike_ts_ms`` are the first
+    like / dislike times (-1 when none): a feature snapshot may only contain the feedback from
+    that time on, never from the impression's own time.
     """
 
     impression: Impression
@@ -58,6 +60,8 @@ class JoinedImpression:
     disliked: bool
     label_ts_ms: int
     early: bool
+    like_ts_ms: int = -1
+    dislike_ts_ms: int = -1
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,9 +147,13 @@ class JoinCore:
         return out
 
     def flush(self) -> JoinOutput:
-        """End of input: emit every pending record, orphan every waiting outcome, forget emitted ids."""
+        """End of input: emit every pending record and orphan every waiting outcome.
+
+        Emitted ids are kept (until the watermark passes their retention), so an impression
+        redelivered after a flush is still recognised as a duplicate.
+        """
         out = JoinOutput()
-        self._advance(_INF, out)
+        self._advance(_INF, out, forget=False)
         return out
 
     def counters(self) -> dict[str, int]:
@@ -233,7 +241,7 @@ class JoinCore:
         out.late.append(LateEvent(e, reason))
 
     # -- watermark ---------------------------------------------------------------------------
-    def _advance(self, w: int, out: JoinOutput) -> None:
+    def _advance(self, w: int, out: JoinOutput, forget: bool = True) -> None:
         due, pending = self._due, self._pending
         while due and due[0][0] <= w:
             close, k = heapq.heappop(due)
@@ -254,6 +262,8 @@ class JoinCore:
                         break
                 if not waiting:
                     del buffer[k]
+        if not forget:
+            return
         forget, emitted = self._forget_due, self._emitted
         while forget and forget[0][0] <= w:
             t, k = heapq.heappop(forget)
@@ -263,7 +273,7 @@ class JoinCore:
 
     def _emit(self, p: _Pending, out: JoinOutput) -> JoinedImpression:
         close = p.close
-        click_ts, dwell, liked, disliked = _INF, None, False, False
+        click_ts, dwell, like_ts, dislike_ts = _INF, None, _INF, _INF
         for e in p.events:
             if e.ts_ms >= close:
                 self._late(out, e, "after_close")
@@ -275,9 +285,9 @@ class JoinCore:
                 if dwell is None or (e.ts_ms, e.event_id) > (dwell.ts_ms, dwell.event_id):
                     dwell = e
             elif e.kind == FeedbackKind.LIKE:
-                liked = True
+                like_ts = min(like_ts, e.ts_ms)
             else:
-                disliked = True
+                dislike_ts = min(dislike_ts, e.ts_ms)
         imp = p.impression
         early = close != imp.ts_ms + self.config.label_window_ms
         self._n["emitted"] += 1
@@ -285,9 +295,11 @@ class JoinCore:
         self._emitted[imp.impression_id] = (close, p.ids)
         heapq.heappush(self._forget_due, (close + self.config.emitted_retention_ms, imp.impression_id))
         clicked = click_ts != _INF
+        liked, disliked = like_ts != _INF, dislike_ts != _INF
         return JoinedImpression(
             imp, clicked, click_ts if clicked else -1, -1 if dwell is None else dwell.dwell_ms,
-            -1 if dwell is None else dwell.ts_ms, liked, disliked, close, early)
+            -1 if dwell is None else dwell.ts_ms, liked, disliked, close, early,
+            like_ts if liked else -1, dislike_ts if disliked else -1)
 
     # -- state -------------------------------------------------------------------------------
     def to_bytes(self) -> bytes:

@@ -60,9 +60,12 @@ def normalized_dwell_time(dwell_s, params: NdtParams = _DEFAULT) -> np.ndarray:
 
 
 def ndt_weight_ms(dwell_ms: np.ndarray, params: NdtParams = _DEFAULT) -> np.ndarray:
-    """(B,) float32 T_N of dwell in milliseconds; 0 where dwell is unknown (< 0)."""
+    """(B,) float32 T_N of dwell in milliseconds; 0 where dwell is unknown (< 0).
+
+    Clamped at 0: with the paper's constants T_N(0) = -1.5e-5, and a weight is never negative.
+    """
     d = np.asarray(dwell_ms, dtype=np.float64)
-    w = normalized_dwell_time(d / 1000.0, params)
+    w = np.maximum(normalized_dwell_time(d / 1000.0, params), 0.0)
     return np.where(d >= 0, w, 0.0).astype(np.float32)
 
 

@@ -44,11 +44,13 @@ def reference(events, cfg: JoinerConfig) -> dict[int, JoinedImpression]:
         inc = [o for o in att if o.ts_ms < close]
         inc_clicks = [o.ts_ms for o in inc if type(o) is Click]
         inc_dwells = sorted((o for o in inc if type(o) is Dwell), key=lambda d: (d.ts_ms, d.event_id))
-        fb = {o.kind for o in inc if type(o) is Feedback}
+        likes = [o.ts_ms for o in inc if type(o) is Feedback and o.kind == FeedbackKind.LIKE]
+        dislikes = [o.ts_ms for o in inc if type(o) is Feedback and o.kind == FeedbackKind.DISLIKE]
         out[k] = JoinedImpression(
             imp, bool(inc_clicks), min(inc_clicks, default=-1),
             inc_dwells[-1].dwell_ms if inc_dwells else -1, inc_dwells[-1].ts_ms if inc_dwells else -1,
-            FeedbackKind.LIKE in fb, FeedbackKind.DISLIKE in fb, close, close != ts + cfg.label_window_ms)
+            bool(likes), bool(dislikes), close, close != ts + cfg.label_window_ms,
+            min(likes, default=-1), min(dislikes, default=-1))
     return out
 
 
@@ -300,3 +302,17 @@ def test_outcome_naming_another_user_or_item_is_an_orphan():
     assert [(o.event.event_id, o.reason) for o in out.orphans] == [(2, "mismatch"), (3, "mismatch")]
     [s] = core.flush().samples
     assert not s.clicked and s.dwell_ms == -1
+
+
+def test_impression_redelivered_after_flush_is_a_duplicate():
+    core = JoinCore(JoinerConfig(allowed_lateness_ms=0, label_window_ms=1_000))
+    imp = Impression(1, 100, 1, 9, 7)
+    core.process([imp])
+    assert len(core.flush().samples) == 1
+    assert core.process([imp]).samples == [] and core.flush().samples == []
+    assert core.counters()["duplicate"] == 1
+
+
+def test_retention_shorter_than_window_plus_lateness_is_refused():
+    with pytest.raises(ValueError, match="emitted_retention_ms"):
+        JoinerConfig(label_window_ms=30 * 60_000, allowed_lateness_ms=10_000, emitted_retention_ms=60_000)

@@ -266,3 +266,10 @@ def test_label_batch_bytes_equal_per_sample_encoding():
     leaky = [Snapshot(click_items=(1,), click_cats=(1,), newest_ts_ms=t0)] * 3
     with pytest.raises(ValueError, match="leakage"):
         label_batch(js, leaky, stats, cfg)
+
+
+def test_ndt_weight_is_never_negative():
+    from streams.joiner.ndt import ndt_weight_ms
+
+    w = ndt_weight_ms(np.array([0, 1, 500, 5_000, -1]))
+    assert (w >= 0).all() and w[0] == 0.0 and w[-1] == 0.0 and w[3] > 0

@@ -1,0 +1,92 @@
+"""Model versions: what the continuous learner announces on the ``model-updates`` topic.
+
+Each checkpoint the learner publishes becomes one message, keyed by the model name, whose value is
+the UTF-8 JSON of a :class:`ModelVersion`. JSON, not pickle: a scorer decodes untrusted bytes from
+the network with nothing but ``json.loads`` and field validation; the weights themselves are read
+from ``path`` with ``torch.load(..., weights_only=True)`` (:mod:`learner.checkpoint`).
+
+>>> v = ModelVersion(version=3, path="/ckpt/v3.pt", created_at_ms=1_700_000_000_000,
+...                  samples_seen=8192, model="dumn", metrics={"auc": 0.71})
+>>> ModelVersion.decode(v.encode()) == v
+True
+>>> ModelVersion.decode(b'{"version": -1, "path": "p", "created_at_ms": 0, "samples_seen": 0}')
+Traceback (most recent call last):
+...
+learner.versions.VersionFormatError: bad model version message: version=-1 < 0
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from learner import LearnerError
+
+TOPIC_MODEL_UPDATES = "model-updates"
+SCHEMA = 1
+
+
+class VersionFormatError(LearnerError):
+    """A ``model-updates`` message is not a valid model version; it is skipped, never half-used."""
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """One published model: where its checkpoint is and what it had seen when it was cut.
+
+    ``version`` increases by one per publication of a learner run; ``samples_seen`` counts the
+    samples trained on; ``metrics`` holds the prequential figures at that point (auc, gauc,
+    logloss, valid_read_auc, ...); ``source_offsets`` maps ``"topic/partition"`` to the next
+    offset to train on.
+    """
+
+    version: int
+    path: str
+    created_at_ms: int
+    samples_seen: int
+    model: str = "dumn"
+    metrics: dict[str, float] = field(default_factory=dict)
+    source_offsets: dict[str, int] = field(default_factory=dict)
+    schema: int = SCHEMA
+
+    def __post_init__(self) -> None:
+        for name in ("version", "created_at_ms", "samples_seen", "schema"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name}={value!r} is not an integer")
+            if value < 0:
+                raise ValueError(f"{name}={value!r} < 0")
+        if not isinstance(self.path, str) or not self.path:
+            raise ValueError(f"path={self.path!r} must be a non-empty string")
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError(f"model={self.model!r} must be a non-empty string")
+        for k, v in self.metrics.items():
+            if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"metrics[{k!r}]={v!r} must map a name to a number")
+        for k, v in self.source_offsets.items():
+            if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"source_offsets[{k!r}]={v!r} must map 'topic/partition' to an offset >= 0")
+
+    @property
+    def key(self) -> bytes:
+        return self.model.encode("utf-8")
+
+    def encode(self) -> bytes:
+        # NaN metrics (e.g. AUC before both classes were seen) travel as null
+        row: dict[str, Any] = asdict(self)
+        row["metrics"] = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in self.metrics.items()}
+        return json.dumps(row, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+    @classmethod
+    def decode(cls, value: bytes | None) -> ModelVersion:
+        try:
+            row = json.loads(value) if value else None
+            if not isinstance(row, dict):
+                raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+            if row.get("schema", SCHEMA) != SCHEMA:
+                raise ValueError(f"schema={row.get('schema')!r} (this reader knows {SCHEMA})")
+            row["metrics"] = {k: (math.nan if v is None else v) for k, v in (row.get("metrics") or {}).items()}
+            return cls(**row)
+        except (TypeError, ValueError, UnicodeDecodeError) as exc:
+            raise VersionFormatError(f"bad model version message: {exc}") from None

@@ -26,7 +26,7 @@ from learner.batch import SEQUENCE_KINDS, SampleBatch
 from learner.config import DUMNConfig
 from learner.models.base import ModelOutput, no_aux
 from learner.models.dumn_memory import N_KINDS, UserMemory
-from learner.models.embedding import FeatureEmbeddings, Towers, hash_ids
+from learner.models.embedding import FeatureEmbeddings, Towers, hash_ids, trim_padding
 
 
 class SequenceEncoder(nn.Module):
@@ -83,21 +83,6 @@ def encode_all(encoders: nn.ModuleList, x: torch.Tensor, mask: torch.Tensor,
     heads = heads.view(n_k, b, h, t, d).transpose(2, 3).reshape(n_k, b, t, e)     # (K, B, T, E)
     wf = torch.stack([m.wf.weight for m in encoders])                       # (K, E_out, E_in)
     return torch.einsum("kbte,kfe->kbtf", heads, wf)                        # (K, B, T, E)
-
-
-def trim_padding(batch: SampleBatch) -> SampleBatch:
-    """The batch with its sequences cut after the last position that is real in any row of any
-    kind (at least 1). Cut positions are padding everywhere: masked as keys, discarded by the
-    pooling, never sampled by the triplet loss, so every output is unchanged (eq. 1's sqrt(T) keeps
-    the full T). Short real-data histories make attention this much cheaper."""
-    masks = [batch.sequence(kind)[2] for kind in SEQUENCE_KINDS]
-    real = torch.stack([m.any(0) for m in masks]).any(0)                    # (T,)
-    t_eff = max(1, int(real.nonzero().max()) + 1) if bool(real.any()) else 1
-    if t_eff == batch.seq_len:
-        return batch
-    cut = {f"{kind}_{part}": getattr(batch, f"{kind}_{part}")[:, :t_eff]
-           for kind in SEQUENCE_KINDS for part in ("items", "cats", "mask")}
-    return SampleBatch(**{**batch.tensors(), **cut})
 
 
 class TargetAttentionPool(nn.Module):

@@ -62,6 +62,24 @@ def collision_rate(n_ids: int, n_buckets: int, n_hashes: int = 1, seed: int = 0)
     return {"n_ids": float(ids.numel()), "n_buckets": float(n_buckets), "measured": measured, "expected": expected}
 
 
+def trim_padding(batch: SampleBatch) -> SampleBatch:
+    """The batch with its sequences cut after the last position that is real in any row of any
+    kind (at least 1). Cut positions are padding everywhere, which every model masks out (DUMN:
+    masked keys, discarded by the pooling, never sampled by the triplet loss; its eq. 1 keeps
+    sqrt(T) of the full T), so no output changes. Short real-data histories make the sequence
+    work this much cheaper."""
+    from learner.batch import SEQUENCE_KINDS
+    masks = [batch.sequence(kind)[2] for kind in SEQUENCE_KINDS]
+    real = torch.stack([m.any(0) for m in masks]).any(0)                    # (T,)
+    t_eff = max(1, int(real.nonzero().max()) + 1) if bool(real.any()) else 1
+    if t_eff == batch.seq_len:
+        return batch
+    cut = {f"{kind}_{part}": getattr(batch, f"{kind}_{part}")[:, :t_eff]
+           for kind in SEQUENCE_KINDS for part in ("items", "cats", "mask")}
+    return SampleBatch(**{**batch.tensors(), **cut})
+
+
+
 class HashedEmbedding(nn.Module):
     """Embedding of unbounded ids: sum of ``n_hashes`` rows picked by independent hashes.
 
@@ -137,27 +155,30 @@ class FeatureEmbeddings(nn.Module):
         e = self.items(items) + self.categories(cats)                                      # (B, T, E)
         return e * mask.unsqueeze(-1).to(e.dtype), mask                                    # (B, T, E)
 
-    def all_fields(self, batch: SampleBatch) -> tuple[torch.Tensor, torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-        """``(user_fields(batch), item_fields(batch), {kind: sequence(batch, kind)})`` with one lookup
-        per table (target items and the four sequences together), which makes the backward cheaper."""
+    def all_fields(self, batch: SampleBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One lookup per table (target items and the four sequences together, which makes the
+        backward cheaper): (user_fields(batch) (B, 2+F_u, E), item_fields(batch) (B, 2+F_i, E),
+        e_seq (4, B, T, E), mask (4, B, T)) where ``e_seq[k], mask[k] == sequence(batch, kind k)``
+        in the order click, unclick, like, dislike."""
         from learner.batch import SEQUENCE_KINDS
         cfg = self.cfg
         self._check_profile(batch.user_profile, cfg.n_user_profile, "user_profile")
         self._check_profile(batch.item_profile, cfg.n_item_profile, "item_profile")
         seqs = [batch.sequence(kind) for kind in SEQUENCE_KINDS]
-        items = self.items.multi([(batch.item_id, 0)] + [(s[0], 0) for s in seqs])     # (B, E), (B, T, E) x4
-        cats = self.categories.multi([(batch.item_category, 0)] + [(s[1], 0) for s in seqs])
+        b, t = batch.batch_size, batch.seq_len
+        seq_items = torch.stack([s[0] for s in seqs])                                      # (4, B, T)
+        seq_cats = torch.stack([s[1] for s in seqs])                                       # (4, B, T)
+        mask = torch.stack([s[2] for s in seqs])                                           # (4, B, T)
+        item_t, item_s = self.items.multi([(batch.item_id, 0), (seq_items, 0)])           # (B, E), (4, B, T, E)
+        cat_t, cat_s = self.categories.multi([(batch.item_category, 0), (seq_cats, 0)])   # (B, E), (4, B, T, E)
         prof = self.profile.multi([(batch.user_group, 1)]
                                   + [(batch.user_profile[:, k], 10 + k) for k in range(cfg.n_user_profile)]
                                   + [(batch.item_profile[:, k], 100 + k) for k in range(cfg.n_item_profile)])
         n_u = 1 + cfg.n_user_profile
         user = torch.stack([self.users(batch.user_id), *prof[:n_u]], dim=1)                # (B, 2+F_u, E)
-        item = torch.stack([items[0], cats[0], *prof[n_u:]], dim=1)                        # (B, 2+F_i, E)
-        out = {}
-        for j, (kind, (_, _, mask)) in enumerate(zip(SEQUENCE_KINDS, seqs)):
-            e = items[1 + j] + cats[1 + j]                                                 # (B, T, E)
-            out[kind] = (e * mask.unsqueeze(-1).to(e.dtype), mask)                         # (B, T, E), (B, T)
-        return user, item, out
+        item = torch.stack([item_t, cat_t, *prof[n_u:]], dim=1)                            # (B, 2+F_i, E)
+        e_seq = (item_s + cat_s) * mask.unsqueeze(-1).to(item_s.dtype)                     # (4, B, T, E)
+        return user, item, e_seq.view(len(seqs), b, t, -1), mask
 
     def mean_pool(self, batch: SampleBatch, kind: str) -> torch.Tensor:
         """(B, E) masked mean of a sequence; zero for an empty sequence."""
@@ -203,12 +224,10 @@ def sparse_ids(batch: SampleBatch) -> list[tuple[torch.Tensor, int]]:
 def field_stack(embed: FeatureEmbeddings, batch: SampleBatch) -> torch.Tensor:
     """(B, F, E) field embeddings for the non-sequential baselines: user fields, item fields and the
     masked mean of each of the four behaviour sequences (F = 4 + F_u + F_i + 4)."""
-    user, item, seqs = embed.all_fields(batch)                                                 # one lookup per table
-    pooled = []
-    for e, mask in seqs.values():                                                              # (B, T, E), (B, T)
-        n = mask.sum(1, keepdim=True).clamp(min=1).to(e.dtype)                                 # (B, 1)
-        pooled.append(e.sum(1) / n)                                                            # (B, E)
-    return torch.cat([user, item, torch.stack(pooled, 1)], 1)                                  # (B, F, E)
+    user, item, e_seq, mask = embed.all_fields(trim_padding(batch))                            # one lookup per table
+    n = mask.sum(2, keepdim=True).clamp(min=1).to(e_seq.dtype)                                  # (4, B, 1)
+    pooled = (e_seq.sum(2) / n).transpose(0, 1)                                                # (B, 4, E) masked means
+    return torch.cat([user, item, pooled], 1)                                                  # (B, F, E)
 
 
 def n_fields(cfg: EmbeddingConfig) -> int:

@@ -12,7 +12,7 @@ import sys
 
 from streamrec.config import ConfigError
 
-COMMANDS = ("broker", "replay", "tail", "demo", "joiner", "build_samples", "train_offline")
+COMMANDS = ("broker", "replay", "tail", "demo", "joiner", "build_samples", "train_offline", "learner", "score")
 
 
 def build_parser() -> argparse.ArgumentParser:

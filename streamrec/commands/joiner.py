@@ -33,6 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a partition without events this long is treated as ended: pending impressions "
                         "are emitted (default: never; use for replays)")
     p.add_argument("--batch-max", type=int, default=None, help="events per stream.take batch (default 10000)")
+    p.add_argument("--session-timeout-s", type=float, default=None,
+                   help="group session timeout: how soon a dead worker's partitions move (default 10)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
 
     flags = {"bootstrap": args.bootstrap, "data_dir": args.data_dir, "app_id": args.app_id,
              "web_port": args.web_port, "web_host": args.web_host, "idle_flush_s": args.idle_flush_s,
-             "batch_max": args.batch_max}
+             "batch_max": args.batch_max, "session_timeout_s": args.session_timeout_s}
     config = build(JoinerAppConfig, load_section(getattr(args, "config", None), "joiner"), flags)
     code, counters = run_worker(config, loglevel=str(getattr(args, "log_level", "info")).lower())
     from streams.joiner.worker import summary_line

@@ -62,6 +62,8 @@ class JoinerAppConfig:
     tick_s: float = 0.2
     idle_flush_s: float | None = None
     log_every_s: float = 10.0
+    store_lock_wait_s: float = 30.0
+    session_timeout_s: float = 10.0
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
     def __post_init__(self) -> None:
@@ -104,11 +106,19 @@ class JoinerRuntime:
         self._last_log_s = time.monotonic()
 
     # -- assignment ---------------------------------------------------------------------------
-    def _open(self, p: int) -> _Partition:
+    async def _open(self, p: int) -> _Partition:
         part = self.partitions.get(p)
         if part is not None:
             return part
-        pipe = open_pipeline(store_path(self.config.data_dir, p), p, self.config.pipeline)
+        deadline = time.monotonic() + self.config.store_lock_wait_s
+        while True:  # the previous owner (another worker on this host) may still be closing it
+            try:
+                pipe = open_pipeline(store_path(self.config.data_dir, p), p, self.config.pipeline)
+                break
+            except Exception as exc:
+                if "lock" not in str(exc).lower() or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
         offsets = {t: pipe.committed_offset(t) or 0 for t in EVENT_TOPICS}
         ledger = OutputLedger()
         found = []
@@ -147,7 +157,7 @@ class JoinerRuntime:
             for (topic, p), evs in by_tp.items():
                 if p not in self.partitions and not self._assigned(p):
                     continue  # in flight from before a rebalance: another worker owns it now
-                part = self._open(p)
+                part = await self._open(p)
                 part.last_event_s = time.monotonic()
                 part.flushed = False
                 decoded = decode_batch([ev.message.value for ev in evs], kind_of(topic))
@@ -182,7 +192,9 @@ class JoinerRuntime:
             now = time.monotonic()
             for p, part in sorted(self.partitions.items()):
                 idle = self.config.idle_flush_s
-                flush = (idle is not None and not part.flushed and now - part.last_event_s >= idle)
+                # ended = idle AND caught up on every topic (a paused or slow fetch is not an end)
+                flush = (idle is not None and not part.flushed and now - part.last_event_s >= idle
+                         and all(self._caught_up(t, p, part.aligner.next_received(t)) for t in EVENT_TOPICS))
                 acks += await self._step(p, flush=flush)
                 if flush:
                     part.flushed = True
@@ -262,7 +274,10 @@ def make_app(config: JoinerAppConfig) -> tuple[faust.App, JoinerRuntime]:
         config.app_id, broker=f"kafka://{config.bootstrap}", store="memory://",
         datadir=str(config.data_dir / "faust"), autodiscover=False,
         topic_replication_factor=1, consumer_auto_offset_reset="earliest",
-        broker_commit_interval=0.5, broker_heartbeat_interval=0.5, **web)
+        broker_commit_interval=0.5, broker_heartbeat_interval=0.5,
+        broker_session_timeout=config.session_timeout_s,  # how soon a dead worker's partitions move
+        stream_wait_empty=False,  # the aligner holds unacked events; a rebalance must not wait for them
+        **web)
     source = app.topic(*EVENT_TOPICS, key_type=bytes, value_type=bytes,
                        key_serializer="raw", value_serializer="raw")
 

@@ -3,14 +3,19 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from kafka import KafkaProducer
 
-from featurestore import FeatureReader, RocksFeatureStore, SequenceKind
+from featurestore import FeatureReader, RocksFeatureStore, SequenceKind, UserFeatures
+from featurestore.sequences import EMPTY_SLICE, SequenceSlice
 from learner.batch import SEQUENCE_KINDS
 from learner.checkpoint import CheckpointError, save_checkpoint
 from learner.data import batch_from_columns, decode_columns
@@ -244,16 +249,16 @@ def test_no_model_yet_and_bad_requests_are_refused(broker, store, tmp_path):
 
 
 def test_candidate_batch_layout():
-    store_features = type("UF", (), {})()
-    from featurestore.sequences import EMPTY_SLICE, SequenceSlice
     sl = SequenceSlice(np.array([5, 6, 7], np.uint64), np.array([1, -1, 2], np.int32), np.array([1, 2, 3]))
-    store_features.user_id, store_features.click = 9, sl
-    store_features.unclick = store_features.like = store_features.dislike = EMPTY_SLICE
-    b = candidate_batch(store_features, [1, 2], seq_len=2, item_durations_ms=[0, 8_000])
+    uf = UserFeatures(9, None, sl, EMPTY_SLICE, EMPTY_SLICE, EMPTY_SLICE, 0, 0)
+    b = candidate_batch(uf, [1, 2], seq_len=2, item_durations_ms=[0, 8_000])
     b.validate()
     assert b.click_items.tolist() == [[6, 7], [6, 7]] and b.click_cats.tolist() == [[-1, 2], [-1, 2]]
     assert b.item_profile.tolist() == [[0], [2]] and b.user_profile.tolist() == [[-1], [-1]]
     assert b.item_category.tolist() == [-1, -1] and b.user_group.tolist() == [0, 0]
+    b = candidate_batch(uf, [1], seq_len=4)                        # oldest first, zero padding at the end
+    assert b.click_items.tolist() == [[5, 6, 7, 0]] and b.click_mask.tolist() == [[True, True, True, False]]
+    assert b.like_mask.tolist() == [[False] * 4]
 
 
 def run_cli(capsys, *argv):
@@ -289,3 +294,33 @@ def test_cli_scores_with_the_newest_version_and_with_a_checkpoint(broker, store,
     (tmp_path / "bad.pt").write_bytes(b"garbage")
     rc, lines, err = run_cli(capsys, "--checkpoint", str(tmp_path / "bad.pt"), *common)
     assert rc == 1 and not lines and "cannot load checkpoint" in err
+
+
+def test_cli_follow_prints_a_line_per_new_version(broker, store, tmp_path):
+    trainer = make_trainer()
+    train(trainer, 1, seed=10)
+    save_checkpoint(tmp_path / "v1.pt", trainer.checkpoint_state())
+    train(trainer, 1, seed=11)
+    save_checkpoint(tmp_path / "v2.pt", trainer.checkpoint_state())
+    want2, _ = own_forward(trainer, training_layout_batch(store, ITEMS, T0))
+    publish(broker.bootstrap, version(1, tmp_path / "v1.pt").encode())
+    store.close()
+    cmd = [sys.executable, "-m", "streamrec.cli", "--log-level", "WARNING", "score", "--bootstrap", broker.bootstrap,
+           "--feature-store", str(tmp_path / "fs"), "--user-id", str(USER), "--items", ",".join(map(str, ITEMS)),
+           "--categories", ",".join(map(str, CATS)), "--durations-ms", ",".join(map(str, DURS)),
+           "--user-group", "7", "--age-group", "0", "--ts-ms", str(T0), "--seq-len", str(T),
+           "--wait-s", "15", "--follow-s", "30"]
+    # the process ends by itself within --wait-s + --follow-s, so a read never blocks for longer
+    proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[2], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        first = json.loads(proc.stdout.readline())
+        assert first["model"]["version"] == 1
+        publish(broker.bootstrap, version(2, tmp_path / "v2.pt").encode())
+        second = json.loads(proc.stdout.readline())              # printed when version 2 takes over
+        assert second["model"]["version"] == 2
+        np.testing.assert_allclose(second["scores"], want2, rtol=1e-6)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        proc.stdout.close()

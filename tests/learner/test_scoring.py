@@ -291,6 +291,17 @@ def test_cli_scores_with_the_newest_version_and_with_a_checkpoint(broker, store,
     assert rc == 0, err
     assert lines[0]["model"]["version"] is None and lines[0]["scores"] == row["scores"]
 
+    # the joiner's data directory: one store per partition, the user's history in one of them
+    with RocksFeatureStore(tmp_path / "joiner" / "stores" / "p0000") as other:
+        with other.transaction() as tx:
+            tx.add_sequence_event(USER + 1, SequenceKind.CLICK, item_id=1, category=7, ts_ms=1_000)
+    shutil.copytree(tmp_path / "fs", tmp_path / "joiner" / "stores" / "p0001")
+    data_dir = [*common]
+    data_dir[1] = str(tmp_path / "joiner")
+    rc, lines, err = run_cli(capsys, "--checkpoint", str(tmp_path / "v2.pt"), *data_dir)
+    assert rc == 0, err
+    assert lines[0]["scores"] == row["scores"]
+
     (tmp_path / "bad.pt").write_bytes(b"garbage")
     rc, lines, err = run_cli(capsys, "--checkpoint", str(tmp_path / "bad.pt"), *common)
     assert rc == 1 and not lines and "cannot load checkpoint" in err

@@ -153,12 +153,16 @@ def run(args: argparse.Namespace) -> int:
         if follower is not None and args.follow_s > 0:
             deadline = time.monotonic() + args.follow_s
             shown = result.model["version"]
-            while time.monotonic() < deadline:
-                follower.wait(lambda f: f.current.version.version != shown, deadline - time.monotonic())
-                if follower.current.version.version != shown:
-                    result = service.score_request(args.user_id, items, args.ts_ms, **context)
-                    shown = result.model["version"]
-                    print(_line(result, follower), flush=True)
+            try:
+                while time.monotonic() < deadline:
+                    follower.wait(lambda f: f.current.version.version != shown, deadline - time.monotonic())
+                    if follower.current.version.version != shown:
+                        result = service.score_request(args.user_id, items, args.ts_ms, **context)
+                        shown = result.model["version"]
+                        print(_line(result, follower), flush=True)
+            except LearnerError as exc:
+                print(f"streamrec score: {exc}", file=sys.stderr)
+                return 1
         return 0
     finally:
         if follower is not None:

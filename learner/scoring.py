@@ -229,7 +229,8 @@ class ModelFollower:
     first whose checkpoint loads becomes ``current`` in one reference assignment, after it is fully
     built; the older ones are skipped. ``counters``: messages, malformed (undecodable, skipped),
     refused (checkpoint failed to load or verify), loaded, stale (not newer than current).
-    ``caught_up`` is set once the consumer has read up to the end offsets it saw on assignment.
+    ``caught_up`` is set once the consumer has read up to the end offsets it saw on assignment;
+    the history up to there is decoded first and only its newest good version is loaded.
     """
 
     def __init__(self, bootstrap: str, *, topic: str = TOPIC_MODEL_UPDATES, model: str | None = None,
@@ -314,10 +315,15 @@ class ModelFollower:
             targets = consumer.end_offsets(tps)
             logger.info("model_follower_assigned topic=%s partitions=%d end_offsets=%s", self.topic, len(tps),
                         {tp.partition: o for tp, o in targets.items()})
+            pending: list[tuple[ModelVersion, int, int]] = []   # the history: loaded once, when read
             while not self._stop.is_set():
                 records = consumer.poll(timeout_ms=self.poll_timeout_ms, max_records=500)
-                self._apply([r for batch in records.values() for r in batch])
-                if not self.caught_up.is_set() and all(consumer.position(tp) >= o for tp, o in targets.items()):
+                pending += self._decode([r for batch in records.values() for r in batch])
+                if not (self.caught_up.is_set() or all(consumer.position(tp) >= o for tp, o in targets.items())):
+                    continue
+                self._load_newest(pending)
+                pending = []
+                if not self.caught_up.is_set():
                     self.caught_up.set()
                     logger.info("model_follower_caught_up version=%s counters=%s", self._version_number(),
                                 self.counters)
@@ -334,7 +340,8 @@ class ModelFollower:
         cur = self._current
         return None if cur is None or cur.version is None else cur.version.version
 
-    def _apply(self, records: list) -> None:
+    def _decode(self, records: list) -> list[tuple[ModelVersion, int, int]]:
+        """(version, partition, offset) of each valid message for this follower; the rest counted."""
         candidates: list[tuple[ModelVersion, int, int]] = []
         for r in records:
             self.counters["messages"] += 1
@@ -348,6 +355,10 @@ class ModelFollower:
             if self.model is not None and v.model != self.model:
                 continue
             candidates.append((v, r.partition, r.offset))
+        return candidates
+
+    def _load_newest(self, candidates: list[tuple[ModelVersion, int, int]]) -> None:
+        """Try the versions newer than the current one, newest first; the first that loads serves."""
         candidates.sort(key=lambda c: (c[0].version, c[0].created_at_ms), reverse=True)
         for v, partition, offset in candidates:
             cur = self._version_number()

@@ -1,0 +1,407 @@
+"""The continuous learner: a sample stream, a prequential trainer, checkpoints and model versions.
+
+:class:`ContinuousLearner` wires parts that each do one job: :class:`learner.stream.SampleStream`
+(Kafka), :class:`learner.trainer.Trainer` (score, then train, each minibatch),
+:class:`CheckpointStore` (numbered atomic checkpoints, the last ``keep`` of them),
+:class:`VersionPublisher` (``model-updates``), an optional :class:`AuditLog` and a
+:class:`learner.prometheus.MetricsRegistry` / :class:`learner.progress.ProgressLine` for the live view.
+
+Checkpoint order (every ``checkpoint_every_steps`` minibatches or ``checkpoint_every_s`` seconds,
+on a rebalance and on stop):
+
+1. flush the audit log (fsync) and note its length;
+2. save the trainer's complete state plus ``source_offsets`` (the next offset of every partition
+   trained) atomically as ``ckpt-<version>.pt``;
+3. announce ``ModelVersion`` on ``model-updates`` (keyed by the model name, acks=all), which also
+   flushes the dead letters sent by the same producer;
+4. commit the same offsets to the consumer group;
+5. delete checkpoints beyond the newest ``keep``.
+
+Restart: the newest checkpoint that verifies is loaded (a corrupt or truncated one is refused with
+an error naming the file and the reason, and the one before it is used), the audit log is cut back
+to the length that checkpoint recorded, and the stream seeks every partition to the checkpoint's
+offset (partitions the checkpoint never saw start at the beginning). Every sample inside the
+restored model was trained exactly once and every later sample comes next: nothing twice, nothing
+skipped. Version numbers keep rising past every file name in the directory, refused ones included.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from learner import LearnerError
+from learner.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from learner.stream import RebalanceBarrier, SampleStream, StreamBatch, from_source_offsets, to_source_offsets
+from learner.trainer import Trainer
+from learner.versions import TOPIC_MODEL_UPDATES, ModelVersion
+
+logger = logging.getLogger(__name__)
+
+_CKPT_NAME = re.compile(r"^ckpt-(\d{8,})\.pt$")
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    """Checkpoint, version and live-view policy of one continuous learner.
+
+    ``model_name`` keys the ``model-updates`` messages (default: the trainer's model).
+    ``checkpoint_every_steps`` (0: off) / ``checkpoint_every_s`` (0: off): whichever comes first.
+    ``keep_checkpoints``: newest files kept. ``audit_log``: append "partition offset sample_id" of
+    every trained sample to this file (cut back on restart to the restored checkpoint; an operator's
+    record of exactly which samples are inside the model). ``max_samples`` (0: run until stopped).
+    """
+
+    checkpoint_dir: str
+    model_name: str = ""
+    checkpoint_every_steps: int = 1000
+    checkpoint_every_s: float = 10.0
+    keep_checkpoints: int = 3
+    publish_versions: bool = True
+    audit_log: str = ""
+    max_samples: int = 0
+    progress_every_s: float = 1.0
+    freshness_window: int = 100_000
+    publish_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not self.checkpoint_dir:
+            raise ValueError("checkpoint_dir='' (the learner always checkpoints)")
+        if self.checkpoint_every_steps < 0 or self.checkpoint_every_s < 0:
+            raise ValueError(f"checkpoint_every_steps={self.checkpoint_every_steps!r} and "
+                             f"checkpoint_every_s={self.checkpoint_every_s!r} must be >= 0")
+        if self.checkpoint_every_steps == 0 and self.checkpoint_every_s == 0:
+            raise ValueError("checkpoint_every_steps=0 and checkpoint_every_s=0: no checkpoint would be cut")
+        for name in ("keep_checkpoints", "freshness_window"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be >= 1")
+        if self.max_samples < 0:
+            raise ValueError(f"max_samples={self.max_samples!r} must be >= 0")
+        if self.progress_every_s <= 0 or self.publish_timeout_s <= 0:
+            raise ValueError("progress_every_s and publish_timeout_s must be > 0")
+
+
+class CheckpointStore:
+    """Numbered checkpoints ``ckpt-<version>.pt`` in one directory; keeps the newest ``keep``."""
+
+    def __init__(self, directory: str | Path, keep: int = 3):
+        self.dir = Path(directory)
+        self.keep = keep
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def versions(self) -> list[int]:
+        """Version numbers of the checkpoint files present, ascending (refused files included)."""
+        return sorted(int(m.group(1)) for p in self.dir.iterdir() if (m := _CKPT_NAME.match(p.name)))
+
+    def path(self, version: int) -> Path:
+        return self.dir / f"ckpt-{version:08d}.pt"
+
+    def next_version(self) -> int:
+        found = self.versions()
+        return found[-1] + 1 if found else 1
+
+    def load_newest(self) -> tuple[int, Path, dict[str, Any]] | None:
+        """(version, path, state) of the newest checkpoint that verifies; None for an empty directory.
+
+        Raises CheckpointError when files exist but none verifies (move them away to start afresh).
+        """
+        found = self.versions()
+        for version in reversed(found):
+            path = self.path(version)
+            try:
+                return version, path, load_checkpoint(path)
+            except CheckpointError as exc:
+                logger.error("checkpoint refused path=%s reason=%s; trying the previous one", path, exc)
+        if found:
+            raise CheckpointError(f"none of the {len(found)} checkpoints in {str(self.dir)!r} verifies; "
+                                  "move them away to start from the beginning of the stream")
+        return None
+
+    def save(self, version: int, state: dict[str, Any]) -> Path:
+        path = self.path(version)
+        save_checkpoint(path, state)
+        return path
+
+    def prune(self) -> list[Path]:
+        """Delete all but the newest ``keep`` checkpoints; returns the deleted paths."""
+        gone = [self.path(v) for v in self.versions()[:-self.keep]]
+        for p in gone:
+            p.unlink(missing_ok=True)
+        return gone
+
+
+class AuditLog:
+    """Text file, one line "partition offset sample_id" per trained sample, in training order.
+
+    The learner records the file length in every checkpoint and cuts the file back to it on
+    restart, so the file lists exactly the samples inside the restored model.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._fh = None
+
+    def open(self, keep_bytes: int) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.path, "a+b")
+        size = self._fh.seek(0, os.SEEK_END)
+        if size < keep_bytes:
+            raise CheckpointError(f"audit log {str(self.path)!r} has {size} bytes, the checkpoint recorded "
+                                  f"{keep_bytes}: it is not this learner's log")
+        if size > keep_bytes:
+            logger.info("audit log cut back path=%s from_bytes=%d to_bytes=%d", self.path, size, keep_bytes)
+            self._fh.truncate(keep_bytes)
+        self._fh.seek(keep_bytes)
+
+    def append(self, partitions: np.ndarray, offsets: np.ndarray, sample_ids: np.ndarray) -> None:
+        lines = "".join(f"{p} {o} {s}\n" for p, o, s in zip(partitions.tolist(), offsets.tolist(), sample_ids.tolist()))
+        self._fh.write(lines.encode("ascii"))
+        self._fh.flush()   # visible to readers at once; fsync waits for the checkpoint
+
+    def sync(self) -> int:
+        """Flush and fsync; returns the file length."""
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        return self._fh.tell()
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+class VersionPublisher:
+    """Produces each :class:`ModelVersion` to ``model-updates`` and waits for the broker's ack."""
+
+    def __init__(self, producer, topic: str = TOPIC_MODEL_UPDATES, timeout_s: float = 30.0):
+        self.producer = producer
+        self.topic = topic
+        self.timeout_s = timeout_s
+
+    def publish(self, version: ModelVersion) -> None:
+        self.producer.send(self.topic, key=version.key, value=version.encode()).get(timeout=self.timeout_s)
+        self.producer.flush(timeout=self.timeout_s)
+
+
+@dataclass
+class LearnerStats:
+    """What the live view shows; read by the progress line and the metrics registry."""
+
+    version: int = 0
+    n_versions: int = 0
+    last_checkpoint_s: float = float("nan")   # time.time() of the last durable checkpoint
+    version_times_s: list[float] = dataclasses.field(default_factory=list)
+    n_publish_failures: int = 0
+
+
+class ContinuousLearner:
+    """Trains ``trainer`` on ``stream`` forever (or ``max_samples``), checkpointing and publishing.
+
+    ``restore()`` once before ``run(stop)``; ``run`` returns when ``stop`` is set (SIGTERM in the CLI)
+    or ``max_samples`` are trained, after the final checkpoint. See the module docstring.
+    """
+
+    def __init__(self, cfg: LearnerConfig, trainer: Trainer, stream: SampleStream, store: CheckpointStore,
+                 publisher: VersionPublisher | None = None, audit: AuditLog | None = None,
+                 registry=None, progress=None, clock: Callable[[], float] = time.time):
+        self.cfg = cfg
+        self.trainer = trainer
+        self.stream = stream
+        self.store = store
+        self.publisher = publisher
+        self.audit = audit
+        self.registry = registry
+        self.progress = progress
+        self.clock = clock
+        self.model_name = cfg.model_name or trainer.cfg.model
+        self.topic = stream.cfg.topic
+        self.offsets: dict[int, int] = {}
+        self.stats = LearnerStats()
+        self._freshness: deque[np.ndarray] = deque()
+        self._n_fresh = 0
+        self._rate: deque[tuple[float, int]] = deque(maxlen=64)
+        self._dirty = False
+        self._version = 1
+        self._last_ckpt_step = 0
+        self._last_ckpt_t = clock()
+        self._last_tick = 0.0
+
+    # ---- restart ---------------------------------------------------------------------------
+
+    def restore(self) -> int:
+        """Load the newest good checkpoint, cut the audit log back, position the stream.
+
+        Returns the restored version (0: none, start from the group's committed offsets)."""
+        found = self.store.load_newest()
+        self._version = self.store.next_version()
+        audit_bytes = 0
+        restored = 0
+        if found is not None:
+            restored, path, state = found
+            self.trainer.load_checkpoint_state(state)
+            self.offsets = from_source_offsets(self.topic, self.trainer.source_offsets)
+            audit_bytes = int(state.get("learner", {}).get("audit_bytes", 0))
+            self.stats.version = restored
+            self.stats.last_checkpoint_s = float(state.get("learner", {}).get("created_at_ms", 0)) / 1000
+            self.stream.set_positions(self.offsets, unknown="earliest")
+            logger.info("recover version=%d path=%s step=%d samples=%d offsets=%s next_version=%d", restored, path,
+                        self.trainer.step, self.trainer.samples_seen, self.offsets, self._version)
+        else:
+            self.stream.set_positions({}, unknown="committed")
+            logger.info("recover version=0 (no checkpoint in %s): group offsets or the beginning", self.store.dir)
+        if self.audit is not None:
+            self.audit.open(audit_bytes)
+        self._last_ckpt_step = self.trainer.step
+        return restored
+
+    # ---- the loop --------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        self._last_ckpt_t = self.clock()
+        self.stream.start()
+        clean = False
+        try:
+            while not stop.is_set():
+                item = self.stream.get(timeout_s=0.2)
+                if isinstance(item, RebalanceBarrier):
+                    if self._dirty:
+                        self.checkpoint("rebalance")
+                    item.reply(self.offsets)
+                elif item is not None:
+                    self._train(item)
+                    every = self.cfg.checkpoint_every_steps
+                    if every and self.trainer.step - self._last_ckpt_step >= every:
+                        self.checkpoint("steps")
+                now = self.clock()
+                if self._dirty and self.cfg.checkpoint_every_s and now - self._last_ckpt_t >= self.cfg.checkpoint_every_s:
+                    self.checkpoint("time")
+                if now - self._last_tick >= self.cfg.progress_every_s:
+                    self._tick(now)
+                if self.cfg.max_samples and self.trainer.samples_seen >= self.cfg.max_samples:
+                    break
+            if self._dirty:
+                self.checkpoint("final")
+            clean = True
+        finally:
+            self.stream.close(final_offsets=self.offsets if clean else None)
+            self._tick(self.clock())
+            if self.progress is not None:
+                self.progress.close()
+            if self.audit is not None:
+                self.audit.close()
+            logger.info("learner stopped clean=%s step=%d samples=%d version=%d", clean, self.trainer.step,
+                        self.trainer.samples_seen, self.stats.version)
+
+    def _train(self, item: StreamBatch) -> None:
+        batch = item.batch
+        if batch.batch_size:
+            now_ms = int(self.clock() * 1000)
+            self._note_freshness(now_ms - item.timestamps_ms)                      # (B,)
+            self.trainer.train_batch(batch)
+            if self.audit is not None:
+                self.audit.append(item.partitions, item.offsets, batch.sample_id.cpu().numpy())
+        self.trainer.n_rejected += item.n_rejected
+        self.offsets.update(item.next_offsets)
+        self.trainer.source_offsets = to_source_offsets(self.topic, self.offsets)
+        self._dirty = True
+
+    def _note_freshness(self, ages_ms: np.ndarray) -> None:
+        self._freshness.append(ages_ms)
+        self._n_fresh += len(ages_ms)
+        while self._n_fresh - len(self._freshness[0]) >= self.cfg.freshness_window:
+            self._n_fresh -= len(self._freshness.popleft())
+
+    def freshness_ms(self) -> np.ndarray:
+        """Produced -> inside a training step, ms, of the last ``freshness_window`` samples or so."""
+        return np.concatenate(list(self._freshness)) if self._freshness else np.empty(0, dtype=np.int64)
+
+    # ---- checkpoints -----------------------------------------------------------------------
+
+    def checkpoint(self, reason: str) -> Path:
+        """Audit fsync -> atomic checkpoint -> version announced -> offsets committed -> prune."""
+        t0 = time.perf_counter()
+        version = self._version
+        created_ms = int(self.clock() * 1000)
+        audit_bytes = self.audit.sync() if self.audit is not None else 0
+        state = self.trainer.checkpoint_state()
+        state["learner"] = {"version": version, "created_at_ms": created_ms, "reason": reason,
+                            "audit_bytes": audit_bytes, "group_id": self.stream.cfg.group_id,
+                            "topic": self.topic, "config": dataclasses.asdict(self.cfg)}
+        path = self.store.save(version, state)
+        offsets = dict(self.offsets)
+        self.stream.set_positions(offsets)
+        self._version += 1
+        self._dirty = False
+        self._last_ckpt_step = self.trainer.step
+        self._last_ckpt_t = self.clock()
+        self.stats.version = version
+        self.stats.last_checkpoint_s = created_ms / 1000
+        if self.publisher is not None:
+            self._publish(version, path, created_ms)
+        self.stream.request_commit(offsets)
+        self.store.prune()
+        logger.info("checkpoint version=%d reason=%s step=%d samples=%d offsets=%s seconds=%.3f path=%s", version,
+                    reason, self.trainer.step, self.trainer.samples_seen, offsets, time.perf_counter() - t0, path)
+        return path
+
+    def _publish(self, version: int, path: Path, created_ms: int) -> None:
+        metrics = {k: float(v) for k, v in self.trainer.metrics.compute().items()}
+        metrics["loss"] = float(self.trainer._last_loss)
+        mv = ModelVersion(version=version, path=str(path.resolve()), created_at_ms=created_ms,
+                          samples_seen=self.trainer.samples_seen, model=self.model_name, metrics=metrics,
+                          source_offsets=dict(self.trainer.source_offsets))
+        try:
+            self.publisher.publish(mv)
+        except Exception as exc:  # the checkpoint is durable; the next announcement supersedes this one
+            self.stats.n_publish_failures += 1
+            logger.error("version publish failed version=%d error=%r", version, exc)
+            return
+        self.stats.n_versions += 1
+        self.stats.version_times_s.append(created_ms / 1000)
+
+    # ---- live view -------------------------------------------------------------------------
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        """The figures of the live view (progress line and Prometheus)."""
+        t = self.trainer
+        self._rate.append((now, t.samples_seen))
+        t0, n0 = self._rate[0]
+        recent = [(ts, n) for ts, n in self._rate if now - ts <= 10.0] or [(t0, n0)]
+        rate = (t.samples_seen - recent[0][1]) / (now - recent[0][0]) if now > recent[0][0] else 0.0
+        m = t.metrics.compute()
+        hw = self.stream.highwater()
+        lag = {p: max(0, hw[p] - self.offsets.get(p, 0)) for p in sorted(hw)}
+        fresh = self.freshness_ms()
+        return {
+            "samples": t.samples_seen, "steps": t.step, "rejected": t.n_rejected, "samples_per_s": rate,
+            "loss": float(t._last_loss), "window_auc": m["window_click_auc"], "window_gauc": m["window_click_gauc"],
+            "window_vr_auc": m["window_vr_auc"], "version": self.stats.version, "versions": self.stats.n_versions,
+            "checkpoint_age_s": now - self.stats.last_checkpoint_s, "lag": lag,
+            "freshness_p50_s": float(np.percentile(fresh, 50)) / 1000 if len(fresh) else float("nan"),
+            "freshness_p99_s": float(np.percentile(fresh, 99)) / 1000 if len(fresh) else float("nan"),
+            "publish_failures": self.stats.n_publish_failures,
+        }
+
+    def _tick(self, now: float) -> None:
+        self._last_tick = now
+        if self.registry is None and self.progress is None:
+            return
+        snap = self.snapshot(now)
+        if self.registry is not None:
+            from learner.prometheus import update_learner_metrics
+            update_learner_metrics(self.registry, snap, topic=self.topic)
+        if self.progress is not None:
+            self.progress.update(snap)
+
+
+__all__ = ["AuditLog", "CheckpointStore", "ContinuousLearner", "LearnerConfig", "LearnerStats", "VersionPublisher"]

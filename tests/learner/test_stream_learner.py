@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from kafka.admin import NewTopic
 
 from learner.checkpoint import CheckpointError, load_checkpoint
 from learner.continuous import AuditLog, CheckpointStore, ContinuousLearner, LearnerConfig, VersionPublisher
-from learner.prometheus import MetricsRegistry
+from learner.prometheus import MetricsRegistry, MetricsServer, PrometheusConfig
 from learner.stream import SampleStream, StreamConfig, from_source_offsets
 from learner.trainer import Trainer, TrainerConfig
 from learner.versions import TOPIC_MODEL_UPDATES, ModelVersion
@@ -183,8 +184,14 @@ def test_end_to_end_trains_every_sample_and_publishes_loadable_versions(broker, 
     finally:
         admin.close()
     assert committed == learner.offsets
-    snap = learner.registry.get("streamrec_learner_samples_total")
-    assert snap == n
+    # the live view, scraped over HTTP from the registry the learner filled
+    with MetricsServer(PrometheusConfig(), learner.registry) as server:
+        with urllib.request.urlopen(server.url, timeout=10) as resp:
+            body = resp.read().decode()
+    assert f"streamrec_learner_samples_total {n}" in body.splitlines()
+    assert f"streamrec_learner_model_version {newest.version}" in body.splitlines()
+    for p in range(N_PARTITIONS):
+        assert f'streamrec_learner_consumer_lag{{partition="{p}",topic="samples"}} 0' in body.splitlines()
 
 
 def test_restart_resumes_at_checkpoint_offsets_and_refuses_a_damaged_newest_checkpoint(broker, tmp_path, caplog):

@@ -10,12 +10,15 @@ tables) under the flags below.
 from __future__ import annotations
 
 import argparse
+import gc
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
 from streamrec.config import build, load_section
+
+GC_GEN0_THRESHOLD = 50_000
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -39,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from streams.joiner.worker import build_samples
     from streams.replay import iter_events
 
+    gc.set_threshold(GC_GEN0_THRESHOLD)  # the join state is many small objects (docs/joiner.md, section 6)
     config = build(PipelineConfig, load_section(args.config, "build-samples"))
     temp = args.work_dir is None
     work_dir = Path(tempfile.mkdtemp(prefix="streamrec-build-")) if temp else args.work_dir

@@ -9,10 +9,13 @@ streamrec.commands.joiner ...`` runs the same command without the ``streamrec`` 
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import sys
 
 from streamrec.config import build, load_section
+
+GC_GEN0_THRESHOLD = 50_000
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -45,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
              "web_port": args.web_port, "web_host": args.web_host, "idle_flush_s": args.idle_flush_s,
              "batch_max": args.batch_max, "session_timeout_s": args.session_timeout_s}
     config = build(JoinerAppConfig, load_section(getattr(args, "config", None), "joiner"), flags)
+    gc.set_threshold(GC_GEN0_THRESHOLD)  # the join state is many small objects (docs/joiner.md, section 6)
     code, counters = run_worker(config, loglevel=str(getattr(args, "log_level", "info")).lower())
     from streams.joiner.worker import summary_line
     print(f"joiner final: {summary_line(counters)}", flush=True)

@@ -276,7 +276,9 @@ def make_app(config: JoinerAppConfig) -> tuple[faust.App, JoinerRuntime]:
         topic_replication_factor=1, consumer_auto_offset_reset="earliest",
         broker_commit_interval=0.5, broker_heartbeat_interval=0.5,
         broker_session_timeout=config.session_timeout_s,  # how soon a dead worker's partitions move
-        stream_wait_empty=False,  # the aligner holds unacked events; a rebalance must not wait for them
+        stream_wait_empty=False,
+        stream_buffer_maxsize=config.batch_max * 4, broker_max_poll_records=config.batch_max,
+        consumer_max_fetch_size=8 << 20,  # the aligner holds unacked events; a rebalance must not wait for them
         **web)
     source = app.topic(*EVENT_TOPICS, key_type=bytes, value_type=bytes,
                        key_serializer="raw", value_serializer="raw")

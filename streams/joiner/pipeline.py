@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from featurestore import CounterKind, FeatureStoreConfig, ItemCountField, RocksFeatureStore, SequenceKind
+from featurestore import CounterKind, DwellStats, FeatureStoreConfig, ItemCountField, RocksFeatureStore, SequenceKind
 from featurestore import keys as fs_keys
 from featurestore.store import StoreBatch
 from streams.contracts import Event
@@ -131,6 +131,12 @@ class JoinerPipeline:
         raw = self.meta(DEFERRED_META)
         self._deferred: list[tuple[int, int, int, int, int]] = (
             [] if raw is None else np.frombuffer(raw, dtype=_DEFERRED).tolist())
+        # this partition's partial of the global ln(dwell) moments, kept bit-equal to the stored one
+        (raw,) = store._get_many([fs_keys.global_dwell_key(partition)])
+        dcfg = config.store.dwell
+        self._dwell = (DwellStats.from_config(dcfg) if raw is None
+                       else DwellStats.from_bytes(raw, dcfg.min_dwell_ms))
+        self._seq_keys: dict[int, list[bytes]] = {}
         self._tx: StoreBatch | None = None
         logger.info("pipeline_open partition=%d restored=%s watermark_ms=%s samples=%d", partition,
                     blob is not None, self.core.watermark_ms, self._n.get("samples", 0))
@@ -233,7 +239,7 @@ class JoinerPipeline:
             for s in run:
                 snapshots.append(self._read_user(tx, s, clicks))
                 self._stage_user(tx, s)
-            stats = FrozenStoreStatistics(tx, clicks)
+            stats = FrozenStoreStatistics(tx, self._dwell, clicks)
             values += label_batch(run, snapshots, stats, self.config.joiner)
             for s in run:  # the run's item statistics wait until a later epoch starts
                 flags = s.clicked * _F_CLICKED | s.liked * _F_LIKED | s.disliked * _F_DISLIKED
@@ -243,20 +249,31 @@ class JoinerPipeline:
 
     def _read_user(self, tx: StoreBatch, s: JoinedImpression, clicks: dict[tuple[int, int], int]) -> Snapshot:
         imp = s.impression
-        uf = tx.user_features(imp.user_id, imp.ts_ms)
-        t = self.config.joiner.seq_len
+        keys = self._seq_keys.get(imp.user_id)
+        if keys is None:
+            if len(self._seq_keys) > 100_000:
+                self._seq_keys.clear()
+            keys = self._seq_keys[imp.user_id] = [fs_keys.user_sequence_key(imp.user_id, k) for k, _ in _SEQ_KINDS]
+        # the four sequences only (user_features would also decode the counters); staged updates seen
+        seqs = tx._load_many(keys, tx._decode_sequence)
+        t, n = self.config.joiner.seq_len, self.config.store.sequences.max_len
         parts: dict[str, tuple[int, ...]] = {}
         newest = -1
-        for kind, name in _SEQ_KINDS:
-            sl = uf.sequence(kind)
+        for seq, (_kind, name) in zip(seqs, _SEQ_KINDS):
+            if seq is None:
+                continue
+            sl = seq.before(imp.ts_ms, t)
             if len(sl):
-                parts[f"{name}_items"] = tuple(sl.item_ids[-t:].tolist())
-                parts[f"{name}_cats"] = tuple(sl.categories[-t:].tolist())
+                parts[f"{name}_items"] = tuple(sl.item_ids.tolist())
+                parts[f"{name}_cats"] = tuple(sl.categories.tolist())
                 newest = max(newest, int(sl.ts_ms[-1]))
         if s.clicked:
-            cs = uf.click if s.click_ts_ms == imp.ts_ms else tx.user_features(imp.user_id, s.click_ts_ms).click
-            lo = s.click_ts_ms - self.config.t2_window_ms
-            clicks[(imp.user_id, s.click_ts_ms)] = int(np.count_nonzero(cs.ts_ms >= lo))
+            click_seq = seqs[0]
+            n_clicks = 0
+            if click_seq is not None:
+                cs = click_seq.before(s.click_ts_ms, n)
+                n_clicks = int(np.count_nonzero(cs.ts_ms >= s.click_ts_ms - self.config.t2_window_ms))
+            clicks[(imp.user_id, s.click_ts_ms)] = n_clicks
         return Snapshot(**parts, newest_ts_ms=newest)
 
     @staticmethod
@@ -286,6 +303,7 @@ class JoinerPipeline:
                 if dwell_ms >= 0:
                     tx.add_item_dwell(item, dwell_ms)
                     tx.add_global_dwell(dwell_ms, click_ts_ms, shard=self.partition)
+                    self._dwell.update(dwell_ms, click_ts_ms)
         self._deferred = []
 
     def _count(self, values: list[bytes]) -> None:

@@ -1,24 +1,25 @@
 """The feature store as :class:`~streams.joiner.validread.DwellStatistics` for one labelling run.
 
-:class:`FrozenStoreStatistics` reads the global ln(dwell) moments (T1) once and the item P10
-sketches (T3) on demand from a store view (the writer, or its open transaction, which sees its
-own staged updates); the pipeline builds it *before* it stages the run's item and global updates,
-so every sample of the run is judged on the statistics as of the start of its statistics epoch.
-The T2 counts are computed by the pipeline per sample, in emission order, and handed in.
+:class:`FrozenStoreStatistics` takes the ln(dwell) moments (T1) from the pipeline's partial of the
+global statistics (kept equal, bit for bit, to the one the store holds for the partition's shard)
+and reads the item P10 sketches (T3) on demand from a store view (the open transaction, which sees
+its own staged updates). The pipeline builds it before it applies anything of the run's epoch, so
+every sample of a run is judged on the statistics as of the start of its statistics epoch. The T2
+counts are computed by the pipeline per sample, in close order, and handed in.
 """
 from __future__ import annotations
 
 import math
 
+from featurestore.dwellstats import DwellStats
 from featurestore.reader import FeatureView
 
 
 class FrozenStoreStatistics:
     """T1 moments read at construction; T3 quantiles read (and cached) on first use."""
 
-    def __init__(self, view: FeatureView, user_clicks_7d: dict[tuple[int, int], int]) -> None:
-        stats = view.global_dwell_stats()
-        mu, sigma = stats.mu, stats.sigma
+    def __init__(self, view: FeatureView, dwell: DwellStats, user_clicks_7d: dict[tuple[int, int], int]) -> None:
+        mu, sigma = dwell.mu, dwell.sigma
         self._moments = (mu, sigma) if math.isfinite(mu) and math.isfinite(sigma) else None
         self._view = view
         self._quantiles: dict[tuple[int, float], float | None] = {}

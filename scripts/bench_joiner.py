@@ -1,0 +1,254 @@
+"""Joiner benchmark: events/s of one worker on one core, window-close -> sample latency, and a naive
+one-event-at-a-time agent in the same run.
+
+The stream is the bundled slice scaled up: ``--scale K`` copies with disjoint user, event and
+impression ids and the same event times (K times denser), merged in event-time order.
+
+Phases, each on its own embedded broker with one partition per topic:
+
+1. ``pipeline``: the per-partition pipeline in this process (no Kafka): events/s.
+2. ``worker``: the events are produced first, then ``streamrec joiner`` (``--batch-max``, default
+   10000) runs as a subprocess pinned to one CPU; events/s from its /counters page, between 10 % and
+   90 % of the events.
+3. ``latency``: a fresh worker, then the events produced at ``--paced-rate`` events/s; per sample,
+   latency = the sample record's timestamp - the timestamp of the source record whose event time
+   moved the watermark past the sample's close (p50 / p99). Samples flushed at the end of the
+   stream (no such record) are left out.
+4. ``naive``: the same worker with ``--batch-max 1`` (one event per await, a commit per event) on the
+   first ``--naive-events`` events; the ratio worker / naive.
+
+    python scripts/bench_joiner.py --scale 4
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(REPO_ROOT / "scripts"))
+
+from benchutil import command_line, cpu_model, load_average  # noqa: E402
+
+from streams.broker import EmbeddedBroker  # noqa: E402
+from streams.broker.config import BrokerConfig  # noqa: E402
+from streams.contracts import EVENT_TOPICS, Click, Dwell, Feedback, Impression, decode, encode, key_for, topic_for  # noqa: E402
+from streams.joiner.app import free_port  # noqa: E402
+from streams.joiner.pipeline import PipelineConfig, open_pipeline  # noqa: E402
+from streams.replay import iter_events  # noqa: E402
+from streams.samples import decode as decode_sample  # noqa: E402
+
+SLICE = REPO_ROOT / "data" / "kuairand-slice" / "log_standard_slice.csv.gz"
+_RANK = {Impression: 0, Click: 1, Dwell: 2, Feedback: 3}
+
+
+def scaled_events(k: int) -> list:
+    base = list(iter_events([SLICE]))
+    out = []
+    for c in range(k):
+        du, de = c * 10_000_000, c << 58
+        for e in base:
+            if type(e) is Impression:
+                out.append((e.ts_ms, 0, c, Impression(e.event_id + de, e.ts_ms, e.user_id + du, e.item_id,
+                                                       e.impression_id + de, e.activeness, e.age_group,
+                                                       e.item_duration_ms, e.item_category)))
+            elif type(e) is Click:
+                out.append((e.ts_ms, 1, c, Click(e.event_id + de, e.ts_ms, e.impression_id + de, e.user_id + du, e.item_id)))
+            elif type(e) is Dwell:
+                out.append((e.ts_ms, 2, c, Dwell(e.event_id + de, e.ts_ms, e.impression_id + de, e.user_id + du,
+                                                 e.item_id, e.dwell_ms)))
+            else:
+                imp = None if e.impression_id is None else e.impression_id + de
+                out.append((e.ts_ms, 3, c, Feedback(e.event_id + de, e.ts_ms, e.user_id + du, e.item_id, e.kind, imp)))
+    out.sort(key=lambda t: t[:3])
+    return [t[3] for t in out]
+
+
+def produce(bootstrap: str, events, rate: float | None = None) -> None:
+    from kafka import KafkaProducer
+    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, batch_size=512 * 1024, acks=1)
+    t0 = time.perf_counter()
+    for i, e in enumerate(events):
+        if rate is not None and i % 100 == 0:
+            wait = t0 + i / rate - time.perf_counter()
+            if wait > 0:
+                time.sleep(wait)
+        producer.send(topic_for(e), key=key_for(e), value=encode(e), partition=0)
+    producer.flush()
+    producer.close()
+
+
+def create_topics(bootstrap: str) -> None:
+    from kafka.admin import KafkaAdminClient, NewTopic
+    from streams.joiner.app import output_topics
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    admin.create_topics([NewTopic(t, num_partitions=1, replication_factor=1) for t in (*EVENT_TOPICS, *output_topics())])
+    admin.close()
+
+
+def start_worker(bootstrap: str, data_dir: Path, port: int, batch_max: int, cpu: int | None, log: Path):
+    cmd = [sys.executable, "-m", "streamrec.commands.joiner", "--bootstrap", bootstrap, "--data-dir", str(data_dir),
+           "--web-port", str(port), "--idle-flush-s", "2", "--batch-max", str(batch_max), "--log-level", "WARNING"]
+    if cpu is not None and shutil.which("taskset"):
+        cmd = ["taskset", "-c", str(cpu), *cmd]
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    return subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+
+
+def counters(port: int) -> dict:
+    try:
+        return json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/counters", timeout=5).read())["total"]
+    except OSError:
+        return {}
+
+
+def rate_between(port: int, n_events: int, proc, timeout_s: float) -> tuple[float, dict]:
+    """events/s between 10 % and 90 % of ``n_events`` processed, from the worker's counters."""
+    marks, deadline = {}, time.monotonic() + timeout_s
+    c = {}
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"worker exited rc={proc.returncode}")
+        c = counters(port)
+        n = c.get("events", 0)
+        now = time.perf_counter()
+        for frac in (0.1, 0.9):
+            if frac not in marks and n >= frac * n_events:
+                marks[frac] = (now, n)
+        if 0.9 in marks:
+            break
+        time.sleep(0.05)
+    if 0.9 not in marks or 0.1 not in marks:
+        raise RuntimeError(f"worker did not reach 90% of {n_events} events in {timeout_s}s: {c}")
+    (t1, n1), (t2, n2) = marks[0.1], marks[0.9]
+    return (n2 - n1) / (t2 - t1), c
+
+
+def stop(proc) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def read_topic(bootstrap: str, topic: str):
+    from kafka import KafkaConsumer, TopicPartition
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    tp = TopicPartition(topic, 0)
+    end = consumer.end_offsets([tp])[tp]
+    consumer.assign([tp])
+    consumer.seek_to_beginning(tp)
+    out = []
+    while consumer.position(tp) < end:
+        for recs in consumer.poll(timeout_ms=500).values():
+            out += recs
+    consumer.close()
+    return out
+
+
+def latencies(bootstrap: str, lateness_ms: int) -> np.ndarray:
+    """Per sample: sample record ts - record ts of the event that moved the watermark past its close."""
+    src = []
+    for rank, topic in enumerate(EVENT_TOPICS):
+        src += [(decode(r.value).ts_ms, rank, r.offset, r.timestamp) for r in read_topic(bootstrap, topic)]
+    src.sort()
+    ts = np.array([s[0] for s in src], dtype=np.int64)
+    wm = np.maximum.accumulate(ts) - lateness_ms  # watermark after each event, in merge order
+    wall = np.array([s[3] for s in src], dtype=np.int64)
+    out = []
+    for r in read_topic(bootstrap, "samples"):
+        close = decode_sample(r.value).label_ts_ms
+        i = int(np.searchsorted(wm, close, "left"))
+        if i < len(wm):
+            out.append(r.timestamp - wall[i])
+    return np.array(out, dtype=np.int64)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scale", type=int, default=4, help="copies of the slice (default 4)")
+    ap.add_argument("--paced-rate", type=float, default=5000.0, help="events/s in the latency phase")
+    ap.add_argument("--paced-events", type=int, default=30_000, help="events in the latency phase")
+    ap.add_argument("--naive-events", type=int, default=4000, help="events for the naive agent")
+    ap.add_argument("--cpu", type=int, default=1, help="CPU the worker is pinned to (-1: not pinned)")
+    args = ap.parse_args()
+    cpu = None if args.cpu < 0 else args.cpu
+    print(f"machine: {cpu_model()}, {os.cpu_count()} CPUs, load average {load_average():.2f}")
+    print(f"command: {command_line()}")
+    events = scaled_events(args.scale)
+    n = len(events)
+    print(f"stream: slice x{args.scale} = {n} events")
+    tmp = Path(tempfile.mkdtemp(prefix="bench-joiner-"))
+    try:
+        # 1. the pipeline alone
+        pipe = open_pipeline(tmp / "pipeline", 0, PipelineConfig())
+        t0 = time.perf_counter()
+        for i in range(0, n, 10_000):
+            pipe.process(events[i:i + 10_000])
+            pipe.commit({"events": i + 10_000})
+        pipe.finish()
+        pipe.commit()
+        dt = time.perf_counter() - t0
+        print(f"pipeline (in process, no Kafka): events={n} elapsed_s={dt:.2f} events_per_s={n / dt:.0f}")
+        pipe.close()
+
+        results = {}
+        for phase, batch_max, evs in (("worker", 10_000, events), ("naive", 1, events[:args.naive_events])):
+            with EmbeddedBroker(BrokerConfig(data_dir=tmp / f"broker-{phase}", port=0)) as b:
+                create_topics(b.bootstrap)
+                produce(b.bootstrap, evs)
+                port = free_port("127.0.0.1")
+                proc = start_worker(b.bootstrap, tmp / f"joiner-{phase}", port, batch_max, cpu, tmp / f"{phase}.log")
+                try:
+                    rate, c = rate_between(port, len(evs), proc, 600)
+                finally:
+                    stop(proc)
+                results[phase] = rate
+                print(f"{phase} (faust, --batch-max {batch_max}, pinned cpu={cpu}): events={len(evs)} "
+                      f"events_per_s={rate:.0f} samples={c.get('samples')} late={c.get('late')} orphan={c.get('orphan')}")
+        print(f"ratio worker/naive: {results['worker'] / results['naive']:.1f}x")
+
+        with EmbeddedBroker(BrokerConfig(data_dir=tmp / "broker-latency", port=0)) as b:
+            create_topics(b.bootstrap)
+            port = free_port("127.0.0.1")
+            proc = start_worker(b.bootstrap, tmp / "joiner-latency", port, 10_000, cpu, tmp / "latency.log")
+            try:
+                deadline = time.monotonic() + 60
+                while not counters(port) and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                paced = events[:args.paced_events]
+                producer = threading.Thread(target=produce, args=(b.bootstrap, paced, args.paced_rate))
+                producer.start()
+                producer.join()
+                deadline = time.monotonic() + 120
+                while counters(port).get("events", 0) < len(paced) and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                time.sleep(3)  # the idle flush emits the rest
+            finally:
+                stop(proc)
+            lat = latencies(b.bootstrap, PipelineConfig().joiner.allowed_lateness_ms)
+            print(f"latency window close -> sample emitted (paced {args.paced_rate:.0f} events/s, "
+                  f"{len(lat)} samples closed by the watermark): p50_ms={np.percentile(lat, 50):.0f} "
+                  f"p99_ms={np.percentile(lat, 99):.0f} max_ms={lat.max()}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"load average at the end: {load_average():.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -9,13 +9,17 @@
 Checkpoint order (every ``checkpoint_every_steps`` minibatches or ``checkpoint_every_s`` seconds,
 on a rebalance and on stop):
 
-1. flush the audit log (fsync) and note its length;
-2. save the trainer's complete state plus ``source_offsets`` (the next offset of every partition
-   trained) atomically as ``ckpt-<version>.pt``;
-3. announce ``ModelVersion`` on ``model-updates`` (keyed by the model name, acks=all), which also
-   flushes the dead letters sent by the same producer;
+1. flush the audit log (fsync) and note its length; copy the trainer's complete state (model,
+   optimizer, DUMN memory, objective and metric state, configs, ``source_offsets``: the next offset
+   of every partition trained). Training pauses only for this; the rest runs on a writer thread,
+   one checkpoint at a time, in version order;
+2. save the copy atomically as ``ckpt-<version>.pt``;
+3. flush the dead letters, announce ``ModelVersion`` on ``model-updates`` (keyed by the model
+   name, acks=all);
 4. commit the same offsets to the consumer group;
 5. delete checkpoints beyond the newest ``keep``.
+
+A rebalance and a stop wait for all five steps before partitions are released.
 
 Restart: the newest checkpoint that verifies is loaded (a corrupt or truncated one is refused with
 an error naming the file and the reason, and the one before it is used), the audit log is cut back
@@ -28,28 +32,25 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import re
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from learner import LearnerError
-from learner.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from learner.checkpoint_store import AuditLog, CheckpointStore
 from learner.stream import RebalanceBarrier, SampleStream, StreamBatch, from_source_offsets, to_source_offsets
 from learner.trainer import Trainer
 from learner.versions import TOPIC_MODEL_UPDATES, ModelVersion
 
 logger = logging.getLogger(__name__)
-
-_CKPT_NAME = re.compile(r"^ckpt-(\d{8,})\.pt$")
-
 
 @dataclass(frozen=True)
 class LearnerConfig:
@@ -91,93 +92,17 @@ class LearnerConfig:
             raise ValueError("progress_every_s and publish_timeout_s must be > 0")
 
 
-class CheckpointStore:
-    """Numbered checkpoints ``ckpt-<version>.pt`` in one directory; keeps the newest ``keep``."""
-
-    def __init__(self, directory: str | Path, keep: int = 3):
-        self.dir = Path(directory)
-        self.keep = keep
-        self.dir.mkdir(parents=True, exist_ok=True)
-
-    def versions(self) -> list[int]:
-        """Version numbers of the checkpoint files present, ascending (refused files included)."""
-        return sorted(int(m.group(1)) for p in self.dir.iterdir() if (m := _CKPT_NAME.match(p.name)))
-
-    def path(self, version: int) -> Path:
-        return self.dir / f"ckpt-{version:08d}.pt"
-
-    def next_version(self) -> int:
-        found = self.versions()
-        return found[-1] + 1 if found else 1
-
-    def load_newest(self) -> tuple[int, Path, dict[str, Any]] | None:
-        """(version, path, state) of the newest checkpoint that verifies; None for an empty directory.
-
-        Raises CheckpointError when files exist but none verifies (move them away to start afresh).
-        """
-        found = self.versions()
-        for version in reversed(found):
-            path = self.path(version)
-            try:
-                return version, path, load_checkpoint(path)
-            except CheckpointError as exc:
-                logger.error("checkpoint refused path=%s reason=%s; trying the previous one", path, exc)
-        if found:
-            raise CheckpointError(f"none of the {len(found)} checkpoints in {str(self.dir)!r} verifies; "
-                                  "move them away to start from the beginning of the stream")
-        return None
-
-    def save(self, version: int, state: dict[str, Any]) -> Path:
-        path = self.path(version)
-        save_checkpoint(path, state)
-        return path
-
-    def prune(self) -> list[Path]:
-        """Delete all but the newest ``keep`` checkpoints; returns the deleted paths."""
-        gone = [self.path(v) for v in self.versions()[:-self.keep]]
-        for p in gone:
-            p.unlink(missing_ok=True)
-        return gone
-
-
-class AuditLog:
-    """Text file, one line "partition offset sample_id" per trained sample, in training order.
-
-    The learner records the file length in every checkpoint and cuts the file back to it on
-    restart, so the file lists exactly the samples inside the restored model.
-    """
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self._fh = None
-
-    def open(self, keep_bytes: int) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = open(self.path, "a+b")
-        size = self._fh.seek(0, os.SEEK_END)
-        if size < keep_bytes:
-            raise CheckpointError(f"audit log {str(self.path)!r} has {size} bytes, the checkpoint recorded "
-                                  f"{keep_bytes}: it is not this learner's log")
-        if size > keep_bytes:
-            logger.info("audit log cut back path=%s from_bytes=%d to_bytes=%d", self.path, size, keep_bytes)
-            self._fh.truncate(keep_bytes)
-        self._fh.seek(keep_bytes)
-
-    def append(self, partitions: np.ndarray, offsets: np.ndarray, sample_ids: np.ndarray) -> None:
-        lines = "".join(f"{p} {o} {s}\n" for p, o, s in zip(partitions.tolist(), offsets.tolist(), sample_ids.tolist()))
-        self._fh.write(lines.encode("ascii"))
-        self._fh.flush()   # visible to readers at once; fsync waits for the checkpoint
-
-    def sync(self) -> int:
-        """Flush and fsync; returns the file length."""
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-        return self._fh.tell()
-
-    def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+def _detached_copy(obj: Any) -> Any:
+    """``obj`` with every tensor cloned, so training can go on while the copy is written."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _detached_copy(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_detached_copy(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_detached_copy(v) for v in obj)
+    return obj
 
 
 class VersionPublisher:
@@ -235,6 +160,8 @@ class ContinuousLearner:
         self._last_ckpt_step = 0
         self._last_ckpt_t = clock()
         self._last_tick = 0.0
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
+        self._writing: Future | None = None
 
     # ---- restart ---------------------------------------------------------------------------
 
@@ -275,7 +202,8 @@ class ContinuousLearner:
                 item = self.stream.get(timeout_s=0.2)
                 if isinstance(item, RebalanceBarrier):
                     if self._dirty:
-                        self.checkpoint("rebalance")
+                        self.checkpoint("rebalance", wait=True)
+                    self.wait_for_writes()
                     item.reply(self.offsets)
                 elif item is not None:
                     self._train(item)
@@ -290,9 +218,16 @@ class ContinuousLearner:
                 if self.cfg.max_samples and self.trainer.samples_seen >= self.cfg.max_samples:
                     break
             if self._dirty:
-                self.checkpoint("final")
+                self.checkpoint("final", wait=True)
+            self.wait_for_writes()
             clean = True
         finally:
+            if not clean and self._writing is not None:   # let a consistent copy already handed over land
+                try:
+                    self.wait_for_writes()
+                except Exception:
+                    logger.exception("checkpoint write failed while stopping")
+            self._writer.shutdown(wait=True)
             self.stream.close(final_offsets=self.offsets if clean else None)
             self._tick(self.clock())
             if self.progress is not None:
@@ -327,47 +262,73 @@ class ContinuousLearner:
 
     # ---- checkpoints -----------------------------------------------------------------------
 
-    def checkpoint(self, reason: str) -> Path:
-        """Audit fsync -> atomic checkpoint -> version announced -> offsets committed -> prune."""
+    def checkpoint(self, reason: str, wait: bool = False) -> int:
+        """Cut a checkpoint of the state as it is now; returns its version.
+
+        On this thread: audit fsync and a copy of the complete state (the training pause). On the
+        writer thread, in version order: atomic save -> version announced (dead letters flushed
+        with it) -> offsets committed -> prune. ``wait`` returns only once all of it is done
+        (rebalance and stop); otherwise a checkpoint waits only for the previous one's write.
+        """
         t0 = time.perf_counter()
         version = self._version
         created_ms = int(self.clock() * 1000)
         audit_bytes = self.audit.sync() if self.audit is not None else 0
-        state = self.trainer.checkpoint_state()
+        state = _detached_copy(self.trainer.checkpoint_state())
         state["learner"] = {"version": version, "created_at_ms": created_ms, "reason": reason,
                             "audit_bytes": audit_bytes, "group_id": self.stream.cfg.group_id,
                             "topic": self.topic, "config": dataclasses.asdict(self.cfg)}
-        path = self.store.save(version, state)
+        announce = None
+        if self.publisher is not None:
+            metrics = {k: float(v) for k, v in self.trainer.metrics.compute().items()}
+            metrics["loss"] = float(getattr(self.trainer, "_last_loss", float("nan")))
+            announce = dict(version=version, created_at_ms=created_ms, samples_seen=self.trainer.samples_seen,
+                            model=self.model_name, metrics=metrics, source_offsets=dict(self.trainer.source_offsets))
         offsets = dict(self.offsets)
-        self.stream.set_positions(offsets)
         self._version += 1
         self._dirty = False
         self._last_ckpt_step = self.trainer.step
         self._last_ckpt_t = self.clock()
+        pause_s = time.perf_counter() - t0
+        self.wait_for_writes()                      # one write in flight at most, versions in order
+        self._writing = self._writer.submit(self._write, version, reason, state, offsets, announce, pause_s)
+        if wait:
+            self.wait_for_writes()
+        return version
+
+    def wait_for_writes(self) -> None:
+        """Block until the checkpoint being written is durable and announced; re-raise its error."""
+        if self._writing is not None:
+            pending, self._writing = self._writing, None
+            pending.result()
+
+    def _write(self, version: int, reason: str, state: dict[str, Any], offsets: dict[int, int],
+               announce: dict[str, Any] | None, pause_s: float) -> None:
+        t0 = time.perf_counter()
+        path = self.store.save(version, state)
+        self.stream.set_positions(offsets)
         self.stats.version = version
-        self.stats.last_checkpoint_s = created_ms / 1000
-        if self.publisher is not None:
-            self._publish(version, path, created_ms)
+        self.stats.last_checkpoint_s = state["learner"]["created_at_ms"] / 1000
+        router = getattr(self.stream, "router", None)
+        if router is not None:
+            router.flush(self.cfg.publish_timeout_s)
+        if announce is not None:
+            self._publish(ModelVersion(path=str(path.resolve()), **announce))
         self.stream.request_commit(offsets)
         self.store.prune()
-        logger.info("checkpoint version=%d reason=%s step=%d samples=%d offsets=%s seconds=%.3f path=%s", version,
-                    reason, self.trainer.step, self.trainer.samples_seen, offsets, time.perf_counter() - t0, path)
-        return path
+        logger.info("checkpoint version=%d reason=%s step=%s samples=%s offsets=%s pause_s=%.3f write_s=%.3f path=%s",
+                    version, reason, state["step"], state["samples_seen"], offsets, pause_s, time.perf_counter() - t0,
+                    path)
 
-    def _publish(self, version: int, path: Path, created_ms: int) -> None:
-        metrics = {k: float(v) for k, v in self.trainer.metrics.compute().items()}
-        metrics["loss"] = float(self.trainer._last_loss)
-        mv = ModelVersion(version=version, path=str(path.resolve()), created_at_ms=created_ms,
-                          samples_seen=self.trainer.samples_seen, model=self.model_name, metrics=metrics,
-                          source_offsets=dict(self.trainer.source_offsets))
+    def _publish(self, mv: ModelVersion) -> None:
         try:
             self.publisher.publish(mv)
         except Exception as exc:  # the checkpoint is durable; the next announcement supersedes this one
             self.stats.n_publish_failures += 1
-            logger.error("version publish failed version=%d error=%r", version, exc)
+            logger.error("version publish failed version=%d error=%r", mv.version, exc)
             return
         self.stats.n_versions += 1
-        self.stats.version_times_s.append(created_ms / 1000)
+        self.stats.version_times_s.append(mv.created_at_ms / 1000)
 
     # ---- live view -------------------------------------------------------------------------
 
@@ -384,7 +345,7 @@ class ContinuousLearner:
         fresh = self.freshness_ms()
         return {
             "samples": t.samples_seen, "steps": t.step, "rejected": t.n_rejected, "samples_per_s": rate,
-            "loss": float(t._last_loss), "window_auc": m["window_click_auc"], "window_gauc": m["window_click_gauc"],
+            "loss": float(getattr(t, "_last_loss", float("nan"))), "window_auc": m["window_click_auc"], "window_gauc": m["window_click_gauc"],
             "window_vr_auc": m["window_vr_auc"], "version": self.stats.version, "versions": self.stats.n_versions,
             "checkpoint_age_s": now - self.stats.last_checkpoint_s, "lag": lag,
             "freshness_p50_s": float(np.percentile(fresh, 50)) / 1000 if len(fresh) else float("nan"),

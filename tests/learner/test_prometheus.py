@@ -101,7 +101,7 @@ def test_learner_metrics_are_all_described():
             "streamrec_learner_checkpoint_age_seconds", "streamrec_learner_freshness_seconds"} <= names
 
 
-@pytest.mark.parametrize("name", ["learner.prometheus", "learner.progress", "learner.stream"])
+@pytest.mark.parametrize("name", ["learner.prometheus", "learner.progress", "learner.stream", "learner.checkpoint_store"])
 def test_module_doctests(name):
     import doctest
     import importlib

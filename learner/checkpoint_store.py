@@ -1,0 +1,123 @@
+"""Where the continuous learner's state lives on disk: numbered checkpoints and the audit log.
+
+:class:`CheckpointStore` keeps ``ckpt-<version>.pt`` files (written with
+:func:`learner.checkpoint.save_checkpoint`, atomic and verified) and finds the newest one that
+verifies, refusing damaged ones with an error that names the file and the reason.
+:class:`AuditLog` is the optional record of exactly which samples are inside the model.
+
+>>> import tempfile
+>>> store = CheckpointStore(tempfile.mkdtemp(), keep=2)
+>>> for v in (1, 2, 3):
+...     _ = store.save(v, {"step": v})
+>>> store.prune() and store.versions()
+[2, 3]
+>>> store.load_newest()[2]["step"], store.next_version()
+(3, 4)
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from learner.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+logger = logging.getLogger(__name__)
+
+_CKPT_NAME = re.compile(r"^ckpt-(\d{8,})\.pt$")
+
+
+class CheckpointStore:
+    """Numbered checkpoints ``ckpt-<version>.pt`` in one directory; keeps the newest ``keep``."""
+
+    def __init__(self, directory: str | Path, keep: int = 3):
+        self.dir = Path(directory)
+        self.keep = keep
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def versions(self) -> list[int]:
+        """Version numbers of the checkpoint files present, ascending (refused files included)."""
+        return sorted(int(m.group(1)) for p in self.dir.iterdir() if (m := _CKPT_NAME.match(p.name)))
+
+    def path(self, version: int) -> Path:
+        return self.dir / f"ckpt-{version:08d}.pt"
+
+    def next_version(self) -> int:
+        found = self.versions()
+        return found[-1] + 1 if found else 1
+
+    def load_newest(self) -> tuple[int, Path, dict[str, Any]] | None:
+        """(version, path, state) of the newest checkpoint that verifies; None for an empty directory.
+
+        Raises CheckpointError when files exist but none verifies (move them away to start afresh).
+        """
+        found = self.versions()
+        for version in reversed(found):
+            path = self.path(version)
+            try:
+                return version, path, load_checkpoint(path)
+            except CheckpointError as exc:
+                logger.error("checkpoint refused path=%s reason=%s; trying the previous one", path, exc)
+        if found:
+            raise CheckpointError(f"none of the {len(found)} checkpoints in {str(self.dir)!r} verifies; "
+                                  "move them away to start from the beginning of the stream")
+        return None
+
+    def save(self, version: int, state: dict[str, Any]) -> Path:
+        path = self.path(version)
+        save_checkpoint(path, state)
+        return path
+
+    def prune(self) -> list[Path]:
+        """Delete all but the newest ``keep`` checkpoints; returns the deleted paths."""
+        gone = [self.path(v) for v in self.versions()[:-self.keep]]
+        for p in gone:
+            p.unlink(missing_ok=True)
+        return gone
+
+
+class AuditLog:
+    """Text file, one line "partition offset sample_id" per trained sample, in training order.
+
+    The learner records the file length in every checkpoint and cuts the file back to it on
+    restart, so the file lists exactly the samples inside the restored model.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._fh = None
+
+    def open(self, keep_bytes: int) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.path, "a+b")
+        size = self._fh.seek(0, os.SEEK_END)
+        if size < keep_bytes:
+            raise CheckpointError(f"audit log {str(self.path)!r} has {size} bytes, the checkpoint recorded "
+                                  f"{keep_bytes}: it is not this learner's log")
+        if size > keep_bytes:
+            logger.info("audit log cut back path=%s from_bytes=%d to_bytes=%d", self.path, size, keep_bytes)
+            self._fh.truncate(keep_bytes)
+        self._fh.seek(keep_bytes)
+
+    def append(self, partitions: np.ndarray, offsets: np.ndarray, sample_ids: np.ndarray) -> None:
+        lines = "".join(f"{p} {o} {s}\n" for p, o, s in zip(partitions.tolist(), offsets.tolist(), sample_ids.tolist()))
+        self._fh.write(lines.encode("ascii"))
+        self._fh.flush()   # visible to readers at once; fsync waits for the checkpoint
+
+    def sync(self) -> int:
+        """Flush and fsync; returns the file length."""
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        return self._fh.tell()
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+__all__ = ["AuditLog", "CheckpointStore"]

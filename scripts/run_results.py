@@ -2,7 +2,8 @@
 
 Parts: (a) every backbone with BCE and with CLSD; (b) DUMN against the baselines (the BCE rows of
 (a)); (c) click-only vs valid-read vs valid-read + NDT (and + CLSD), judged by valid-read AUC;
-(d) DUMN ablations; (e) the CLSD alpha sweep 0, 0.25, ..., 1.25. Every cell is one
+(d) DUMN ablations; (e) the CLSD alpha sweep 0, 0.25, ..., 1.25; and, on request, (g) CLSD without
+the AdGate local term. Every cell is one
 ``streamrec train-offline`` process per seed (the exact command is in the table, ``{seed}`` and
 ``{out}`` stand for the seed and the cell's output directory); a cell whose ``metrics.json`` exists
 is not run again, so an interrupted grid resumes. Tables report mean ± sample std over the seeds
@@ -56,6 +57,9 @@ def grid(parts: str, c_model: str, d_quick: bool, e_model: str, quick: bool) -> 
         for m in backbones:
             for obj in ("bce", "clsd"):
                 cells.append(Cell("a", f"{m} {obj}", m, obj))
+    if "g" in parts:   # CLSD without the AdGate local term (eq. 2 only): separates the global and local parts
+        for m in backbones:
+            cells.append(Cell("g", f"{m} clsd global only", m, "clsd", ("--no-clsd-local",)))
     if "c" in parts:
         for obj in ("bce", "valid_read", "mtl", "mtl_clsd"):
             cells.append(Cell("c", f"{c_model} {obj}", c_model, obj))
@@ -135,7 +139,7 @@ def render(cells: list[Cell], results: dict[str, list[dict]], args: argparse.Nam
            "click AUC / GAUC / logloss of the served score, and AUC / GAUC of the same score against the "
            "valid-read label (VR). mean ± sample std over the seeds.",
            ""]
-    by_part = {p: [c for c in cells if c.part == p] for p in "acde"}
+    by_part = {p: [c for c in cells if c.part == p] for p in "agcde"}
     if by_part["a"]:
         out += ["#### (a) each backbone with and without CLSD", ""]
         def lift(cell: Cell) -> str:
@@ -154,6 +158,15 @@ def render(cells: list[Cell], results: dict[str, list[dict]], args: argparse.Nam
             out += ["#### (b) DUMN against the baselines (BCE rows of (a))", "",
                     f"Best baseline by mean AUC: {best.model} ({b:.4f}). DUMN: {dumn:.4f}, "
                     f"difference {dumn - b:+.4f} ({100 * (dumn - b) / b:+.2f}%).", ""]
+    if by_part["g"]:
+        out += ["#### (a') CLSD without AdGate (global self-distillation, eq. 2, alpha 1)", ""]
+        def lift_g(cell: Cell) -> str:
+            base = results.get(Cell("a", "", cell.model, "bce").key)
+            if not base:
+                return ""
+            d = _mean(results[cell.key], "cum_click_auc") - _mean(base, "cum_click_auc")
+            return f"{d:+.4f} ({100 * d / _mean(base, 'cum_click_auc'):+.2f}%)"
+        out += table(by_part["g"], results, args, extra=("− BCE AUC", lift_g)) + [""]
     if by_part["c"]:
         out += [f"#### (c) click-only vs valid-read vs valid-read + NDT ({by_part['c'][0].model}), "
                 "judged by valid-read AUC", ""]
@@ -181,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--samples", required=True, help="samples file (streamrec build-samples)")
     p.add_argument("--label", required=True, help="name of this grid's block in the doc")
-    p.add_argument("--parts", default="abcde", help="subset of 'abcde'")
+    p.add_argument("--parts", default="abcde", help="subset of 'abcdeg' (g: CLSD without AdGate)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--max-samples", type=int, default=0)

@@ -132,6 +132,13 @@ class JoinerRuntime:
         logger.info("partition_assigned partition=%d offsets=%s resend_suppressed=%d", p, offsets, len(found))
         return part
 
+    async def position(self, p: int) -> dict[str, int]:
+        """Open partition ``p`` (if needed) and return where its consumer must read from: per topic,
+        the next offset the aligner expects (the store's offsets on a fresh open)."""
+        async with self.lock:
+            part = await self._open(p)
+            return {t: part.aligner.next_received(t) for t in EVENT_TOPICS}
+
     def revoke(self, partitions) -> None:
         for p in sorted(partitions):
             part = self.partitions.pop(p, None)
@@ -312,18 +319,33 @@ def make_app(config: JoinerAppConfig) -> tuple[faust.App, JoinerRuntime]:
             for ev in await runtime.handle(events):
                 await stream.ack(ev)
 
+    positioned: set[int] = set()
+
     @app.timer(config.tick_s)
     async def tick():
         stream = state.get("stream")
         if stream is None:
             return
+        if not app.rebalancing:
+            # the store, not the group, says where to read: after faust has sought to the group's
+            # committed offsets, seek each newly assigned partition to its store's offsets (a lost
+            # store means offset 0: the state is rebuilt from the topics)
+            from faust.types import TP
+            for p in sorted({tp.partition for tp in app.consumer.assignment() if tp.topic in EVENT_TOPICS}
+                            - positioned):
+                for topic, offset in (await runtime.position(p)).items():
+                    await app.consumer.seek(TP(topic, p), offset)
+                positioned.add(p)
+                logger.info("partition_positioned partition=%d", p)
         for ev in await runtime.tick():
             await stream.ack(ev)
 
     @app.on_partitions_revoked.connect
     async def on_revoked(app_, revoked, **kwargs):
         async with runtime.lock:
-            runtime.revoke({tp.partition for tp in revoked if tp.topic in EVENT_TOPICS})
+            gone = {tp.partition for tp in revoked if tp.topic in EVENT_TOPICS}
+            runtime.revoke(gone)
+            positioned.difference_update(gone)
 
     @app.on_before_shutdown.connect
     async def on_shutdown(app_, **kwargs):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -116,8 +117,8 @@ def offline(events, tmp_path: Path, name: str) -> list[bytes]:
     return sorted(read_samples(tmp_path / f"{name}.bin"))
 
 
-@pytest.mark.timeout(120)
-def test_worker_emits_the_offline_samples_and_routes_bad_late_orphan(broker, tmp_path):
+@pytest.mark.timeout(200)
+def test_worker_emits_the_offline_samples_routes_bad_late_orphan_and_rebuilds_lost_state(broker, tmp_path):
     events = replay(broker.bootstrap, tmp_path)
     imps = [e for e in events if type(e) is Impression]
     t_max = events[-1].ts_ms
@@ -158,8 +159,31 @@ def test_worker_emits_the_offline_samples_and_routes_bad_late_orphan(broker, tmp
     assert (total["late"], total["orphan"], total["pending"]) == (1, 1, 0)
     assert set(counters["partitions"]) == {"0", "1", "2"}
     assert f"samples={len(imps)}" in tail(log) and "dead_letter=1" in tail(log)
+
+    # the stores are lost (a partition moved to a host without them): the worker seeks back to
+    # offset 0, rebuilds the state from the topics and suppresses every output already there
+    shutil.rmtree(tmp_path / "joiner" / "stores")
+    proc, log = start_worker(broker.bootstrap, tmp_path / "joiner", tmp_path / "worker-rebuild.log", web_port=port)
+    try:
+        wait_until(lambda: counters_of(port).get("samples", 0) >= len(imps), 90, "the rebuild", [(proc, log)])
+        rebuilt = counters_of(port)
+        time.sleep(1)  # a duplicate would be produced before the counters move
+    finally:
+        stop_worker(proc, log)
+    assert (rebuilt["samples"], rebuilt["late"], rebuilt["orphan"], rebuilt["dead_letter"]) == (len(imps), 1, 1, 1)
+    opened = [line for line in log.read_text(errors="replace").splitlines() if "partition_assigned" in line]
+    assert len(opened) == N_PARTITIONS and all("'impressions': 0," in line for line in opened), opened
+    assert sorted(samples.values()) == expected  # nothing emitted twice
+    assert len(dlq.poll()) == len(lates.poll()) == len(orphans.poll()) == 1
     for r in (samples, dlq, lates, orphans):
         r.close()
+
+
+def counters_of(port: int) -> dict:
+    try:
+        return json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/counters", timeout=5).read())["total"]
+    except OSError:
+        return {}
 
 
 def decode_event(value: bytes):

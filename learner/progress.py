@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import sys
+import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
 
@@ -35,13 +37,17 @@ def format_progress(s: dict[str, Any]) -> str:
 
 
 class ProgressLine:
-    """Writes :func:`format_progress` lines to ``out``: "\\r"-rewritten on a terminal, one per update
-    otherwise (logs stay readable)."""
+    """Writes :func:`format_progress` lines to ``out``: "\\r"-rewritten in place on a terminal at every
+    update; elsewhere (a log file) one line per ``plain_every_s`` seconds, so logs stay readable."""
 
-    def __init__(self, out: TextIO | None = None):
+    def __init__(self, out: TextIO | None = None, plain_every_s: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic):
         self.out = out if out is not None else sys.stderr
         self.tty = bool(getattr(self.out, "isatty", lambda: False)())
+        self.plain_every_s = plain_every_s
+        self.clock = clock
         self._width = 0
+        self._last = float("-inf")
 
     def update(self, snapshot: dict[str, Any]) -> None:
         line = format_progress(snapshot)
@@ -49,6 +55,10 @@ class ProgressLine:
             self.out.write("\r" + line.ljust(self._width))
             self._width = len(line)
         else:
+            now = self.clock()
+            if now - self._last < self.plain_every_s:
+                return
+            self._last = now
             self.out.write(line + "\n")
         self.out.flush()
 

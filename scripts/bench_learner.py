@@ -163,9 +163,9 @@ def build_learner(args, bootstrap: str, topic: str, group: str, ckpt_dir: Path, 
     ckpt_s = [0.0]
     inner = learner.checkpoint
 
-    def timed_checkpoint(reason):
+    def timed_checkpoint(reason, wait=False):
         t0 = time.perf_counter()
-        out = inner(reason)
+        out = inner(reason, wait=wait)
         ckpt_s[0] += time.perf_counter() - t0
         return out
 
@@ -253,9 +253,13 @@ def main(argv: list[str] | None = None) -> None:
         n = learner.trainer.samples_seen - timed.first_n
         span = timed.last - timed.first
         rate = n / span
+        bare_after = bare_rate(args, [v for _, v in keyed])   # the machine is shared: bracket the pipeline
+        bare = (bare + bare_after) / 2
+        print(f"bare_step_after samples_per_s={bare_after:.1f} (mean {bare:.1f})")
         print(f"pipeline samples_per_s={rate:.1f} ratio_to_bare={rate / bare:.3f} overhead={1 - rate / bare:.1%} "
-              f"checkpoints={learner.stats.n_versions} checkpoint_s={ckpt_s:.2f} "
-              f"(checkpoint every {args.checkpoint_every_s:g} s; span {span:.1f} s)", flush=True)
+              f"checkpoints={learner.stats.n_versions} training_paused_for_checkpoints_s={ckpt_s:.2f} "
+              f"(checkpoint every {args.checkpoint_every_s:g} s; span {span:.1f} s) load1={load_average():.2f}",
+              flush=True)
 
         # phase 3: paced production, freshness and version interval
         rate_in = args.rate or bare / 2

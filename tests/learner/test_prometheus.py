@@ -108,3 +108,30 @@ def test_module_doctests(name):
 
     result = doctest.testmod(importlib.import_module(name))
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_progress_line_rewrites_in_place_on_a_terminal_and_thins_out_in_a_log():
+    import io
+
+    from learner.progress import ProgressLine
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    tty = Tty()
+    line = ProgressLine(tty)
+    line.update(snapshot(samples=10))
+    line.update(snapshot(samples=2_000_000))
+    line.close()
+    frames = tty.getvalue().split("\r")
+    assert frames[0] == "" and "10 samples" in frames[1] and "2.0M samples" in frames[2]
+    assert tty.getvalue().endswith("\n") and tty.getvalue().count("\n") == 1
+
+    now = [0.0]
+    log = io.StringIO()
+    line = ProgressLine(log, plain_every_s=10.0, clock=lambda: now[0])
+    for t in (0.0, 1.0, 9.9, 10.0, 15.0, 20.5):
+        now[0] = t
+        line.update(snapshot(steps=int(t * 10)))
+    assert [l.split(" | ")[0] for l in log.getvalue().splitlines()] == ["v7 step 0", "v7 step 100", "v7 step 205"]

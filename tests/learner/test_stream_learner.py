@@ -341,3 +341,14 @@ def test_kill_9_restart_then_sigterm_trains_every_sample_exactly_once(broker, tm
     _, _, state = store.load_newest()
     assert state["learner"]["reason"] == "final" and state["samples_seen"] == 600
     assert from_source_offsets(TOPIC_SAMPLES, state["source_offsets"]) == end_offsets(bootstrap)
+
+
+def test_configs_refuse_settings_that_break_the_protocol(tmp_path):
+    with pytest.raises(ValueError, match="poll_timeout_ms=500 < 1000"):
+        StreamConfig(bootstrap="127.0.0.1:9092", poll_timeout_ms=500)
+    with pytest.raises(ValueError, match="rebalance_timeout_s=30.0 must be > 0 and below session_timeout_ms=10000"):
+        StreamConfig(bootstrap="127.0.0.1:9092", session_timeout_ms=10_000, rebalance_timeout_s=30.0)
+    with pytest.raises(ValueError, match="no checkpoint would be cut"):
+        LearnerConfig(checkpoint_dir=str(tmp_path), checkpoint_every_steps=0, checkpoint_every_s=0)
+    with pytest.raises(ValueError, match="keep_checkpoints=0"):
+        LearnerConfig(checkpoint_dir=str(tmp_path), keep_checkpoints=0)

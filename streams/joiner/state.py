@@ -67,21 +67,33 @@ class TopicAligner:
         return sum(map(len, self._queues.values()))
 
     def release(self, caught_up: Callable[[str, int], bool], force: bool = False) -> list[Entry]:
-        """Entries in merge order while no empty topic blocks (``force``: release everything)."""
+        """Entries in merge order while no empty topic blocks (``force``: release everything).
+
+        ``caught_up`` is asked at most once per topic per call (a topic's queue that empties
+        during the call cannot receive anything before the call returns).
+        """
         queues, out = self._queues, []
-        blocking = [t for t in self.topics if not queues[t] and not force and not caught_up(t, self._next[t])]
-        if blocking:
-            return out
+        known: dict[str, bool] = {}
+
+        def done(t: str) -> bool:
+            if force:
+                return True
+            v = known.get(t)
+            if v is None:
+                v = known[t] = caught_up(t, self._next[t])
+            return v
+
+        rank = _RANK
         while True:
             best, best_key = None, None
             for t in self.topics:
                 q = queues[t]
                 if not q:
-                    if not force and not caught_up(t, self._next[t]):
+                    if not done(t):
                         return out
                     continue
                 e = q[0]
-                k = (-1 if e.event is None else e.event.ts_ms, _RANK.get(t, len(_RANK)), e.offset)
+                k = (-1 if e.event is None else e.event.ts_ms, rank.get(t, 9), e.offset)
                 if best_key is None or k < best_key:
                     best, best_key = t, k
             if best is None:

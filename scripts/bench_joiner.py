@@ -6,7 +6,8 @@ impression ids and the same event times (K times denser), merged in event-time o
 
 Phases, each on its own embedded broker with one partition per topic:
 
-1. ``pipeline``: the per-partition pipeline in this process (no Kafka): events/s.
+1. ``pipeline``: the per-partition pipeline in this process (no Kafka), gc gen-0 threshold 50000
+   as in the joiner CLI: events/s.
 2. ``worker``: the events are produced first, then ``streamrec joiner`` (``--batch-max``, default
    10000) runs as a subprocess pinned to one CPU; events/s from its /counters page, between 10 % and
    90 % of the events.
@@ -22,6 +23,7 @@ Phases, each on its own embedded broker with one partition per topic:
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -187,6 +189,7 @@ def main() -> int:
     ap.add_argument("--cpu", type=int, default=1, help="CPU the worker is pinned to (-1: not pinned)")
     args = ap.parse_args()
     cpu = None if args.cpu < 0 else args.cpu
+    gc.set_threshold(50_000)  # as the joiner CLI does (docs/joiner.md, section 6)
     print(f"machine: {cpu_model()}, {os.cpu_count()} CPUs, load average {load_average():.2f}")
     print(f"command: {command_line()}")
     events = scaled_events(args.scale)

@@ -25,7 +25,7 @@ from typing import Any
 
 import faust
 
-from streams.contracts import EVENT_TOPICS, decode_batch, encode, kind_of
+from streams.contracts import EVENT_TOPICS, decode_batch, encode, from_records, kind_of, topic_for
 from streams.dlq import dlq_topic
 from streams.joiner.pipeline import JoinerPipeline, PipelineConfig, PipelineOutput, open_pipeline
 from streams.joiner.state import Entry, OutputLedger, TopicAligner
@@ -126,7 +126,8 @@ class JoinerRuntime:
             raw = pipe.meta(OutputLedger.meta_name(topic))
             start = 0 if raw is None else int(raw)
             ledger.end_offsets[topic] = start
-            found += [(topic, v) for v in self._read_back(topic, p, start)]
+            values = await asyncio.get_running_loop().run_in_executor(None, self._read_back, topic, p, start)
+            found += [(topic, v) for v in values]
         ledger.suppress(found)
         part = self.partitions[p] = _Partition(pipe, TopicAligner(offsets), ledger)
         logger.info("partition_assigned partition=%d offsets=%s resend_suppressed=%d", p, offsets, len(found))
@@ -169,7 +170,7 @@ class JoinerRuntime:
                 part.flushed = False
                 decoded = decode_batch([ev.message.value for ev in evs], kind_of(topic))
                 reasons = dict(decoded.errors)
-                good = iter(_events_of(decoded, topic))
+                good = iter(from_records(decoded.records, kind_of(topic)))
                 for i, ev in enumerate(evs):
                     m = ev.message
                     if i in reasons:
@@ -232,10 +233,10 @@ class JoinerRuntime:
         if flush:
             out.extend(pipe.finish())
         outputs += [(TOPIC_SAMPLES, k, v, None) for k, v in zip(out.keys, out.samples)]
-        outputs += [(late_topic(_topic_of(x.event)), str(x.event.user_id).encode(), encode(x.event),
+        outputs += [(late_topic(topic_for(x.event)), str(x.event.user_id).encode(), encode(x.event),
                      [("reason", x.reason.encode())]) for x in out.late]
         outputs += [(TOPIC_ORPHANS, str(x.event.user_id).encode(), encode(x.event),
-                     [("reason", x.reason.encode()), ("source.topic", _topic_of(x.event).encode())])
+                     [("reason", x.reason.encode()), ("source.topic", topic_for(x.event).encode())])
                     for x in out.orphans]
         await self._produce(p, part.ledger, outputs)
         pipe.commit(part.aligner.next_offsets(), part.ledger.meta())
@@ -258,16 +259,6 @@ class JoinerRuntime:
     def counters_by_partition(self) -> dict[str, dict[str, int]]:
         live = {p: part.pipeline.counters() for p, part in self.partitions.items()}
         return {str(p): c for p, c in sorted({**self.closed_counters, **live}.items())}
-
-
-def _topic_of(event) -> str:
-    from streams.contracts import topic_for
-    return topic_for(event)
-
-
-def _events_of(decoded, topic: str):
-    from streams.contracts import from_records
-    return from_records(decoded.records, kind_of(topic))
 
 
 def make_app(config: JoinerAppConfig) -> tuple[faust.App, JoinerRuntime]:

@@ -89,4 +89,6 @@ def test_config_rejects_short_store_sequences():
 
 
 def test_doctests():
-    assert doctest.testmod(worker_module).failed == 0
+    import streams.samples_file as samples_file_module
+    for module in (worker_module, samples_file_module):
+        assert doctest.testmod(module).failed == 0

@@ -50,13 +50,30 @@ def test_cli_reports_config_error_with_exit_2(tmp_path: Path, capsys):
 
 
 def test_demo_replays_the_bundled_slice_and_summarises(tmp_path: Path, capsys):
-    assert main(["demo", "--no-progress", "--data-dir", str(tmp_path)]) == 0
+    assert main(["demo", "--stages", "replay", "--no-progress", "--data-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     counts = {m.group(1): int(m.group(2)) for m in re.finditer(r"^\s+(\w+)\s+messages=(\d+)", out, re.M)}
     assert set(counts) >= {"impressions", "clicks", "dwell", "feedback"}
     assert counts["impressions"] > 10_000
     assert counts["clicks"] == counts["dwell"]  # by default a dwell event per click
     assert "undecodable=0" in out
+
+
+def test_demo_runs_the_whole_pipeline(tmp_path: Path, capsys):
+    """make run's job end to end: replay -> joiner -> samples -> learner -> published versions."""
+    argv = ["demo", "--no-progress", "--data-dir", str(tmp_path), "--model", "wide_deep", "--objective", "bce",
+            "--timeout-s", "400"]
+    assert main(argv) == 0, capsys.readouterr()
+    out = capsys.readouterr().out
+    n_imp = int(re.search(r"^\s+impressions\s+messages=(\d+)", out, re.M).group(1))
+    joiner = re.search(r"impressions=(\d+) samples=(\d+) clicked=(\d+) valid_read=(\d+)", out)
+    assert joiner and int(joiner.group(1)) == n_imp and int(joiner.group(2)) == n_imp  # one sample each
+    assert "late=0 orphan=0 duplicate=0 dead_letter=0 pending=0" in out
+    n_versions = int(re.search(r"model versions published: (\d+)", out).group(1))
+    assert n_versions >= 1
+    last = re.findall(r"^\s+\d+\s+(\d+)\s+(\d\.\d+)", out, re.M)[-1]
+    assert int(last[0]) == n_imp  # the newest version has trained on every sample
+    assert 0.0 < float(last[1]) < 1.0  # a real cumulative AUC was measured
 
 
 def test_tail_renders_samples_and_reports_malformed_ones():

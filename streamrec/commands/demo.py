@@ -1,15 +1,29 @@
 """``streamrec demo``: the main job on the embedded default (what ``make run`` runs).
 
-Today: start the embedded broker in-process, replay the bundled KuaiRand slice into the event
-topics at full speed, read every topic back and print a per-topic summary.
+1. the embedded broker starts in-process (127.0.0.1, a free port, a temporary data dir);
+2. the bundled KuaiRand slice is replayed into the event topics at full speed;
+3. a joiner worker (``streamrec joiner``, its own process) joins the events into samples;
+4. a continuous learner (``streamrec learner``, its own process) trains on the samples topic as
+   they arrive, predict-then-train, checkpointing and publishing model versions;
+5. a summary: events per topic, samples, valid-read rate by rule, late / orphan / dead-letter
+   counts, prequential AUC / GAUC per published version.
+
+``--stages replay`` stops after step 2 (the per-topic summary only).
 """
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import os
 import shutil
+import signal
+import socket
+import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 from streamrec.config import build, load_section
@@ -19,21 +33,25 @@ DEFAULT_SLICE = REPO_ROOT / "data" / "kuairand-slice" / "log_standard_slice.csv.
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("demo", help="embedded broker + replay of the bundled slice + summary",
+    p = subparsers.add_parser("demo", help="the whole pipeline on the embedded broker (what `make run` runs)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--slice", type=Path, default=DEFAULT_SLICE, help=f"log to replay (default {DEFAULT_SLICE})")
     p.add_argument("--data-dir", type=Path, default=None,
-                   help="where the broker keeps its log (default: a temporary directory, removed afterwards)")
-    p.add_argument("--partitions", type=int, default=3, help="partitions per event topic (default 3)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+                   help="broker log, joiner stores, checkpoints (default: a temporary directory, removed afterwards)")
+    p.add_argument("--partitions", type=int, default=3, help="partitions per topic (default 3)")
+    p.add_argument("--stages", choices=("replay", "join", "all"), default="all",
+                   help="replay only, replay + joiner, or everything (default)")
+    p.add_argument("--model", default="dumn", help="learner backbone (default dumn)")
+    p.add_argument("--objective", default="clsd", help="learner objective (default clsd)")
+    p.add_argument("--batch-size", type=int, default=256, help="learner minibatch size (default 256)")
+    p.add_argument("--timeout-s", type=float, default=600.0, help="give up on a stage after this long (default 600)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from streams.broker import EmbeddedBroker
     from streams.broker.config import BrokerConfig
-    from streams.replay import ReplayConfig, run_replay
-    from streams.topic_summary import summarize_topics
 
     if not args.slice.exists():
         print(f"streamrec demo: input {str(args.slice)!r} does not exist", file=sys.stderr)
@@ -45,25 +63,189 @@ def run(args: argparse.Namespace) -> int:
                                              "default_partitions": args.partitions},
                               load_section(args.config, "broker"))
         with EmbeddedBroker(broker_config) as broker:
-            print(f"== embedded broker on {broker.bootstrap} (data: {broker_config.data_dir})")
-            replay_config = build(ReplayConfig, {
-                "paths": (args.slice,), "bootstrap": broker.bootstrap, "speed": "max",
-                "partitions": args.partitions, "state_path": data_dir / "replay-state.json",
-                "progress": not args.no_progress,
-            }, load_section(args.config, "replay"), {"bootstrap": broker.bootstrap})
-            print(f"== replaying {replay_config.paths[0]} (speed=max)")
-            stats = run_replay(replay_config)
-            for line in stats.summary_lines():
-                print(f"   {line}")
-            print("== topics on the broker")
-            t0 = time.monotonic()
-            summaries = summarize_topics(broker.bootstrap)
-            for s in summaries:
-                print(f"   {s.line()}")
-            n_bad = sum(s.n_undecodable for s in summaries)
-            print(f"== read back {sum(s.n_messages for s in summaries)} messages in "
-                  f"{time.monotonic() - t0:.1f}s; undecodable={n_bad}")
-        return 0 if n_bad == 0 else 1
+            print(f"== embedded broker on {broker.bootstrap} (data: {broker_config.data_dir})", flush=True)
+            n_impressions, n_bad = _replay(args, broker.bootstrap, data_dir)
+            if args.stages == "replay" or n_bad:
+                return 0 if n_bad == 0 else 1
+            joiner = _Joiner(args, broker.bootstrap, data_dir)
+            learner = _Learner(args, broker.bootstrap, data_dir, n_impressions) if args.stages == "all" else None
+            try:
+                ok = joiner.wait_for_samples(n_impressions, args.timeout_s)
+                if learner is not None:
+                    ok = learner.wait(args.timeout_s) and ok
+            finally:
+                counters = joiner.stop()
+                if learner is not None:
+                    learner.stop()
+            _print_joiner_summary(counters, n_impressions)
+            if learner is not None:
+                ok = _print_learner_summary(broker.bootstrap, learner, n_impressions) and ok
+            return 0 if ok else 1
     finally:
         if temp:
             shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def _replay(args: argparse.Namespace, bootstrap: str, data_dir: Path) -> tuple[int, int]:
+    from streams.replay import ReplayConfig, run_replay
+    from streams.topic_summary import summarize_topics
+
+    replay_config = build(ReplayConfig, {
+        "paths": (args.slice,), "bootstrap": bootstrap, "speed": "max", "partitions": args.partitions,
+        "state_path": data_dir / "replay-state.json", "progress": not args.no_progress,
+    }, load_section(args.config, "replay"), {"bootstrap": bootstrap})
+    print(f"== replaying {replay_config.paths[0]} (speed=max)", flush=True)
+    stats = run_replay(replay_config)
+    for line in stats.summary_lines():
+        print(f"   {line}")
+    print("== event topics on the broker")
+    t0 = time.monotonic()
+    summaries = summarize_topics(bootstrap)
+    for s in summaries:
+        print(f"   {s.line()}")
+    n_bad = sum(s.n_undecodable for s in summaries)
+    print(f"== read back {sum(s.n_messages for s in summaries)} messages in "
+          f"{time.monotonic() - t0:.1f}s; undecodable={n_bad}", flush=True)
+    n_impressions = next((s.n_messages for s in summaries if s.topic == "impressions"), 0)
+    return n_impressions, n_bad
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(argv: list[str], log_path: Path) -> subprocess.Popen:
+    log = open(log_path, "wb")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "streamrec.cli", *argv], stdout=log, stderr=subprocess.STDOUT,
+                            cwd=REPO_ROOT, env=env)
+
+
+def _stop(proc: subprocess.Popen, timeout_s: float = 30.0) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+class _Joiner:
+    """``streamrec joiner`` as a subprocess; its counters come from its /counters page."""
+
+    def __init__(self, args: argparse.Namespace, bootstrap: str, data_dir: Path):
+        self.port = _free_port()
+        self.log_path = data_dir / "joiner.log"
+        argv = ["joiner", "--bootstrap", bootstrap, "--data-dir", str(data_dir / "joiner"),
+                "--web-port", str(self.port), "--idle-flush-s", "3"]
+        if args.config:
+            argv = ["--config", str(args.config), *argv]
+        print(f"== joiner: streamrec {' '.join(argv)}  (log: {self.log_path})", flush=True)
+        self.proc = _spawn(argv, self.log_path)
+        self.last: dict[str, int] = {}
+
+    def counters(self) -> dict[str, int]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/counters", timeout=2) as resp:
+                self.last = json.loads(resp.read())["total"]
+        except (OSError, ValueError, KeyError):
+            pass
+        return self.last
+
+    def wait_for_samples(self, n_impressions: int, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        shown = -1
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                print(f"   joiner exited rc={self.proc.returncode}; see {self.log_path}", file=sys.stderr)
+                return False
+            n = self.counters().get("samples", 0)
+            if n != shown:
+                print(f"   joiner samples={n}/{n_impressions}", flush=True)
+                shown = n
+            if n >= n_impressions:
+                return True
+            time.sleep(1.0)
+        print(f"   joiner did not emit {n_impressions} samples within {timeout_s:.0f}s", file=sys.stderr)
+        return False
+
+    def stop(self) -> dict[str, int]:
+        counters = self.counters()
+        _stop(self.proc)
+        return counters
+
+
+class _Learner:
+    """``streamrec learner`` as a subprocess, trained on exactly the samples the joiner emits."""
+
+    def __init__(self, args: argparse.Namespace, bootstrap: str, data_dir: Path, n_samples: int):
+        self.log_path = data_dir / "learner.log"
+        argv = ["learner", "--bootstrap", bootstrap, "--checkpoint-dir", str(data_dir / "checkpoints"),
+                "--model", args.model, "--objective", args.objective, "--batch-size", str(args.batch_size),
+                "--max-samples", str(n_samples), "--checkpoint-every-s", "10", "--no-progress"]
+        if args.config:
+            argv = ["--config", str(args.config), *argv]
+        print(f"== learner: streamrec {' '.join(argv)}  (log: {self.log_path})", flush=True)
+        self.t0 = time.monotonic()
+        self.proc = _spawn(argv, self.log_path)
+        self.elapsed_s = math.nan
+
+    def wait(self, timeout_s: float) -> bool:
+        try:
+            rc = self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            print(f"   learner did not finish within {timeout_s:.0f}s", file=sys.stderr)
+            return False
+        self.elapsed_s = time.monotonic() - self.t0
+        if rc != 0:
+            print(f"   learner exited rc={rc}; see {self.log_path}", file=sys.stderr)
+        return rc == 0
+
+    def stop(self) -> None:
+        _stop(self.proc)
+
+
+def _print_joiner_summary(c: dict[str, int], n_impressions: int) -> None:
+    from streams.joiner.worker import summary_line
+
+    print("== joiner")
+    print(f"   impressions={n_impressions} {summary_line(c)}", flush=True)
+
+
+def _print_learner_summary(bootstrap: str, learner: _Learner, n_samples: int) -> bool:
+    from kafka import KafkaConsumer
+
+    from learner.versions import TOPIC_MODEL_UPDATES, ModelVersion, VersionFormatError
+
+    consumer = KafkaConsumer(TOPIC_MODEL_UPDATES, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                             enable_auto_commit=False, group_id=None, consumer_timeout_ms=3000)
+    versions = []
+    try:
+        for record in consumer:
+            try:
+                versions.append(ModelVersion.decode(record.value))
+            except VersionFormatError:
+                continue
+    finally:
+        consumer.close()
+    print(f"== learner ({learner.elapsed_s:.1f}s)  model versions published: {len(versions)}")
+    print("   prequential (each minibatch scored before it is trained on); cum = since the start,")
+    print("   window = the most recent samples")
+    print("   version  samples_seen  cum_auc  cum_gauc  cum_logloss  window_auc  cum_valid_read_auc")
+    for v in versions:
+        m = v.metrics
+        print(f"   {v.version:>7}  {v.samples_seen:>12}  {_fmt(m, 'cum_click_auc')}  {_fmt(m, 'cum_click_gauc')}  "
+              f"{_fmt(m, 'cum_click_logloss'):>11}  {_fmt(m, 'window_click_auc'):>10}  {_fmt(m, 'cum_vr_auc'):>18}")
+    last = versions[-1].samples_seen if versions else 0
+    if last < n_samples:
+        print(f"   the newest version has seen {last} of {n_samples} samples", file=sys.stderr)
+    return bool(versions) and last >= n_samples
+
+
+def _fmt(metrics: dict[str, float], name: str) -> str:
+    v = metrics.get(name)
+    return f"{v:8.4f}" if isinstance(v, (int, float)) and not math.isnan(v) else f"{'n/a':>8}"

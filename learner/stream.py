@@ -58,7 +58,9 @@ class StreamConfig:
 
     ``poll_timeout_ms`` >= 1000: kafka-python 3.0 can lose a JoinGroup/SyncGroup answer when a poll
     times out while a rejoin is in flight. ``fetch_max_wait_ms`` bounds how long the broker holds a
-    fetch for new data (freshness). ``prefetch`` decoded batches wait in the queue.
+    fetch for new data (freshness). ``prefetch`` decoded batches wait in the queue: each one adds a
+    training step to the time a sample waits, so one (decoding overlaps training) keeps samples
+    fresh; records not yet polled coalesce into the next, fuller batch instead.
     ``rebalance_timeout_s``: longest wait for the learner's checkpoint when partitions are revoked.
     """
 
@@ -68,7 +70,7 @@ class StreamConfig:
     client_id: str = "streamrec-learner"
     batch_size: int = 256
     seq_len: int = 100
-    prefetch: int = 4
+    prefetch: int = 1
     poll_timeout_ms: int = 1000
     fetch_max_wait_ms: int = 100
     session_timeout_ms: int = 30_000

@@ -12,7 +12,7 @@ freshness and version interval.
    producer timestamp to the start of the training step that contains it (p50 / p99 after the first
    ``--settle-s`` seconds), and the interval between published versions (``--version-every-s``).
 
-Synthetic samples (learner/synthetic.py) encoded with the sample contract; the figures measure the
+The broker runs as ``streamrec broker`` in its own process. Synthetic samples (learner/synthetic.py) encoded with the sample contract; the figures measure the
 pipeline, not model quality. Prints the machine and the exact command.
 
     .venv/bin/python scripts/bench_learner.py --samples 20000 --batch-size 256 --duration-s 20
@@ -20,9 +20,11 @@ pipeline, not model quality. Prints the machine and the exact command.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import platform
+import socket
 import subprocess
 import sys
 import tempfile
@@ -166,12 +168,34 @@ def build_learner(args, bootstrap: str, topic: str, group: str, ckpt_dir: Path, 
     def timed_checkpoint(reason, wait=False):
         t0 = time.perf_counter()
         out = inner(reason, wait=wait)
-        ckpt_s[0] += time.perf_counter() - t0
+        if not wait:            # the pause inside the stream; the final checkpoint comes after the last step
+            ckpt_s[0] += time.perf_counter() - t0
         return out
 
     learner.checkpoint = timed_checkpoint
     learner.restore()
     return learner, timed, ckpt_s, producer
+
+
+@contextlib.contextmanager
+def broker_process(data_dir: Path):
+    """``streamrec broker`` in its own process (as deployed: it must not share the learner's GIL)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "streamrec.cli", "--log-level", "WARNING", "broker", "--port",
+                             str(port), "--data-dir", str(data_dir)], cwd=Path(__file__).resolve().parents[1])
+
+    def up() -> bool:
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", port)) == 0
+
+    try:
+        wait_for(up, 60, "the broker to listen")
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def wait_for(cond, timeout_s: float, what: str) -> None:
@@ -217,9 +241,6 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     from kafka import KafkaProducer
 
-    from streams.broker import EmbeddedBroker
-    from streams.broker.config import BrokerConfig
-
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     print(f"machine: python={platform.python_version()} torch={torch.__version__} cpu={cpu_model()!r} "
           f"cores={os.cpu_count()} torch_threads={torch.get_num_threads()} gpu={gpu} load1={load_average():.2f}")
@@ -234,9 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     bare = bare_rate(args, [v for _, v in keyed])
     print(f"bare_step samples_per_s={bare:.1f}", flush=True)
 
-    with tempfile.TemporaryDirectory() as tmp, \
-            EmbeddedBroker(BrokerConfig(data_dir=Path(tmp) / "broker", port=0)) as broker:
-        bootstrap = broker.bootstrap
+    with tempfile.TemporaryDirectory() as tmp, broker_process(Path(tmp) / "broker") as bootstrap:
         create_topic(bootstrap, "samples")
         producer = KafkaProducer(bootstrap_servers=bootstrap, acks=1, linger_ms=5, batch_size=1 << 20)
         for k, v in keyed:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import heapq
 import logging
 import struct
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from streams.contracts import Click, ContractError, Dwell, Event, FeedbackKind, Impression, decode, encode
@@ -160,6 +161,21 @@ class JoinCore:
         """Monotonic path counters plus the sizes of the state (``pending``, ``buffered``, ``retained``)."""
         return {**self._n, "pending": len(self._pending),
                 "buffered": sum(map(len, self._buffer.values())), "retained": len(self._emitted)}
+
+    def pending_records(self, user_ids: Collection[int]) -> dict[int, list[tuple[Impression, int, tuple[Event, ...]]]]:
+        """Read-only view of the impressions of ``user_ids`` not emitted yet: user_id -> [(impression,
+        current close, attached outcomes)], in no particular order.
+
+        The attached outcomes are those that passed the attach checks so far (some may still fall
+        at or after the close and be dropped at emission). One pass over the pending records.
+        """
+        wanted = user_ids if isinstance(user_ids, (set, frozenset, dict)) else set(user_ids)
+        out: dict[int, list[tuple[Impression, int, tuple[Event, ...]]]] = {}
+        for p in self._pending.values():
+            u = p.impression.user_id
+            if u in wanted:
+                out.setdefault(u, []).append((p.impression, p.close, tuple(p.events)))
+        return out
 
     # -- event paths -----------------------------------------------------------------------
     def _on_impression(self, imp: Impression, out: JoinOutput) -> None:

@@ -13,7 +13,7 @@ import pytest
 
 from streamrec.commands import build_samples as build_samples_cmd
 from streams.contracts import Click, Dwell, Feedback, FeedbackKind, Impression
-from streams.joiner import RULE_T1, RULE_T2, RULE_T3
+from streams.joiner import RULE_T1, RULE_T2, RULE_T3, JoinerConfig
 from streams.joiner.pipeline import PipelineConfig
 from streams.joiner.worker import build_samples
 from streams.replay import iter_events
@@ -52,8 +52,9 @@ def test_one_sample_per_impression(slice_events, built):
 
 
 def plain_outcomes(events):
-    """impression_id -> (impression, click ts or None, dwell or -1, liked, disliked), from the events."""
-    imps, clicks, dwell, likes, dislikes = {}, {}, {}, set(), set()
+    """impression_id -> (impression, first click ts or None, dwell or -1, first like ts or None,
+    first dislike ts or None), from the events."""
+    imps, clicks, dwell, likes, dislikes = {}, {}, {}, {}, {}
     for e in events:
         k = e.impression_id
         if type(e) is Impression:
@@ -64,25 +65,26 @@ def plain_outcomes(events):
             if k not in dwell or (e.ts_ms, e.event_id) > dwell[k][0]:
                 dwell[k] = ((e.ts_ms, e.event_id), e.dwell_ms)
         elif type(e) is Feedback:
-            (likes if e.kind == FeedbackKind.LIKE else dislikes).add(k)
-    return {k: (imp, clicks.get(k), dwell[k][1] if k in dwell else -1, k in likes, k in dislikes)
+            first = likes if e.kind == FeedbackKind.LIKE else dislikes
+            first[k] = min(first.get(k, e.ts_ms), e.ts_ms)
+    return {k: (imp, clicks.get(k), dwell[k][1] if k in dwell else -1, likes.get(k), dislikes.get(k))
             for k, imp in imps.items()}
 
 
 def test_valid_read_matches_plain_computation(slice_events, built):
     """T1: decayed mu/sigma of ln(dwell) over the clicks of samples closed in earlier minutes of label
-    time; T2: the user's clicks in [click - 7 d, click); T3: the item's P10 over earlier-minute
+    time; T2: the user's clicks (first click of each impression shown before the sample's close,
+    whenever that impression closes) in [click - 7 d, click); T3: the item's P10 over earlier-minute
     dwell (exact: nearest rank); the 5 s floor."""
     cfg = PipelineConfig()
     vr, window, epoch_ms = cfg.joiner.valid_read, cfg.joiner.label_window_ms, cfg.stats_epoch_ms
     half_life = cfg.store.dwell.half_life_ms
     outcomes = plain_outcomes(slice_events)
-    user_clicks = defaultdict(list)
+    user_clicks = defaultdict(list)  # user -> [(click ts, impression ts)]
     for imp, click_ts, *_ in outcomes.values():
         if click_ts is not None:
-            user_clicks[imp.user_id].append(click_ts)
-    for ts in user_clicks.values():
-        ts.sort()
+            user_clicks[imp.user_id].append((click_ts, imp.ts_ms))
+    user_clicks = {u: np.array(sorted(v), dtype=np.int64).reshape(-1, 2) for u, v in user_clicks.items()}
     order = sorted(outcomes, key=lambda k: (outcomes[k][0].ts_ms + window, k))  # close order
     expected = {}
     hist_t, hist_x, item_dwell = [], [], defaultdict(list)
@@ -110,8 +112,9 @@ def test_valid_read_matches_plain_computation(slice_events, built):
             x_l = math.exp(mu - sigma)
             if dwell >= 0 and dwell >= x_l:
                 rules |= RULE_T1
-        ts_list = user_clicks[imp.user_id]
-        n7 = np.searchsorted(ts_list, click_ts, "left") - np.searchsorted(ts_list, click_ts - 7 * DAY_MS, "left")
+        uc = user_clicks[imp.user_id]
+        n7 = int(np.count_nonzero((uc[:, 0] >= click_ts - 7 * DAY_MS) & (uc[:, 0] < click_ts)
+                                  & (uc[:, 1] < imp.ts_ms + window)))
         if n7 < vr.t2_max_clicks:
             rules |= RULE_T2
         hist = sorted(item_dwell[imp.item_id])
@@ -138,41 +141,69 @@ def test_valid_read_matches_plain_computation(slice_events, built):
     assert 0 < n_valid < sum(1 for o in outcomes.values() if o[1] is not None)  # the rules do cut
 
 
-def test_snapshots_are_point_in_time_and_complete(slice_events, built):
+def check_snapshots(events, values, seq_len):
     """Each snapshot equals the user's last T entries strictly before the impression, rebuilt from the
-    events (click at click ts, unclick / like / dislike at the impression ts); never its own outcome."""
-    cfg = PipelineConfig()
-    t, window = cfg.joiner.seq_len, cfg.joiner.label_window_ms
-    outcomes = plain_outcomes(slice_events)
-    entries = defaultdict(lambda: defaultdict(list))  # user -> kind -> [(ts, close, id, item, cat)]
-    for k, (imp, click_ts, _dwell, liked, disliked) in outcomes.items():
-        close = imp.ts_ms + window
-        row = (close, k, imp.item_id, imp.item_category)
+    events with every entry at the time it became known: a click at the first click, an unclick at
+    the close, a like / dislike at the first like / dislike (outcomes before the close only).
+    Entries come from the impressions shown before the sample's close, whether they closed before
+    it or not; at equal entry ts the ones closed before the sample come first (in close order), then
+    the others by impression id. Never its own outcome. Returns (samples with a non-empty snapshot,
+    entries of impressions that closed after the sample)."""
+    outcomes = plain_outcomes(events)
+    samples = list(map(decode, values))
+    closes = {s.impression_id: s.label_ts_ms for s in samples}
+    entries = defaultdict(lambda: defaultdict(list))  # user -> kind -> [(entry ts, close, id, item, cat, imp ts)]
+    for k, (imp, click_ts, _dwell, like_ts, dislike_ts) in outcomes.items():
+        close = closes[k]
+        row = (close, k, imp.item_id, imp.item_category, imp.ts_ms)
         per = entries[imp.user_id]
         per["click" if click_ts is not None else "unclick"].append(
-            (click_ts if click_ts is not None else imp.ts_ms, *row))
-        if liked:
-            per["like"].append((imp.ts_ms, *row))
-        if disliked:
-            per["dislike"].append((imp.ts_ms, *row))
-    for per in entries.values():
-        for lst in per.values():
-            lst.sort()
-    _summary, values = built
-    n_nonempty = 0
-    for s in map(decode, values):
-        imp, click_ts, *_ = outcomes[s.impression_id]
+            (click_ts if click_ts is not None else close, *row))
+        if like_ts is not None and like_ts < close:
+            per["like"].append((like_ts, *row))
+        if dislike_ts is not None and dislike_ts < close:
+            per["dislike"].append((dislike_ts, *row))
+    n_nonempty = n_unsettled = 0
+    for s in samples:
+        imp, click_ts, _dwell, like_ts, dislike_ts = outcomes[s.impression_id]
+        me = (s.label_ts_ms, s.impression_id)
+
+        def order(e):
+            return (e[0], 0, e[1], e[2]) if (e[1], e[2]) < me else (e[0], 1, e[2], 0)
+
         times = []
         for kind in ("click", "unclick", "like", "dislike"):
-            before = [e for e in entries[s.user_id][kind] if e[0] < s.ts_ms][-t:]
+            before = sorted((e for e in entries[s.user_id][kind] if e[0] < s.ts_ms and e[5] < s.label_ts_ms),
+                            key=order)[-seq_len:]
             assert s.snapshot.sequence(kind) == (tuple(e[3] for e in before), tuple(e[4] for e in before)), \
                 (s.impression_id, kind)
             times += [e[0] for e in before]
             assert s.impression_id not in {e[2] for e in before}
-        own = [s.ts_ms] + ([click_ts] if click_ts is not None else [])
+            n_unsettled += sum((e[1], e[2]) > me for e in before)
+        own = [s.ts_ms] + [x for x in (click_ts, like_ts, dislike_ts) if x is not None]
         assert snapshot_is_point_in_time(s, entry_ts_ms=times, own_outcome_ts_ms=own)
         n_nonempty += bool(times)
+    return n_nonempty, n_unsettled
+
+
+def test_snapshots_are_point_in_time_and_complete(slice_events, built):
+    _summary, values = built
+    n_nonempty, _ = check_snapshots(slice_events, values, PipelineConfig().joiner.seq_len)
     assert n_nonempty > N_IMPRESSIONS // 3  # 7,750 in the slice
+
+
+def test_early_emission_snapshots_include_outcomes_of_pending_impressions(slice_events, tmp_path):
+    """With early emission a sample can close before earlier impressions of its user; their clicks
+    and feedback before its ts are still in its snapshot, and no batch cut changes a sample."""
+    cfg = PipelineConfig(joiner=JoinerConfig(emit_early_on_final_dwell=True))
+    summary = build_samples(slice_events, tmp_path / "a.bin", tmp_path / "wa", cfg, batch_events=4096)
+    build_samples(slice_events, tmp_path / "b.bin", tmp_path / "wb", cfg, batch_events=7)
+    values = list(read_samples(tmp_path / "a.bin"))
+    assert summary.counters["emitted_early"] > N_IMPRESSIONS // 3  # 7,476 in the slice
+    assert sorted(values) == sorted(read_samples(tmp_path / "b.bin"))
+    n_nonempty, n_unsettled = check_snapshots(slice_events, values, cfg.joiner.seq_len)
+    assert n_nonempty > N_IMPRESSIONS // 3  # 7,097 in the slice
+    assert n_unsettled > 0  # 5 in the slice: entries of impressions that closed after the sample
 
 
 def test_batching_and_partitions_do_not_change_samples(slice_events, built, tmp_path):

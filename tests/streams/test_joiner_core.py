@@ -316,3 +316,18 @@ def test_impression_redelivered_after_flush_is_a_duplicate():
 def test_retention_shorter_than_window_plus_lateness_is_refused():
     with pytest.raises(ValueError, match="emitted_retention_ms"):
         JoinerConfig(label_window_ms=30 * 60_000, allowed_lateness_ms=10_000, emitted_retention_ms=60_000)
+
+
+def test_pending_records_show_the_not_yet_emitted_impressions_of_the_users_asked():
+    core = JoinCore(EARLY)
+    other = Impression(80, 100_500, 2, 9, 8)
+    core.process([imp(100_000), other, Click(2, 101_000, 7, 1, 9), Feedback(4, 101_500, 1, 9, FeedbackKind.LIKE, 7),
+                  Click(5, 99_000, 9, 1, 9)])  # the last one waits for its impression: not attached
+    [(i, close, events)] = core.pending_records({1})[1]
+    assert (i, close, [e.event_id for e in events]) == (imp(100_000), 110_000, [2, 4])
+    assert core.pending_records([1, 2])[2] == [(other, 110_500, ())]
+    assert core.pending_records(set()) == {} and core.pending_records({3}) == {}
+    core.process([Dwell(3, 102_000, 7, 1, 9, 4_000)])
+    assert core.pending_records({1})[1][0][1] == 102_500  # the early close, before emission
+    core.advance(120_000)
+    assert core.pending_records({1, 2}) == {}

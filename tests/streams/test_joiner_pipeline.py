@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 
 import streams.joiner.worker as worker_module
-from streams.contracts import Impression
+from streams.contracts import Click, Dwell, Feedback, FeedbackKind, Impression
+from streams.joiner import RULE_T2, JoinerConfig
 from streams.joiner.pipeline import JoinerPipeline, PipelineConfig, open_pipeline
 from streams.replay import iter_events
+from streams.samples import decode, snapshot_is_point_in_time
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SLICE = REPO_ROOT / "data" / "kuairand-slice" / "log_standard_slice.csv.gz"
@@ -92,3 +94,81 @@ def test_doctests():
     import streams.samples_file as samples_file_module
     for module in (worker_module, samples_file_module):
         assert doctest.testmod(module).failed == 0
+
+
+T0 = 1_650_000_000_000
+MIN = 60_000
+
+
+def samples_of(path, events, batch: int, **joiner) -> dict:
+    """impression_id -> decoded sample, the events fed in ts order ``batch`` at a time."""
+    events = sorted(events, key=lambda e: e.ts_ms)
+    pipe = open_pipeline(path, 0, PipelineConfig(joiner=JoinerConfig(**joiner)))
+    out = run_all(pipe, events, batch)
+    pipe.close()
+    return {s.impression_id: s for s in map(decode, out)}
+
+
+def user_imp(k: int, ts_ms: int, item: int) -> Impression:
+    return Impression(k, ts_ms, 1, item, k, item_category=item % 5)
+
+
+def test_a_later_outcome_of_an_earlier_impression_does_not_leak_into_the_snapshot(tmp_path):
+    """Impression I at 0, J of the same user at 1 min: J's snapshot is the same whether I is clicked
+    and liked at 10 min or never, and a later impression K (at 40 min) sees what became of I."""
+    base = [user_imp(1, T0, 10), user_imp(2, T0 + MIN, 11), user_imp(3, T0 + 40 * MIN, 12)]
+    outcome = [Click(101, T0 + 10 * MIN, 1, 1, 10), Feedback(102, T0 + 10 * MIN, 1, 10, FeedbackKind.LIKE, 1)]
+    for batch in (1, 100):
+        quiet = samples_of(tmp_path / f"q{batch}", base, batch)
+        acted = samples_of(tmp_path / f"a{batch}", base + outcome, batch)
+        assert quiet[2].snapshot == acted[2].snapshot
+        assert quiet[2].snapshot.sequence("unclick") == acted[2].snapshot.sequence("unclick") == ((), ())
+        assert quiet[2].snapshot.sequence("like") == acted[2].snapshot.sequence("like") == ((), ())
+        assert quiet[2].snapshot.newest_ts_ms == -1
+        # I's unclick is known at its close (30 min), its click and like at 10 min
+        assert quiet[3].snapshot.sequence("unclick") == ((10, 11), (0, 1))
+        assert quiet[3].snapshot.newest_ts_ms == T0 + 31 * MIN
+        assert acted[3].snapshot.sequence("click") == acted[3].snapshot.sequence("like") == ((10,), (0,))
+        assert acted[3].snapshot.sequence("unclick") == ((11,), (1,))
+        assert acted[1].liked and acted[1].clicked
+        for s in (*quiet.values(), *acted.values()):
+            assert snapshot_is_point_in_time(s)
+
+
+def test_t2_counts_clicks_of_impressions_that_close_later(tmp_path):
+    """Impression A at 0 clicked at 20 min; seven more of the same user at 1..7 min, each clicked
+    5 s after it: A's click has 7 clicks before it in the 7 days, so A's user is not light (no T2),
+    though A closes (30 min) before any of the seven."""
+    events = [user_imp(100, T0, 50), Click(200, T0 + 20 * MIN, 100, 1, 50),
+              Dwell(300, T0 + 21 * MIN, 100, 1, 50, 60_000)]
+    for m in range(1, 8):
+        events += [user_imp(100 + m, T0 + m * MIN, 50 + m), Click(200 + m, T0 + m * MIN + 5_000, 100 + m, 1, 50 + m),
+                   Dwell(300 + m, T0 + m * MIN + 65_000, 100 + m, 1, 50 + m, 60_000)]
+    for batch in (1, 1_000):
+        got = samples_of(tmp_path / f"b{batch}", events, batch)
+        assert not got[100].rules & RULE_T2
+        # the m-th of the seven has m - 1 clicks before its own: all light
+        assert all(got[100 + m].rules & RULE_T2 for m in range(1, 8))
+        # the snapshots hold only what happened before each impression
+        assert got[100].snapshot.sequence("click") == ((), ())
+        assert got[107].snapshot.sequence("click")[0] == tuple(range(51, 57))
+
+
+def test_early_emitted_sample_sees_clicks_and_feedback_of_pending_earlier_impressions(tmp_path):
+    """With early emission J (at 1 min, clicked, final dwell at 1:40) closes before I (at 0, clicked
+    at 5 s and liked at 10 s, no dwell: it waits for its window); J's snapshot still holds I's click
+    and like, and a batch cut changes nothing."""
+    events = [user_imp(1, T0, 10), Click(11, T0 + 5_000, 1, 1, 10),
+              Feedback(12, T0 + 10_000, 1, 10, FeedbackKind.LIKE, 1),
+              user_imp(2, T0 + MIN, 11), Click(21, T0 + 70_000, 2, 1, 11), Dwell(22, T0 + 100_000, 2, 1, 11, 30_000),
+              Impression(3, T0 + 2 * MIN, 2, 12, 3)]
+    ref = None
+    for batch in (1, 3, 100):
+        got = samples_of(tmp_path / f"b{batch}", events, batch, emit_early_on_final_dwell=True)
+        j = got[2]
+        assert j.early and j.label_ts_ms < got[1].label_ts_ms
+        assert j.snapshot.sequence("click") == j.snapshot.sequence("like") == ((10,), (0,))
+        assert j.snapshot.newest_ts_ms == T0 + 10_000
+        assert got[1].snapshot.newest_ts_ms == -1
+        ref = ref or got
+        assert got == ref

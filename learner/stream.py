@@ -397,6 +397,29 @@ class SampleStream:
                     sought, [tp.partition for tp in reset], self.cfg.group_id)
 
 
+def use_compiled_crc32c() -> bool:
+    """Let kafka-python check record-batch CRCs with aiokafka's compiled CRC-32C.
+
+    Without the optional ``crc32c`` package kafka-python computes CRC-32C in pure Python (about
+    6 MB/s here), which caps a consumer of 2 KB samples near 2,400 records/s; the compiled one
+    (about 200 MB/s) keeps the checks and lifts the cap more than tenfold. Process-wide; the
+    result is the same checksum. Returns True when the compiled implementation is in use.
+    """
+    import kafka.record.default_records as default_records
+    import kafka.record.util as record_util
+
+    if getattr(record_util, "crc32c_c", None) is not None:
+        return True                                   # kafka-python found a C implementation itself
+    try:
+        from aiokafka.record._crecords import crc32c_cython
+    except ImportError:
+        return False
+    if crc32c_cython(b"123456789") != 0xE3069283:     # the CRC-32C check value
+        return False
+    default_records.calc_crc32c = lambda memview: crc32c_cython(memview)
+    return True
+
+
 class _Listener(ConsumerRebalanceListener):
     """Forwards kafka-python's rebalance callbacks to the stream."""
 
@@ -413,5 +436,5 @@ class _Listener(ConsumerRebalanceListener):
         self.stream._on_assigned(assigned)
 
 
-__all__ = ["RebalanceBarrier", "SampleStream", "StreamBatch", "StreamConfig", "StreamError",
+__all__ = ["RebalanceBarrier", "use_compiled_crc32c", "SampleStream", "StreamBatch", "StreamConfig", "StreamError",
            "from_source_offsets", "source_key", "to_source_offsets"]

@@ -61,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--settle-s", type=float, default=3.0, help="phase 3 seconds left out of the freshness figures")
     p.add_argument("--version-every-s", type=float, default=5.0, help="checkpoint/version interval in phase 3")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--python-crc", action="store_true",
+                   help="leave kafka-python's pure-Python CRC-32C in place (the learner CLI installs the compiled one)")
     p.add_argument("--produce-to", default=None, help=argparse.SUPPRESS)     # phase 3's producer process
     p.add_argument("--produce-file", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -235,18 +237,23 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("kafka").setLevel(logging.CRITICAL)
     if args.produce_to:
+        from learner.stream import use_compiled_crc32c
+        use_compiled_crc32c()
         print(*produce_paced(args.produce_to, args.produce_file, args.rate, args.duration_s, args.settle_s))
         return
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     from kafka import KafkaProducer
 
+    from learner.stream import use_compiled_crc32c
+    crc = "pure-python" if args.python_crc else ("compiled" if use_compiled_crc32c() else "pure-python")
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     print(f"machine: python={platform.python_version()} torch={torch.__version__} cpu={cpu_model()!r} "
           f"cores={os.cpu_count()} torch_threads={torch.get_num_threads()} gpu={gpu} load1={load_average():.2f}")
     print(f"command: {command_line()}")
     model = "DUMN tiny (E=8 m=8 Z=8)" if args.tiny else "DUMN defaults (E=16 m=256 Z=64 buckets 2^18)"
-    print(f"model: {model} T={args.seq_len} batch_size={args.batch_size} device={trainer_for(args).device}")
+    print(f"model: {model} T={args.seq_len} batch_size={args.batch_size} device={trainer_for(args).device} "
+          f"kafka_python_crc32c={crc}")
     t0 = time.perf_counter()
     keyed = make_values(args.samples, args.seq_len, args.seed)
     print(f"encoded {len(keyed)} samples in {time.perf_counter() - t0:.1f}s "

@@ -103,6 +103,11 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 
+    from learner.stream import use_compiled_crc32c
+    if not use_compiled_crc32c():
+        logger.warning("kafka-python checks CRCs in pure Python (no crc32c or aiokafka build): consumption "
+                       "is capped near 6 MB/s")
+
     stop = threading.Event()
 
     def on_signal(signum, _frame) -> None:

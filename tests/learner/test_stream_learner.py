@@ -352,3 +352,15 @@ def test_configs_refuse_settings_that_break_the_protocol(tmp_path):
         LearnerConfig(checkpoint_dir=str(tmp_path), checkpoint_every_steps=0, checkpoint_every_s=0)
     with pytest.raises(ValueError, match="keep_checkpoints=0"):
         LearnerConfig(checkpoint_dir=str(tmp_path), keep_checkpoints=0)
+
+
+def test_compiled_crc32c_gives_kafka_python_the_same_checksums():
+    import kafka.record._crc32c as pure
+    import kafka.record.default_records as default_records
+
+    from learner.stream import use_compiled_crc32c
+
+    assert use_compiled_crc32c()
+    data = os.urandom(4096)
+    assert default_records.calc_crc32c(memoryview(data)) == pure.crc(data)
+    assert default_records.calc_crc32c(memoryview(b"123456789")) == 0xE3069283

@@ -51,11 +51,15 @@ def _esc(v: object) -> str:
 
 
 def _fmt(v: float) -> str:
+    """Short tick label.
+
+    >>> [_fmt(v) for v in (0, 0.25, 1000, 1e4, 2.5e6, 1e-4)]
+    ['0', '0.25', '1000', '1e4', '2.5e6', '0.0001']
+    """
     if v == 0:
         return "0"
-    if abs(v) >= 1e5 or abs(v) < 1e-3:
-        return f"{v:.2g}"
-    return f"{v:.4g}"
+    s = f"{v:.2g}" if abs(v) >= 1e5 or abs(v) < 1e-3 else f"{v:.4g}"
+    return s.replace("e+0", "e").replace("e-0", "e-").replace("e+", "e")
 
 
 class Scale:

@@ -74,6 +74,8 @@ def test_demo_runs_the_whole_pipeline(tmp_path: Path, capsys):
     last = re.findall(r"^\s+\d+\s+(\d+)\s+(\d\.\d+)", out, re.M)[-1]
     assert int(last[0]) == n_imp  # the newest version has trained on every sample
     assert 0.0 < float(last[1]) < 1.0  # a real cumulative AUC was measured
+    report = (tmp_path / "streamrec-report.html").read_text()
+    assert report.count("<svg") == report.count("</svg>") >= 4
 
 
 def test_tail_renders_samples_and_reports_malformed_ones():

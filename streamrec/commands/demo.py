@@ -70,16 +70,20 @@ def run(args: argparse.Namespace) -> int:
             joiner = _Joiner(args, broker.bootstrap, data_dir)
             learner = _Learner(args, broker.bootstrap, data_dir, n_impressions) if args.stages == "all" else None
             try:
-                ok = joiner.wait_for_samples(n_impressions, args.timeout_s)
+                ok = joiner.wait_for_samples(n_impressions, args.timeout_s,
+                                             learner.scrape if learner is not None else (lambda: None))
                 if learner is not None:
                     ok = learner.wait(args.timeout_s) and ok
             finally:
                 counters = joiner.stop()
                 if learner is not None:
                     learner.stop()
-            _print_joiner_summary(counters, n_impressions)
+            lines = _print_joiner_summary(counters, n_impressions)
             if learner is not None:
-                ok = _print_learner_summary(broker.bootstrap, learner, n_impressions) and ok
+                versions, learner_ok = _print_learner_summary(broker.bootstrap, learner, n_impressions)
+                ok = learner_ok and ok
+                report = _write_report(args, broker.bootstrap, counters, versions, learner, lines)
+                print(f"== report: {report}")
             return 0 if ok else 1
     finally:
         if temp:
@@ -156,10 +160,11 @@ class _Joiner:
             pass
         return self.last
 
-    def wait_for_samples(self, n_impressions: int, timeout_s: float) -> bool:
+    def wait_for_samples(self, n_impressions: int, timeout_s: float, tick=lambda: None) -> bool:
         deadline = time.monotonic() + timeout_s
         shown = -1
         while time.monotonic() < deadline:
+            tick()
             if self.proc.poll() is not None:
                 print(f"   joiner exited rc={self.proc.returncode}; see {self.log_path}", file=sys.stderr)
                 return False
@@ -184,22 +189,50 @@ class _Learner:
 
     def __init__(self, args: argparse.Namespace, bootstrap: str, data_dir: Path, n_samples: int):
         self.log_path = data_dir / "learner.log"
+        self.metrics_port = _free_port()
         argv = ["learner", "--bootstrap", bootstrap, "--checkpoint-dir", str(data_dir / "checkpoints"),
                 "--model", args.model, "--objective", args.objective, "--batch-size", str(args.batch_size),
-                "--max-samples", str(n_samples), "--checkpoint-every-s", "10", "--no-progress"]
+                "--max-samples", str(n_samples), "--checkpoint-every-s", "10", "--no-progress",
+                "--metrics-port", str(self.metrics_port)]
         if args.config:
             argv = ["--config", str(args.config), *argv]
         print(f"== learner: streamrec {' '.join(argv)}  (log: {self.log_path})", flush=True)
         self.t0 = time.monotonic()
         self.proc = _spawn(argv, self.log_path)
         self.elapsed_s = math.nan
+        self.throughput: list[tuple[float, float]] = []  # (s since start, samples/s)
+        self.lag: list[tuple[float, int]] = []  # (s since start, records behind, all partitions)
+
+    def scrape(self) -> None:
+        """One reading of the learner's Prometheus endpoint (throughput and lag for the report)."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=1) as resp:
+                text = resp.read().decode("utf-8", "replace")
+        except OSError:
+            return
+        t = time.monotonic() - self.t0
+        rate, lag, seen_lag = None, 0, False
+        for line in text.splitlines():
+            name, _, value = line.rpartition(" ")
+            if name == "streamrec_learner_samples_per_second":
+                rate = float(value)
+            elif name.startswith("streamrec_learner_consumer_lag{"):
+                lag += int(float(value))
+                seen_lag = True
+        if rate is not None and math.isfinite(rate):
+            self.throughput.append((t, rate))
+        if seen_lag:
+            self.lag.append((t, lag))
 
     def wait(self, timeout_s: float) -> bool:
-        try:
-            rc = self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            print(f"   learner did not finish within {timeout_s:.0f}s", file=sys.stderr)
-            return False
+        deadline = time.monotonic() + timeout_s
+        while self.proc.poll() is None:
+            if time.monotonic() > deadline:
+                print(f"   learner did not finish within {timeout_s:.0f}s", file=sys.stderr)
+                return False
+            self.scrape()
+            time.sleep(1.0)
+        rc = self.proc.returncode
         self.elapsed_s = time.monotonic() - self.t0
         if rc != 0:
             print(f"   learner exited rc={rc}; see {self.log_path}", file=sys.stderr)
@@ -209,14 +242,16 @@ class _Learner:
         _stop(self.proc)
 
 
-def _print_joiner_summary(c: dict[str, int], n_impressions: int) -> None:
+def _print_joiner_summary(c: dict[str, int], n_impressions: int) -> list[str]:
     from streams.joiner.worker import summary_line
 
+    line = f"impressions={n_impressions} {summary_line(c)}"
     print("== joiner")
-    print(f"   impressions={n_impressions} {summary_line(c)}", flush=True)
+    print(f"   {line}", flush=True)
+    return [line]
 
 
-def _print_learner_summary(bootstrap: str, learner: _Learner, n_samples: int) -> bool:
+def _print_learner_summary(bootstrap: str, learner: _Learner, n_samples: int) -> tuple[list, bool]:
     from kafka import KafkaConsumer
 
     from learner.versions import TOPIC_MODEL_UPDATES, ModelVersion, VersionFormatError
@@ -243,7 +278,60 @@ def _print_learner_summary(bootstrap: str, learner: _Learner, n_samples: int) ->
     last = versions[-1].samples_seen if versions else 0
     if last < n_samples:
         print(f"   the newest version has seen {last} of {n_samples} samples", file=sys.stderr)
-    return bool(versions) and last >= n_samples
+    return versions, bool(versions) and last >= n_samples
+
+
+def _click_dwell_ms(bootstrap: str) -> "np.ndarray":
+    """Dwell of every clicked sample on the samples topic (for the dwell histogram)."""
+    import numpy as np
+    from kafka import KafkaConsumer
+
+    from streams.samples import TOPIC_SAMPLES, decode_batch
+
+    consumer = KafkaConsumer(TOPIC_SAMPLES, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                             enable_auto_commit=False, group_id=None, consumer_timeout_ms=3000)
+    out = []
+    try:
+        while True:
+            polled = consumer.poll(timeout_ms=2000, max_records=20_000)
+            if not polled:
+                break
+            for records in polled.values():
+                cols = decode_batch([r.value for r in records], seq_len=1)
+                clicked = cols.column("clicked").astype(bool)
+                dwell = cols.column("dwell_ms")[clicked]
+                out.append(dwell[dwell > 0])
+    finally:
+        consumer.close()
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def _write_report(args: argparse.Namespace, bootstrap: str, counters: dict[str, int], versions: list,
+                  learner: _Learner, lines: list[str]) -> Path:
+    """The HTML report next to the run (or in the working directory for a temporary run)."""
+    import numpy as np
+
+    from streamrec.report import RunReport, write_report
+    from streams.joiner.config import NdtConfig
+
+    dwell = _click_dwell_ms(bootstrap)
+    log_d = np.log(dwell.astype(np.float64)) if len(dwell) else np.zeros(0)
+    # x_l = exp(mu - sigma) of ln(dwell) over clicks, here over the whole run (the joiner's live
+    # estimate decays with a 7-day half-life, longer than the slice, so the two nearly agree)
+    x_l = float(np.exp(log_d.mean() - log_d.std())) if len(log_d) > 1 else None
+    ndt = NdtConfig()
+    out_dir = args.data_dir if args.data_dir is not None else Path.cwd()
+    path = Path(out_dir) / "streamrec-report.html"
+    data = RunReport(
+        title="streamrec demo: replay -> joiner -> continuous learner",
+        summary_lines=lines + [f"model versions published: {len(versions)}",
+                               f"learner {args.model} + {args.objective}, wall time {learner.elapsed_s:.1f}s"],
+        versions=[{"version": v.version, "samples_seen": v.samples_seen, "created_at_ms": v.created_at_ms,
+                   "metrics": dict(v.metrics)} for v in versions],
+        joiner_counters=dict(counters), dwell_ms_of_clicks=dwell, x_l_ms=x_l,
+        ndt_params=(ndt.offset_s, ndt.tau_s, ndt.a, ndt.b), throughput=learner.throughput, lag=learner.lag,
+    )
+    return write_report(path, data)
 
 
 def _fmt(metrics: dict[str, float], name: str) -> str:

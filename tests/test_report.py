@@ -161,3 +161,11 @@ def test_single_point_series_do_not_crash(tmp_path):
                  dwell_ms_of_clicks=np.array([1000.0]))
     text, _ = _write(tmp_path, data)
     assert text.count("<svg") == 6
+
+
+def test_module_doctests():
+    import doctest
+
+    import streamrec.report as report_module
+
+    assert doctest.testmod(report_module).failed == 0

@@ -27,9 +27,7 @@ Column mapping (:func:`batch_from_columns`, wire field -> SampleBatch field):
 from __future__ import annotations
 
 import logging
-import os
 import queue
-import struct
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -40,11 +38,11 @@ import torch
 
 from learner import LearnerError
 from learner.batch import SEQUENCE_KINDS, SampleBatch
+from streams import samples_file
 from streams.samples import SampleColumns, decode_batch
 
 logger = logging.getLogger(__name__)
 
-_FRAME = struct.Struct("<I")
 # item_duration_ms -> bucket: 0 (unknown / 0 ms), then (0, 7 s], (7, 15], (15, 30], (30, 60], (60, 120], (120, 300], > 300 s
 DURATION_BOUNDS_MS = np.array([1, 7_001, 15_001, 30_001, 60_001, 120_001, 300_001], dtype=np.int64)
 
@@ -134,49 +132,25 @@ def batch_from_columns(cols: SampleColumns) -> SampleBatch:
 
 
 def write_frames(path: str | Path, values) -> int:
-    """Frame ``values`` (bytes) into a samples file; returns the number written. For tests and tools."""
-    n = 0
-    with open(path, "wb") as fh:
-        for v in values:
-            fh.write(_FRAME.pack(len(v)))
-            fh.write(v)
-            n += 1
-    return n
+    """Frame ``values`` (bytes) into a samples file (:func:`streams.samples_file.write_samples`)."""
+    return samples_file.write_samples(path, values)
 
 
 def iter_frames(path: str | Path, start_offset_bytes: int = 0) -> Iterator[tuple[bytes, int]]:
-    """(message, offset just past it) for each frame from ``start_offset_bytes``; a cut frame raises."""
-    with open(path, "rb", buffering=1 << 20) as fh:
-        fh.seek(start_offset_bytes)
-        pos = start_offset_bytes
-        while True:
-            head = fh.read(4)
-            if not head:
-                return
-            if len(head) < 4:
-                raise SamplesFileError(f"{path}: truncated frame header at byte {pos}")
-            (n,) = _FRAME.unpack(head)
-            value = fh.read(n)
-            if len(value) < n:
-                raise SamplesFileError(f"{path}: frame at byte {pos} needs {n} bytes, {len(value)} left")
-            pos += 4 + n
-            yield value, pos
+    """(message, offset just past it) for each frame from ``start_offset_bytes``; a cut frame raises
+    :class:`SamplesFileError` (:func:`streams.samples_file.iter_records`, errors as learner errors)."""
+    try:
+        yield from samples_file.iter_records(path, start_offset_bytes)
+    except samples_file.SamplesFileError as exc:
+        raise SamplesFileError(str(exc)) from None
 
 
 def count_frames(path: str | Path) -> int:
     """Number of messages in a samples file (reads only the length words)."""
-    n, pos, size = 0, 0, os.path.getsize(path)
-    with open(path, "rb") as fh:
-        while pos < size:
-            fh.seek(pos)
-            head = fh.read(4)
-            if len(head) < 4:
-                raise SamplesFileError(f"{path}: truncated frame header at byte {pos}")
-            pos += 4 + _FRAME.unpack(head)[0]
-            n += 1
-    if pos != size:
-        raise SamplesFileError(f"{path}: last frame runs past the end of the file")
-    return n
+    try:
+        return samples_file.count_samples(path)
+    except samples_file.SamplesFileError as exc:
+        raise SamplesFileError(str(exc)) from None
 
 
 _DONE = object()

@@ -61,26 +61,47 @@ def append_samples(fh, values: Iterable[bytes]) -> int:
     return n
 
 
-def read_samples(path: str | Path, chunk_bytes: int = 1 << 20) -> Iterator[bytes]:
-    """Every record of the file, in order."""
-    with open(path, "rb") as fh:
-        buf = b""
-        pos = 0
+def iter_records(path: str | Path, start_offset_bytes: int = 0,
+                 buffer_bytes: int = 1 << 20) -> Iterator[tuple[bytes, int]]:
+    """(record, byte offset just past it) for every record from ``start_offset_bytes``, which must be
+    a record boundary (an offset this function returned earlier, or 0): resuming a reader is exact."""
+    with open(path, "rb", buffering=buffer_bytes) as fh:
+        fh.seek(start_offset_bytes)
+        pos = start_offset_bytes
         while True:
-            chunk = fh.read(chunk_bytes)
-            if chunk:
-                buf = buf[pos:] + chunk
-                pos = 0
-            elif pos >= len(buf):
+            head = fh.read(4)
+            if not head:
                 return
-            while pos + 4 <= len(buf):
-                (n,) = _LEN.unpack_from(buf, pos)
-                if pos + 4 + n > len(buf):
-                    break
-                yield buf[pos + 4:pos + 4 + n]
-                pos += 4 + n
-            if not chunk:
-                raise SamplesFileError(f"{path}: truncated record at the end ({len(buf) - pos} bytes left)")
+            if len(head) < 4:
+                raise SamplesFileError(f"{path}: truncated record header at byte {pos}")
+            (n,) = _LEN.unpack(head)
+            value = fh.read(n)
+            if len(value) < n:
+                raise SamplesFileError(f"{path}: truncated record at byte {pos}: needs {n} bytes, {len(value)} left")
+            pos += 4 + n
+            yield value, pos
+
+
+def read_samples(path: str | Path, chunk_bytes: int = 1 << 20) -> Iterator[bytes]:
+    """Every record of the file, in order (read through a buffer of ``chunk_bytes``)."""
+    for value, _end in iter_records(path, buffer_bytes=chunk_bytes):
+        yield value
+
+
+def count_samples(path: str | Path) -> int:
+    """Number of records in a samples file (reads only the length words)."""
+    n, pos, size = 0, 0, os.path.getsize(path)
+    with open(path, "rb") as fh:
+        while pos < size:
+            fh.seek(pos)
+            head = fh.read(4)
+            if len(head) < 4:
+                raise SamplesFileError(f"{path}: truncated record header at byte {pos}")
+            pos += 4 + _LEN.unpack(head)[0]
+            n += 1
+    if pos != size:
+        raise SamplesFileError(f"{path}: truncated record: the last one runs past the end of the file")
+    return n
 
 
 def read_sample_batches(path: str | Path, batch_size: int = 4096) -> Iterator[list[bytes]]:

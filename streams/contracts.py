@@ -286,7 +286,9 @@ def encode(event: Event) -> bytes:
     return layout.struct.pack(MAGIC, CURRENT_VERSION, _TYPE_CODES[type(event)], *values)
 
 
-def _check_header(value: Any, expected: type | None) -> _Layout:
+def check_envelope(value: Any) -> int:
+    """The checks every message of the project's contracts shares (a bytes value, not empty, the
+    magic byte, a whole 3-byte header); returns its length or raises :class:`ContractError`."""
     if value is None:
         raise ContractError("empty: null value")
     if not isinstance(value, (bytes, bytearray, memoryview)):
@@ -298,6 +300,11 @@ def _check_header(value: Any, expected: type | None) -> _Layout:
         raise ContractError(f"bad_magic: 0x{value[0]:02x} (expected 0x{MAGIC:02x})")
     if n < HEADER_BYTES:
         raise ContractError(f"truncated: {n} bytes < {HEADER_BYTES}-byte header")
+    return n
+
+
+def _check_header(value: Any, expected: type | None) -> _Layout:
+    n = check_envelope(value)
     version, code = value[1], value[2]
     if version not in KNOWN_VERSIONS:
         raise ContractError(f"unknown_version: {version} (known: {list(KNOWN_VERSIONS)})")

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from streams.contracts import ACTIVENESS_LEVELS, MAGIC, ContractError
+from streams.contracts import ACTIVENESS_LEVELS, MAGIC, ContractError, check_envelope
 
 TOPIC_SAMPLES = "samples"
 SAMPLE_TYPE = 0x10
@@ -268,17 +268,7 @@ def _expected_length(counts) -> int:
 
 def decode(value: bytes) -> Sample:
     """Decode one sample; :class:`~streams.contracts.ContractError` with a reason when malformed."""
-    if value is None:
-        raise ContractError("empty: null value")
-    if not isinstance(value, (bytes, bytearray, memoryview)):
-        raise ContractError(f"not_bytes: {type(value).__name__}")
-    n = len(value)
-    if n == 0:
-        raise ContractError("empty: 0 bytes")
-    if value[0] != MAGIC:
-        raise ContractError(f"bad_magic: 0x{value[0]:02x} (expected 0x{MAGIC:02x})")
-    if n < 3:
-        raise ContractError(f"truncated: {n} bytes < 3-byte header")
+    n = check_envelope(value)
     if value[1] != SAMPLE_VERSION:
         raise ContractError(f"unknown_version: {value[1]} (known: [{SAMPLE_VERSION}])")
     if value[2] != SAMPLE_TYPE:

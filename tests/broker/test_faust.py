@@ -61,13 +61,15 @@ APP_SOURCE = textwrap.dedent(
 )
 
 
-def wait_until(cond, timeout_s: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None):
+def wait_until(cond, timeout_s: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None,
+               extra=lambda: ""):
+    """Poll ``cond``; on failure say what was awaited, ``extra()`` (state seen by a fresh client) and the log."""
     deadline = time.monotonic() + timeout_s
     while not cond():
         if proc is not None and proc.poll() is not None:
             raise AssertionError(f"faust worker exited rc={proc.returncode} while waiting for {what}:\n{tail(log)}")
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}:\n{tail(log)}")
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what} {extra()}:\n{tail(log)}")
         time.sleep(0.05)
 
 
@@ -179,9 +181,13 @@ def test_faust_agent_counts_into_table_and_output_topic(broker, tmp_path):
     second = ["u1", "u6", "u2"]
     produce_clicks(bootstrap, second)
     expected.update(second)
+    out.close()
+    out = TopicReader(bootstrap, "click-counts")  # a fresh reader: the whole topic again from the start
     proc, log = start_worker(tmp_path, bootstrap, run=2)
     try:
-        wait_until(lambda: len(out.poll()) >= len(first) + len(second), 120, "the second run's output", proc, log)
+        wait_until(lambda: len(out.poll()) >= len(first) + len(second), 120, "the second run's output", proc, log,
+                   extra=lambda: f"click-counts end offsets={topic_end_offsets(bootstrap, 'click-counts')} "
+                                 f"clicks committed={group_offsets(bootstrap)}")
     finally:
         stop_worker(proc, log)
     assert_clean_exit(proc, log)
@@ -200,6 +206,15 @@ def group_offsets(bootstrap: str) -> dict[int, int]:
     finally:
         admin.close()
     return {tp.partition: meta.offset for tp, meta in got.items() if tp.topic == "clicks"}
+
+
+def topic_end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap)
+    try:
+        tps = [TopicPartition(topic, p) for p in range(N_PARTITIONS)]
+        return {tp.partition: off for tp, off in consumer.end_offsets(tps).items()}
+    finally:
+        consumer.close()
 
 
 def committed_clicks_per_partition(bootstrap: str) -> dict[int, int]:

@@ -76,6 +76,43 @@ def test_demo_runs_the_whole_pipeline(tmp_path: Path, capsys):
     assert 0.0 < float(last[1]) < 1.0  # a real cumulative AUC was measured
     report = (tmp_path / "streamrec-report.html").read_text()
     assert report.count("<svg") == report.count("</svg>") >= 4
+    newest = int(re.findall(r"^\s+(\d+)\s+\d+\s+\d\.\d+", out, re.M)[-1])
+    _score_with_the_published_version(tmp_path, newest_version=newest)
+
+
+def _score_with_the_published_version(data_dir: Path, newest_version: int) -> None:
+    """The serving side of the same run: the demo's broker data reopened, ``streamrec score`` (a
+    separate process) follows ``model-updates``, loads the newest version and scores a user of the
+    slice with the joiner's feature store."""
+    import csv
+    import gzip
+    import json
+    import subprocess
+    import sys
+
+    from streamrec.commands.demo import DEFAULT_SLICE
+    from streams.broker import EmbeddedBroker
+
+    with gzip.open(DEFAULT_SLICE, "rt") as f:
+        rows = list(csv.DictReader(f))
+    clicks: dict[int, list[int]] = {}
+    for r in rows:
+        if r["is_click"] == "1":
+            clicks.setdefault(int(r["user_id"]), []).append(int(r["video_id"]))
+    user = max(clicks, key=lambda u: len(clicks[u]))  # the user with the longest click history
+    items = sorted({int(r["video_id"]) for r in rows[:5]})
+    config = build(BrokerConfig, {"data_dir": data_dir / "broker", "port": 0})
+    with EmbeddedBroker(config) as broker:
+        done = subprocess.run(
+            [sys.executable, "-m", "streamrec.cli", "--log-level", "WARNING", "score", "--bootstrap", broker.bootstrap,
+             "--feature-store", str(data_dir / "joiner"), "--user-id", str(user),
+             "--items", ",".join(map(str, items)), "--wait-s", "60"],
+            capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    line = json.loads(done.stdout.strip().splitlines()[-1])
+    assert line["model"]["version"] == newest_version  # the newest published version, not an older one
+    assert line["items"] == items and len(line["scores"]) == len(items)
+    assert all(s is not None and 0.0 < s < 1.0 for s in line["scores"])
 
 
 def test_tail_renders_samples_and_reports_malformed_ones():

@@ -83,15 +83,16 @@ def encode_sequence(ts_ms: Sequence[int], item_ids: Sequence[int], categories: S
     if not n == len(item_ids) == len(categories):
         raise CodecError(f"ragged sequence columns: {n}, {len(item_ids)}, {len(categories)}")
     return b"".join((
-        _SEQ_HEAD.pack(VERSION, n, min(n_dropped, 0xFFFFFFFF)),
+        encode_sequence_header(n, n_dropped),
         np.asarray(ts_ms, dtype="<i8").tobytes(),
         np.asarray(item_ids, dtype="<u8").tobytes(),
         np.asarray(categories, dtype="<i4").tobytes(),
     ))
 
 
-def decode_sequence(data: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """``(ts_ms i64[n], item_id u64[n], category i32[n], n_dropped)``, oldest first."""
+def sequence_header(data: bytes) -> tuple[int, int]:
+    """``(n, n_dropped)`` of an encoded sequence after checking its version and exact length; the
+    columns start at ``SEQUENCE_HEADER_BYTES``."""
     _check_version("sequence", data)
     if len(data) < _SEQ_HEAD.size:
         raise CodecError(f"bad_length: sequence is {len(data)} bytes (< {_SEQ_HEAD.size})")
@@ -99,6 +100,20 @@ def decode_sequence(data: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray, in
     expected = _SEQ_HEAD.size + 20 * n
     if len(data) != expected:
         raise CodecError(f"bad_length: sequence of {n} is {len(data)} bytes (expected {expected})")
+    return n, n_dropped
+
+
+def encode_sequence_header(n: int, n_dropped: int) -> bytes:
+    """The header that :func:`encode_sequence` writes before the columns."""
+    return _SEQ_HEAD.pack(VERSION, n, min(n_dropped, 0xFFFFFFFF))
+
+
+SEQUENCE_HEADER_BYTES = _SEQ_HEAD.size
+
+
+def decode_sequence(data: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """``(ts_ms i64[n], item_id u64[n], category i32[n], n_dropped)``, oldest first."""
+    n, n_dropped = sequence_header(data)
     off = _SEQ_HEAD.size
     ts = np.frombuffer(data, dtype="<i8", count=n, offset=off)
     items = np.frombuffer(data, dtype="<u8", count=n, offset=off + 8 * n)

@@ -23,12 +23,36 @@ user before it samples an impression, and the impression's sequence stays exact.
 """
 from __future__ import annotations
 
+import sys
+from array import array
 from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
 
 import numpy as np
 
 from featurestore import codecs
+
+# Columns are kept in machine-native arrays (``array.array``): an insert or an eviction is one
+# memmove, a slice is one memcpy that numpy wraps without a copy, and the stored little-endian
+# columns are the arrays' raw bytes (swapped on a big-endian machine).
+_I64, _U64 = "q", "Q"
+_I32 = next(code for code in ("i", "l", "h") if array(code).itemsize == 4)
+_SWAP = sys.byteorder != "little"
+
+
+def _column(code: str, data: memoryview) -> array:
+    col = array(code)
+    col.frombytes(data)
+    if _SWAP:
+        col.byteswap()
+    return col
+
+
+def _le_bytes(col: array) -> bytes:
+    if _SWAP:
+        col = array(col.typecode, col)
+        col.byteswap()
+    return col.tobytes()
 
 
 @dataclass(frozen=True)
@@ -76,9 +100,9 @@ class UserSequence:
             raise ValueError(f"capacity={capacity!r} must be > 0")
         self.capacity = capacity
         self.n_dropped = 0
-        self._ts: list[int] = []
-        self._items: list[int] = []
-        self._cats: list[int] = []
+        self._ts = array(_I64)       # (n,) ts_ms, ascending
+        self._items = array(_U64)    # (n,) item_id
+        self._cats = array(_I32)     # (n,) category
 
     def __len__(self) -> int:
         return len(self._ts)
@@ -86,16 +110,27 @@ class UserSequence:
     def add(self, item_id: int, category: int, ts_ms: int) -> None:
         if ts_ms < 0:
             raise ValueError(f"ts_ms={ts_ms!r} < 0")
-        full = len(self._ts) >= self.capacity
-        if full and ts_ms < self._ts[0]:
+        ts = self._ts
+        full = len(ts) >= self.capacity
+        if full and ts_ms < ts[0]:
             self.n_dropped += 1
             return
-        pos = bisect_right(self._ts, ts_ms)
-        self._ts.insert(pos, ts_ms)
-        self._items.insert(pos, item_id)
-        self._cats.insert(pos, category)
+        pos = bisect_right(ts, ts_ms)
+        items, cats = self._items, self._cats
+        # an out-of-range value raises OverflowError before the sequence changes
+        items.insert(pos, item_id)
+        try:
+            cats.insert(pos, category)
+            try:
+                ts.insert(pos, ts_ms)
+            except (OverflowError, TypeError):
+                del cats[pos]
+                raise
+        except (OverflowError, TypeError):
+            del items[pos]
+            raise
         if full:
-            del self._ts[0], self._items[0], self._cats[0]
+            del ts[0], items[0], cats[0]
             self.n_dropped += 1
 
     def before(self, ts_ms: int, n: int) -> SequenceSlice:
@@ -114,21 +149,29 @@ class UserSequence:
     def _slice(self, start: int, end: int) -> SequenceSlice:
         if start >= end:
             return EMPTY_SLICE
-        return SequenceSlice(np.array(self._items[start:end], dtype=np.uint64),
-                             np.array(self._cats[start:end], dtype=np.int32),
-                             np.array(self._ts[start:end], dtype=np.int64))
+        # each slice is a fresh array that nothing resizes, so numpy may wrap it without a copy
+        return SequenceSlice(np.frombuffer(self._items[start:end], dtype=np.uint64),
+                             np.frombuffer(self._cats[start:end], dtype=np.int32),
+                             np.frombuffer(self._ts[start:end], dtype=np.int64))
 
     def to_bytes(self) -> bytes:
-        return codecs.encode_sequence(self._ts, self._items, self._cats, self.n_dropped)
+        """The ``codecs`` sequence layout (same bytes as :func:`codecs.encode_sequence`)."""
+        return b"".join((codecs.encode_sequence_header(len(self._ts), self.n_dropped),
+                         _le_bytes(self._ts), _le_bytes(self._items), _le_bytes(self._cats)))
 
     @classmethod
     def from_bytes(cls, data: bytes, capacity: int) -> "UserSequence":
         """Decode; a stored sequence longer than ``capacity`` keeps its newest entries."""
-        ts, items, cats, n_dropped = codecs.decode_sequence(data)
-        seq = cls(capacity)
-        start = max(0, len(ts) - capacity)
-        seq._ts = ts[start:].tolist()
-        seq._items = items[start:].tolist()
-        seq._cats = cats[start:].tolist()
+        if capacity <= 0:
+            raise ValueError(f"capacity={capacity!r} must be > 0")
+        n, n_dropped = codecs.sequence_header(data)
+        start = max(0, n - capacity)
+        mv = memoryview(data)
+        off = codecs.SEQUENCE_HEADER_BYTES
+        seq = cls.__new__(cls)
+        seq.capacity = capacity
+        seq._ts = _column(_I64, mv[off + 8 * start:off + 8 * n])
+        seq._items = _column(_U64, mv[off + 8 * n + 8 * start:off + 16 * n])
+        seq._cats = _column(_I32, mv[off + 16 * n + 4 * start:off + 20 * n])
         seq.n_dropped = n_dropped + start
         return seq

@@ -18,16 +18,24 @@ Phases, each on its own embedded broker with one partition per topic:
 4. ``naive``: the same worker with ``--batch-max 1`` (one event per await, a commit per event) on the
    first ``--naive-events`` events; the ratio worker / naive.
 
+``--phases pipeline`` runs the first phase only; ``--repeat N`` runs it N times on fresh stores and
+reports the median; ``--profile PATH`` runs it once more under cProfile and writes the stats to
+PATH (printing the top functions by own time).
+
     python scripts/bench_joiner.py --scale 4
+    python scripts/bench_joiner.py --scale 2 --phases pipeline --repeat 5 --profile /tmp/joiner.prof
 """
 from __future__ import annotations
 
 import argparse
+import cProfile
 import gc
 import json
 import os
 import shutil
+import pstats
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -180,6 +188,39 @@ def latencies(bootstrap: str, lateness_ms: int) -> np.ndarray:
     return np.array(out, dtype=np.int64)
 
 
+def run_pipeline(path: Path, events: list) -> float:
+    """Seconds to push ``events`` through a fresh pipeline in batches of 10K, one commit each."""
+    pipe = open_pipeline(path, 0, PipelineConfig())
+    n = len(events)
+    t0 = time.perf_counter()
+    for i in range(0, n, 10_000):
+        pipe.process(events[i:i + 10_000])
+        pipe.commit({"events": i + 10_000})
+    pipe.finish()
+    pipe.commit()
+    dt = time.perf_counter() - t0
+    pipe.close()
+    return dt
+
+
+def pipeline_phase(tmp: Path, events: list, repeat: int, profile: str | None) -> None:
+    n = len(events)
+    rates = []
+    for r in range(repeat):
+        dt = run_pipeline(tmp / f"pipeline-{r}", events)
+        rates.append(n / dt)
+        print(f"pipeline (in process, no Kafka) run {r + 1}/{repeat}: events={n} elapsed_s={dt:.2f} "
+              f"events_per_s={n / dt:.0f}")
+    print(f"pipeline (in process, no Kafka): events={n} runs={repeat} "
+          f"median_events_per_s={statistics.median(rates):.0f} min={min(rates):.0f} max={max(rates):.0f}")
+    if profile:
+        prof = cProfile.Profile()
+        prof.runcall(run_pipeline, tmp / "pipeline-profile", events)
+        prof.dump_stats(profile)
+        print(f"profile written to {profile}; top functions by own time:")
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scale", type=int, default=4, help="copies of the slice (default 4)")
@@ -187,7 +228,13 @@ def main() -> int:
     ap.add_argument("--paced-events", type=int, default=30_000, help="events in the latency phase")
     ap.add_argument("--naive-events", type=int, default=4000, help="events for the naive agent")
     ap.add_argument("--cpu", type=int, default=1, help="CPU the worker is pinned to (-1: not pinned)")
+    ap.add_argument("--phases", choices=("all", "pipeline"), default="all",
+                    help="all four phases (default) or the in-process pipeline only")
+    ap.add_argument("--repeat", type=int, default=1, help="runs of the pipeline phase (median reported)")
+    ap.add_argument("--profile", default=None, help="write a cProfile of one more pipeline run here")
     args = ap.parse_args()
+    if args.repeat < 1:
+        ap.error(f"--repeat={args.repeat} must be >= 1")
     cpu = None if args.cpu < 0 else args.cpu
     gc.set_threshold(50_000)  # as the joiner CLI does (docs/joiner.md, section 6)
     print(f"machine: {cpu_model()}, {os.cpu_count()} CPUs, load average {load_average():.2f}")
@@ -198,16 +245,9 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench-joiner-"))
     try:
         # 1. the pipeline alone
-        pipe = open_pipeline(tmp / "pipeline", 0, PipelineConfig())
-        t0 = time.perf_counter()
-        for i in range(0, n, 10_000):
-            pipe.process(events[i:i + 10_000])
-            pipe.commit({"events": i + 10_000})
-        pipe.finish()
-        pipe.commit()
-        dt = time.perf_counter() - t0
-        print(f"pipeline (in process, no Kafka): events={n} elapsed_s={dt:.2f} events_per_s={n / dt:.0f}")
-        pipe.close()
+        pipeline_phase(tmp, events, args.repeat, args.profile)
+        if args.phases == "pipeline":
+            return 0
 
         results = {}
         for phase, batch_max, evs in (("worker", 10_000, events), ("naive", 1, events[:args.naive_events])):

@@ -60,9 +60,10 @@ def test_demo_replays_the_bundled_slice_and_summarises(tmp_path: Path, capsys):
 
 
 def test_demo_runs_the_whole_pipeline(tmp_path: Path, capsys):
-    """make run's job end to end: replay -> joiner -> samples -> learner -> published versions."""
-    argv = ["demo", "--no-progress", "--data-dir", str(tmp_path), "--model", "wide_deep", "--objective", "bce",
-            "--timeout-s", "400"]
+    """make run's job end to end: replay -> joiner -> samples -> learner -> published versions, with
+    the three running at once (``--pipelined``: joiner and learner start before the replay)."""
+    argv = ["demo", "--no-progress", "--pipelined", "--data-dir", str(tmp_path), "--model", "wide_deep",
+            "--objective", "bce", "--timeout-s", "400"]
     assert main(argv) == 0, capsys.readouterr()
     out = capsys.readouterr().out
     n_imp = int(re.search(r"^\s+impressions\s+messages=(\d+)", out, re.M).group(1))
@@ -76,6 +77,8 @@ def test_demo_runs_the_whole_pipeline(tmp_path: Path, capsys):
     assert 0.0 < float(last[1]) < 1.0  # a real cumulative AUC was measured
     report = (tmp_path / "streamrec-report.html").read_text()
     assert report.count("<svg") == report.count("</svg>") >= 4
+    e2e = re.search(r"end to end: (\d+) events replayed -> (\d+) samples trained in ([\d.]+)s", out)
+    assert e2e and int(e2e.group(2)) == n_imp and float(e2e.group(3)) > 0
     newest = int(re.findall(r"^\s+(\d+)\s+\d+\s+\d\.\d+", out, re.M)[-1])
     _score_with_the_published_version(tmp_path, newest_version=newest)
 

@@ -8,7 +8,10 @@
 5. a summary: events per topic, samples, valid-read rate by rule, late / orphan / dead-letter
    counts, prequential AUC / GAUC per published version.
 
-``--stages replay`` stops after step 2 (the per-topic summary only).
+``--stages replay`` stops after step 2 (the per-topic summary only). ``--pipelined`` starts the
+joiner and the learner before the replay, so that all three run at once, and reports the end-to-end
+rate: events replayed per second from the replay's start to the learner's last trained sample
+(scripts/bench_e2e.py repeats it).
 """
 from __future__ import annotations
 
@@ -46,6 +49,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=256, help="learner minibatch size (default 256)")
     p.add_argument("--timeout-s", type=float, default=600.0, help="give up on a stage after this long (default 600)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--pipelined", action="store_true",
+                   help="start joiner and learner first and replay while they run (end-to-end events/s)")
     p.set_defaults(func=run)
 
 
@@ -64,11 +69,25 @@ def run(args: argparse.Namespace) -> int:
                               load_section(args.config, "broker"))
         with EmbeddedBroker(broker_config) as broker:
             print(f"== embedded broker on {broker.bootstrap} (data: {broker_config.data_dir})", flush=True)
-            n_impressions, n_bad = _replay(args, broker.bootstrap, data_dir)
-            if args.stages == "replay" or n_bad:
-                return 0 if n_bad == 0 else 1
-            joiner = _Joiner(args, broker.bootstrap, data_dir)
-            learner = _Learner(args, broker.bootstrap, data_dir, n_impressions) if args.stages == "all" else None
+            if args.pipelined and args.stages == "all":
+                n_impressions, n_events = _count_input(args.slice)
+                joiner = _Joiner(args, broker.bootstrap, data_dir)
+                learner = _Learner(args, broker.bootstrap, data_dir, n_impressions)
+                t_start = time.monotonic()
+                replayed, n_bad = _replay(args, broker.bootstrap, data_dir)
+                if n_bad or replayed != n_impressions:
+                    joiner.stop()
+                    learner.stop()
+                    print(f"   replay produced {replayed} impressions, {n_bad} undecodable; expected {n_impressions}",
+                          file=sys.stderr)
+                    return 1
+            else:
+                n_impressions, n_bad = _replay(args, broker.bootstrap, data_dir)
+                if args.stages == "replay" or n_bad:
+                    return 0 if n_bad == 0 else 1
+                n_events, t_start = 0, math.nan
+                joiner = _Joiner(args, broker.bootstrap, data_dir)
+                learner = _Learner(args, broker.bootstrap, data_dir, n_impressions) if args.stages == "all" else None
             try:
                 ok = joiner.wait_for_samples(n_impressions, args.timeout_s,
                                              learner.scrape if learner is not None else (lambda: None))
@@ -81,6 +100,13 @@ def run(args: argparse.Namespace) -> int:
             lines = _print_joiner_summary(counters, n_impressions)
             if learner is not None:
                 versions, learner_ok = _print_learner_summary(broker.bootstrap, learner, n_impressions)
+                if args.pipelined and learner.all_trained_at is not None:
+                    took = learner.all_trained_at - t_start
+                    line = (f"end to end: {n_events} events replayed -> {n_impressions} samples trained in "
+                            f"{took:.1f}s from the replay's start ({n_events / took:.0f} events/s, "
+                            f"{n_impressions / took:.0f} samples/s)")
+                    print(f"== {line}", flush=True)
+                    lines.append(line)
                 ok = learner_ok and ok
                 report = _write_report(args, broker.bootstrap, counters, versions, learner, lines)
                 print(f"== report: {report}")
@@ -112,6 +138,18 @@ def _replay(args: argparse.Namespace, bootstrap: str, data_dir: Path) -> tuple[i
           f"{time.monotonic() - t0:.1f}s; undecodable={n_bad}", flush=True)
     n_impressions = next((s.n_messages for s in summaries if s.topic == "impressions"), 0)
     return n_impressions, n_bad
+
+
+def _count_input(path: Path) -> tuple[int, int]:
+    """(impressions, events) the replay of ``path`` will produce, read from the file itself."""
+    from streams.contracts import Impression
+    from streams.replay import iter_events
+
+    n_impressions = n_events = 0
+    for event in iter_events([path]):
+        n_events += 1
+        n_impressions += isinstance(event, Impression)
+    return n_impressions, n_events
 
 
 def _free_port() -> int:
@@ -202,6 +240,8 @@ class _Learner:
         self.elapsed_s = math.nan
         self.throughput: list[tuple[float, float]] = []  # (s since start, samples/s)
         self.lag: list[tuple[float, int]] = []  # (s since start, records behind, all partitions)
+        self.n_samples = n_samples
+        self.all_trained_at: float | None = None  # monotonic time of the first scrape showing every sample
 
     def scrape(self) -> None:
         """One reading of the learner's Prometheus endpoint (throughput and lag for the report)."""
@@ -219,6 +259,9 @@ class _Learner:
             elif name.startswith("streamrec_learner_consumer_lag{"):
                 lag += int(float(value))
                 seen_lag = True
+            elif name == "streamrec_learner_samples_total" and self.all_trained_at is None:
+                if float(value) >= self.n_samples:
+                    self.all_trained_at = time.monotonic()
         if rate is not None and math.isfinite(rate):
             self.throughput.append((t, rate))
         if seen_lag:
@@ -231,9 +274,11 @@ class _Learner:
                 print(f"   learner did not finish within {timeout_s:.0f}s", file=sys.stderr)
                 return False
             self.scrape()
-            time.sleep(1.0)
+            time.sleep(0.25 if self.all_trained_at is None else 1.0)
         rc = self.proc.returncode
         self.elapsed_s = time.monotonic() - self.t0
+        if rc == 0 and self.all_trained_at is None:  # exited between two scrapes: its exit bounds the time
+            self.all_trained_at = time.monotonic()
         if rc != 0:
             print(f"   learner exited rc={rc}; see {self.log_path}", file=sys.stderr)
         return rc == 0

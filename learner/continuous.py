@@ -278,6 +278,7 @@ class ContinuousLearner:
         state["learner"] = {"version": version, "created_at_ms": created_ms, "reason": reason,
                             "audit_bytes": audit_bytes, "group_id": self.stream.cfg.group_id,
                             "topic": self.topic, "config": dataclasses.asdict(self.cfg)}
+        state["learner"].update(self.checkpoint_meta())
         announce = None
         if self.publisher is not None:
             metrics = {k: float(v) for k, v in self.trainer.metrics.compute().items()}
@@ -295,6 +296,10 @@ class ContinuousLearner:
         if wait:
             self.wait_for_writes()
         return version
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """Extra entries for the checkpoint's ``learner`` section (the distributed learner's ranks)."""
+        return {}
 
     def wait_for_writes(self) -> None:
         """Block until the checkpoint being written is durable and announced; re-raise its error."""

@@ -211,6 +211,14 @@ class Trainer:
     def train_batch(self, batch: SampleBatch) -> torch.Tensor:
         """Score ``batch`` with the current state, record the scores, then train on it. -> (B,) scores."""
         batch = batch.to(self.device, non_blocking=True) if batch.device != self.device else batch
+        served, loss = self.forward_backward(batch)
+        self.optimizer.step()
+        return self.record(served, batch.clicked, batch.valid_read, batch.user_id, loss)
+
+    def forward_backward(self, batch: SampleBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Score ``batch`` (on this trainer's device), then fill the gradients of its mean loss; the
+        optimizer does not step. -> (served scores (B,), loss ()), both detached.
+        :mod:`learner.distributed` reduces the gradients across ranks between this and the step."""
         if self.cfg.separate_eval_pass:
             self.model.eval()
             with torch.no_grad(), self._autocast():
@@ -223,15 +231,19 @@ class Trainer:
             res = self.objective(out, batch, teacher_p=teacher)
         self.optimizer.zero_grad(set_to_none=True)
         res.loss.backward()
-        self.optimizer.step()
+        return served, res.loss.detach()
+
+    def record(self, served: torch.Tensor, clicked: torch.Tensor, valid_read: torch.Tensor, users: torch.Tensor,
+               loss: torch.Tensor | float) -> torch.Tensor:
+        """Count one trained minibatch of B samples and feed its served scores to the metrics. -> (B,) scores."""
         scores = served.cpu()                                                       # (B,)
-        clicked, vr, users = batch.clicked.cpu(), batch.valid_read.cpu(), batch.user_id.cpu()
+        clicked, vr, users = clicked.cpu(), valid_read.cpu(), users.cpu()
         self.metrics.update(scores, clicked, vr, users)
         if self.cfg.keep_predictions:
             self._pred.append((scores.numpy(), clicked.numpy(), vr.numpy(), users.numpy()))
         self.step += 1
-        self.samples_seen += batch.batch_size
-        self._last_loss = float(res.loss.detach())
+        self.samples_seen += int(scores.shape[0])
+        self._last_loss = float(loss)
         return scores
 
     def _point(self) -> dict[str, float]:

@@ -13,6 +13,8 @@ model config and ``[learner.clsd]``) < flags.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import signal
 import sys
@@ -55,7 +57,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--metrics-host", default="127.0.0.1", help="metrics bind address (default 127.0.0.1)")
     p.add_argument("--no-publish", action="store_true", help="checkpoint without announcing versions")
     p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+    d = p.add_argument_group("several learner processes (torch.distributed; docs/learner.md)")
+    d.add_argument("--world-size", type=int, default=None,
+                   help="learner processes training one model (default: WORLD_SIZE from torchrun, else 1)")
+    d.add_argument("--rank", type=int, default=None, help="this process's rank (default: RANK from torchrun)")
+    d.add_argument("--dist-init", default=None, metavar="URL",
+                   help="rendezvous: tcp://HOST:PORT (rank 0 listens) or env:// (default env://)")
+    d.add_argument("--dist-backend", default=None, help="auto | gloo | nccl (default auto: nccl on CUDA)")
+    d.add_argument("--dist-timeout-s", type=float, default=None, help="longest wait in one collective (default 300)")
+    d.add_argument("--dist-digest", default=None, metavar="FILE",
+                   help="on exit, write this rank's JSON digest (state hashes, samples, partitions trained)")
     p.set_defaults(func=run)
+
+
+def _dist_config(args: argparse.Namespace, section: dict):
+    """DistConfig from flags, then torchrun's environment (RANK, WORLD_SIZE), then ``[learner.distributed]``."""
+    import os
+
+    from learner.distributed import DistConfig
+
+    env_world = os.environ.get("WORLD_SIZE")
+    return build(DistConfig, section, {
+        "world_size": args.world_size if args.world_size is not None else (int(env_world) if env_world else None),
+        "rank": args.rank if args.rank is not None else (int(os.environ["RANK"]) if env_world and "RANK" in os.environ
+                                                         else None),
+        "init_method": args.dist_init, "backend": args.dist_backend, "timeout_s": args.dist_timeout_s})
 
 
 def _model_config(name: str, heads: tuple[str, ...], section: dict):
@@ -84,8 +110,13 @@ def run(args: argparse.Namespace) -> int:
     trainer_section = dict(section.pop("trainer", {}) or {})
     model_section = dict(section.pop("model", {}) or {})
     clsd_section = dict(section.pop("clsd", {}) or {})
+    dist_section = dict(section.pop("distributed", {}) or {})
     try:
         import torch
+        dcfg = _dist_config(args, dist_section)
+        ranked = dcfg.world_size > 1
+        if ranked and args.audit_log:
+            args.audit_log = f"{args.audit_log}.rank{dcfg.rank}"
         cfg = build(LearnerConfig, section, {
             "checkpoint_dir": args.checkpoint_dir, "model_name": args.model_name,
             "checkpoint_every_steps": args.checkpoint_every_steps, "checkpoint_every_s": args.checkpoint_every_s,
@@ -95,11 +126,17 @@ def run(args: argparse.Namespace) -> int:
                                                       "seed": args.seed, "device": args.device},
                      {"clsd": build(CLSDConfig, clsd_section)})
         model_cfg = _model_config(tcfg.model, tcfg.heads, model_section)
+        if ranked and tcfg.device != "cpu" and torch.cuda.is_available():
+            import os
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", dcfg.rank % torch.cuda.device_count())))
         trainer = Trainer(tcfg, model_cfg)
         scfg = build(StreamConfig, stream_section, {
             "bootstrap": args.bootstrap, "group_id": args.group, "topic": args.topic, "batch_size": args.batch_size,
             "seq_len": args.seq_len, "pin_memory": trainer.device.type == "cuda" and torch.cuda.is_available()})
-        metrics_cfg = PrometheusConfig(host=args.metrics_host, port=args.metrics_port or 0)
+        if ranked:
+            scfg = dataclasses.replace(scfg, client_id=f"{scfg.client_id}-rank{dcfg.rank}")
+        metrics_port = args.metrics_port + dcfg.rank if ranked and args.metrics_port else args.metrics_port
+        metrics_cfg = PrometheusConfig(host=args.metrics_host, port=metrics_port or 0)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 
@@ -117,8 +154,12 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
+    comm = None
+    if ranked:
+        from learner.distributed import Comm
+        comm = Comm.init(dcfg, trainer.device)
     producer = KafkaProducer(bootstrap_servers=scfg.bootstrap.split(","), acks="all", client_id=f"{scfg.client_id}-out")
-    server = None
+    server = learner = None
     try:
         registry = None
         if args.metrics_port is not None:
@@ -127,11 +168,17 @@ def run(args: argparse.Namespace) -> int:
             server = MetricsServer(metrics_cfg, registry)
             print(f"metrics url={server.url}", file=sys.stderr, flush=True)
         stream = SampleStream(scfg, router=DeadLetterRouter(producer))
-        learner = ContinuousLearner(
-            cfg, trainer, stream, CheckpointStore(cfg.checkpoint_dir, cfg.keep_checkpoints),
-            publisher=VersionPublisher(producer, timeout_s=cfg.publish_timeout_s) if cfg.publish_versions else None,
+        publish = cfg.publish_versions and (comm is None or comm.rank == 0)
+        parts = dict(
+            publisher=VersionPublisher(producer, timeout_s=cfg.publish_timeout_s) if publish else None,
             audit=AuditLog(cfg.audit_log) if cfg.audit_log else None, registry=registry,
             progress=None if args.no_progress else ProgressLine(sys.stderr))
+        store = CheckpointStore(cfg.checkpoint_dir, cfg.keep_checkpoints)
+        if comm is None:
+            learner = ContinuousLearner(cfg, trainer, stream, store, **parts)
+        else:
+            from learner.distributed import DistributedLearner
+            learner = DistributedLearner(cfg, trainer, stream, store, comm=comm, dist_cfg=dcfg, **parts)
         restored = learner.restore()
         logger.info("learner start group=%s topic=%s model=%s objective=%s device=%s batch_size=%d restored_version=%d "
                     "checkpoint_every_steps=%d checkpoint_every_s=%.1f", scfg.group_id, scfg.topic, tcfg.model,
@@ -145,7 +192,16 @@ def run(args: argparse.Namespace) -> int:
         if server is not None:
             server.close()
         producer.close(timeout=10)
+        if comm is not None:
+            _write_digest(args.dist_digest, learner)
+            comm.close()
     s = learner.snapshot(learner.clock())
     print(f"samples={s['samples']} steps={s['steps']} rejected={s['rejected']} version={s['version']} "
           f"versions_published={s['versions']} window_auc={s['window_auc']:.4f} checkpoint_dir={cfg.checkpoint_dir}")
     return 0
+
+
+def _write_digest(path: str | None, learner) -> None:
+    if path and learner is not None and hasattr(learner, "digest"):
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(learner.digest(), fh, indent=1, sort_keys=True)

@@ -1,0 +1,216 @@
+"""Several learner processes (torch.distributed, gloo on CPU) training one model.
+
+Oracle tests in two spawned gloo ranks: the merged DUMN memory writes equal one process writing the
+concatenated minibatch; the reduced gradient equals the gradient of the mean loss over the union.
+End to end: two ``python -m streamrec.cli learner`` ranks in one consumer group on the embedded
+broker train every sample once between them and end with identical parameters and memory.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from learner.checkpoint import load_checkpoint
+from learner.continuous import CheckpointStore
+from learner.distributed import Comm, DistConfig, GradientReducer, merge_memory_writes, pack_writes
+from learner.models.dumn_memory import UserMemory, sequential_writes
+from learner.stream import from_source_offsets
+from streams.samples import TOPIC_SAMPLES
+from tests.learner.test_stream_learner import (REPO_ROOT, TINY_TOML, audit_rows, produce, read_versions,
+                                               wait_until)
+
+N_PARTITIONS = 4
+COUNTS = (5, 0, 3)          # rank 0 has 5 samples, rank 1 none, rank 2 three (ranks 0 and 1 below)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _writes(seed: int, n: int, m: int = 6, z: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.softmax(torch.randn(n, 4, m, generator=g), -1)                     # (n, 4, m)
+    return w, torch.rand(n, 4, z, generator=g), torch.tanh(torch.randn(n, 4, z, generator=g))  # (n, 4, Z) x2
+
+
+def _rank_main(rank: int, world: int, port: int, counts: tuple[int, ...], n_memories: int, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        comm = Comm(rank, world, torch.device("cpu"))
+        # memory: the same start on every rank; this rank's writes; merged
+        torch.manual_seed(0)
+        memory = UserMemory(8, 6, 4, 8, n_memories=n_memories)
+        w, e, a = _writes(100 + rank, counts[rank])
+        merge_memory_writes(comm, memory, pack_writes(memory, (w, e, a) if counts[rank] else None, counts[rank]),
+                            list(counts))
+        # gradient: a linear model, mean squared error over this rank's rows
+        torch.manual_seed(1)
+        model = torch.nn.Linear(3, 1)
+        unused = torch.nn.Parameter(torch.ones(2))          # no rank gives it a gradient
+        x = torch.randn(sum(counts), 3, generator=torch.Generator().manual_seed(2))  # (N, 3) the union
+        first = sum(counts[:rank])
+        loss = 0.0
+        if counts[rank]:
+            lo = model(x[first:first + counts[rank]]).pow(2).mean()
+            lo.backward()
+            loss = float(lo)
+        mean_loss = GradientReducer([*model.parameters(), unused]).reduce(comm, counts[rank], sum(counts), loss)
+        torch.save({"memory": memory.memory.clone(), "grads": [p.grad.clone() for p in model.parameters()],
+                    "unused_grad": unused.grad, "loss": mean_loss}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("n_memories", [4, 1])
+def test_merged_writes_and_reduced_gradients_equal_one_process_on_the_union(tmp_path, n_memories):
+    counts = COUNTS[:2] if n_memories == 1 else (COUNTS[0], COUNTS[2])
+    out = str(tmp_path / "rank")
+    mp.spawn(_rank_main, args=(2, free_port(), counts, n_memories, out), nprocs=2, join=True)
+    got = [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
+    # reference: one process, the concatenated minibatch, writes in stream order
+    torch.manual_seed(0)
+    memory = UserMemory(8, 6, 4, 8, n_memories=n_memories)
+    w, e, a = (torch.cat(t) for t in zip(*(_writes(100 + r, counts[r]) for r in range(2))))
+    if n_memories == 4:
+        ref = torch.stack([sequential_writes(memory.memory[k], w[:, k], e[:, k], a[:, k]) for k in range(4)])
+    else:   # one shared memory: sample b's four kinds in order, then sample b + 1
+        ref = sequential_writes(memory.memory[0], w.reshape(-1, 6), e.reshape(-1, 4), a.reshape(-1, 4))[None]
+    torch.manual_seed(1)
+    model = torch.nn.Linear(3, 1)
+    x = torch.randn(sum(counts), 3, generator=torch.Generator().manual_seed(2))
+    loss = model(x).pow(2).mean()
+    loss.backward()
+    for g in got:
+        assert torch.allclose(g["memory"], ref, atol=1e-6)
+        for mine, want in zip(g["grads"], [p.grad for p in model.parameters()]):
+            assert torch.allclose(mine, want, atol=1e-6)
+        assert g["unused_grad"] is None                                     # skipped, as one process would
+        assert g["loss"] == pytest.approx(float(loss.detach()), rel=1e-6)
+    assert torch.equal(got[0]["memory"], got[1]["memory"])                   # bit-identical across ranks
+    assert all(torch.equal(a, b) for a, b in zip(got[0]["grads"], got[1]["grads"]))
+
+
+def test_dist_config_refuses_bad_settings():
+    with pytest.raises(ValueError, match=r"rank=2 must be in \[0, world_size=2\)"):
+        DistConfig(world_size=2, rank=2)
+    with pytest.raises(ValueError, match="backend='mpi'"):
+        DistConfig(backend="mpi")
+    with pytest.raises(ValueError, match="init_method='127.0.0.1:1'"):
+        DistConfig(init_method="127.0.0.1:1")
+
+
+# ---- end to end: two learner processes ---------------------------------------------------------
+
+
+def _create_topic(bootstrap: str) -> None:
+    from kafka import KafkaAdminClient
+    from kafka.admin import NewTopic
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        admin.create_topics([NewTopic(TOPIC_SAMPLES, num_partitions=N_PARTITIONS, replication_factor=1)])
+    finally:
+        admin.close()
+
+
+def _end_offsets(bootstrap: str) -> dict[int, int]:
+    from kafka import KafkaConsumer, TopicPartition
+    c = KafkaConsumer(bootstrap_servers=bootstrap)
+    try:
+        return {tp.partition: o for tp, o in
+                c.end_offsets([TopicPartition(TOPIC_SAMPLES, p) for p in range(N_PARTITIONS)]).items()}
+    finally:
+        c.close()
+
+
+def _launch(bootstrap: str, tmp_path: Path, rank: int, port: int, max_samples: int) -> subprocess.Popen:
+    cfg = tmp_path / "learner.toml"
+    cfg.write_text(TINY_TOML)
+    cmd = [sys.executable, "-m", "streamrec.cli", "--config", str(cfg), "learner", "--bootstrap", bootstrap,
+           "--group", "dist-learners", "--checkpoint-dir", str(tmp_path / "ckpt"), "--batch-size", "16",
+           "--audit-log", str(tmp_path / "audit.log"), "--no-progress", "--max-samples", str(max_samples),
+           "--checkpoint-every-steps", "4", "--world-size", "2", "--rank", str(rank),
+           "--dist-init", f"tcp://127.0.0.1:{port}", "--dist-timeout-s", "60",
+           "--dist-digest", str(tmp_path / f"digest.{rank}.json")]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    log = open(tmp_path / f"rank{rank}.log", "w")
+    return subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+
+
+def _assignment(tmp_path: Path, rank: int) -> set[int] | None:
+    """The partitions of the rank's latest 'assign partitions=[...]' log line."""
+    path = tmp_path / f"rank{rank}.log"
+    lines = [ln for ln in path.read_text().splitlines() if "assign partitions=" in ln] if path.exists() else []
+    if not lines:
+        return None
+    inside = lines[-1].split("assign partitions=[", 1)[1].split("]", 1)[0]
+    return {int(p) for p in inside.split(",") if p.strip()}
+
+
+def test_two_ranks_split_the_partitions_and_keep_one_model(broker, tmp_path):
+    bootstrap, n = broker.bootstrap, 320
+    _create_topic(bootstrap)
+    port = free_port()
+    procs = [_launch(bootstrap, tmp_path, r, port, max_samples=n) for r in range(2)]
+    try:
+        def split() -> bool:
+            for p in procs:
+                if p.poll() is not None:
+                    raise AssertionError(f"a rank exited early:\n{(tmp_path / 'rank0.log').read_text()}\n"
+                                         f"{(tmp_path / 'rank1.log').read_text()}")
+            a, b = _assignment(tmp_path, 0), _assignment(tmp_path, 1)
+            return bool(a) and bool(b) and not a & b and a | b == set(range(N_PARTITIONS))
+
+        wait_until(split, timeout_s=60, what="the group to split the partitions between the two ranks")
+        t0 = time.monotonic()
+        produce(bootstrap, range(1, n + 1))
+        for p in procs:
+            p.wait(timeout=60)
+        train_s = time.monotonic() - t0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    logs = [(tmp_path / f"rank{r}.log").read_text() for r in range(2)]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(logs)
+    digests = [json.loads((tmp_path / f"digest.{r}.json").read_text()) for r in range(2)]
+    # both ranks trained, on disjoint partitions, every sample once between them
+    assert all(d["local_samples"] > 0 for d in digests), digests
+    assert not set(digests[0]["local_partitions"]) & set(digests[1]["local_partitions"])
+    assert sum(d["local_samples"] for d in digests) == n
+    assert digests[0]["samples_seen"] == digests[1]["samples_seen"] == n
+    rows = [r for k in range(2) for r in audit_rows(tmp_path / f"audit.log.rank{k}")]
+    assert sorted(r[2] for r in rows) == list(range(1, n + 1))
+    # one model: parameters, DUMN memory and optimizer steps identical on the two ranks
+    for key in ("model_sha256", "memory_sha256", "optimizer_step_sha256", "steps", "offsets"):
+        assert digests[0][key] == digests[1][key], key
+    # rank 0 published the final checkpoint, with the offsets of every partition (both ranks')
+    offsets = _end_offsets(bootstrap)
+    store = CheckpointStore(tmp_path / "ckpt")
+    _, path, state = store.load_newest()
+    assert state["learner"]["reason"] == "final" and state["samples_seen"] == n
+    assert state["learner"]["world_size"] == 2 and len(state["learner"]["audit_bytes_by_rank"]) == 2
+    assert from_source_offsets(TOPIC_SAMPLES, state["source_offsets"]) == offsets
+    versions = read_versions(bootstrap, expect_at_least=1)
+    assert versions and versions[-1].samples_seen == n
+    assert from_source_offsets(TOPIC_SAMPLES, versions[-1].source_offsets) == offsets
+    from learner.distributed import state_digest
+    from learner.trainer import Trainer, TrainerConfig
+    from tests.learner.conftest import tiny_config
+    fresh = Trainer(TrainerConfig(model="dumn", device="cpu", window=200, cumulative_bins=100), tiny_config("dumn"))
+    fresh.load_checkpoint_state(load_checkpoint(path))
+    assert state_digest(fresh.model) == digests[0]["model_sha256"]
+    print(f"two-rank run: {n} samples trained in {train_s:.1f}s after the split; "
+          f"rank samples {[d['local_samples'] for d in digests]}")

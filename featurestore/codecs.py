@@ -31,6 +31,8 @@ featurestore.CodecError: bad_length: offset is 2 bytes (expected 9)
 from __future__ import annotations
 
 import struct
+import sys
+from array import array
 from collections.abc import Sequence
 
 import numpy as np
@@ -44,6 +46,30 @@ _SEQ_HEAD = struct.Struct("<BHI")
 _CNT_HEAD = struct.Struct("<BHqI")
 _ITEM_COUNTS = struct.Struct("<B4Q")
 _DWELL = struct.Struct("<BdqdddQ")
+
+
+# Native column arrays for the aggregates' hot paths: ``array.array`` reads and writes the stored
+# little-endian columns as raw bytes (swapped on a big-endian machine).
+I64, U64 = "q", "Q"
+I32, U32 = (next(c for c in codes if array(c).itemsize == 4) for codes in (("i", "l"), ("I", "L")))
+_SWAP = sys.byteorder != "little"
+
+
+def column(code: str, data) -> array:
+    """A native array of typecode ``code`` from little-endian bytes (any buffer)."""
+    col = array(code)
+    col.frombytes(data)
+    if _SWAP:
+        col.byteswap()
+    return col
+
+
+def column_bytes(col: array) -> bytes:
+    """The little-endian bytes of a native array."""
+    if _SWAP:
+        col = array(col.typecode, col)
+        col.byteswap()
+    return col.tobytes()
 
 
 def _check_version(kind: str, data: bytes) -> None:
@@ -125,15 +151,19 @@ def encode_counter(buckets: Sequence[int], counts: Sequence[int], newest_bucket:
                    n_dropped: int) -> bytes:
     if len(buckets) != len(counts):
         raise CodecError(f"ragged counter columns: {len(buckets)}, {len(counts)}")
+    head = _CNT_HEAD.pack(VERSION, len(buckets), newest_bucket, min(n_dropped, 0xFFFFFFFF))
+    if isinstance(buckets, list) and isinstance(counts, list):
+        return b"".join((head, column_bytes(array(I64, buckets)), column_bytes(array(U32, counts))))
     return b"".join((
-        _CNT_HEAD.pack(VERSION, len(buckets), newest_bucket, min(n_dropped, 0xFFFFFFFF)),
+        head,
         np.asarray(buckets, dtype="<i8").tobytes(),
         np.asarray(counts, dtype="<u4").tobytes(),
     ))
 
 
-def decode_counter(data: bytes) -> tuple[np.ndarray, np.ndarray, int, int]:
-    """``(bucket i64[n], count u32[n], newest_bucket, n_dropped)``."""
+def counter_header(data: bytes) -> tuple[int, int, int]:
+    """``(n, newest_bucket, n_dropped)`` of an encoded counter after checking its version and exact
+    length; the columns start at ``COUNTER_HEADER_BYTES``."""
     _check_version("counter", data)
     if len(data) < _CNT_HEAD.size:
         raise CodecError(f"bad_length: counter is {len(data)} bytes (< {_CNT_HEAD.size})")
@@ -141,6 +171,15 @@ def decode_counter(data: bytes) -> tuple[np.ndarray, np.ndarray, int, int]:
     expected = _CNT_HEAD.size + 12 * n
     if len(data) != expected:
         raise CodecError(f"bad_length: counter of {n} is {len(data)} bytes (expected {expected})")
+    return n, newest, n_dropped
+
+
+COUNTER_HEADER_BYTES = _CNT_HEAD.size
+
+
+def decode_counter(data: bytes) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """``(bucket i64[n], count u32[n], newest_bucket, n_dropped)``."""
+    n, newest, n_dropped = counter_header(data)
     buckets = np.frombuffer(data, dtype="<i8", count=n, offset=_CNT_HEAD.size)
     counts = np.frombuffer(data, dtype="<u4", count=n, offset=_CNT_HEAD.size + 8 * n)
     return buckets, counts, newest, n_dropped

@@ -52,15 +52,17 @@ class WindowedCounter:
         if n < 0:
             raise ValueError(f"n={n!r} < 0")
         b = ts_ms // self.bucket_ms
-        if self._newest is not None and b <= self._newest - self.retain_buckets:
+        newest = self._newest
+        if newest is not None and b <= newest - self.retain_buckets:
             self.n_dropped += n
             return
-        self._buckets[b] = self._buckets.get(b, 0) + n
-        if self._newest is None or b > self._newest:
+        buckets = self._buckets
+        buckets[b] = buckets.get(b, 0) + n
+        if newest is None or b > newest:
             self._newest = b
             floor = b - self.retain_buckets
-            for old in [k for k in self._buckets if k <= floor]:
-                del self._buckets[old]
+            for old in [k for k in buckets if k <= floor]:
+                del buckets[old]
 
     def count(self, ts_ms: int) -> int:
         """Events in the window that ends with the bucket of ``ts_ms``."""
@@ -82,14 +84,18 @@ class WindowedCounter:
     def to_bytes(self) -> bytes:
         keys = sorted(self._buckets)
         newest = -1 if self._newest is None else self._newest
-        return codecs.encode_counter(keys, [self._buckets[k] for k in keys], newest, self.n_dropped)
+        buckets = self._buckets
+        return codecs.encode_counter(keys, [buckets[k] for k in keys], newest, self.n_dropped)
 
     @classmethod
     def from_bytes(cls, data: bytes, bucket_ms: int, window_buckets: int,
                    late_buckets: int = 0) -> "WindowedCounter":
-        buckets, counts, newest, n_dropped = codecs.decode_counter(data)
+        n, newest, n_dropped = codecs.counter_header(data)
         c = cls(bucket_ms, window_buckets, late_buckets)
         c._newest = None if newest < 0 else newest
-        c._buckets = dict(zip(buckets.tolist(), counts.tolist()))
+        mv = memoryview(data)
+        off = codecs.COUNTER_HEADER_BYTES
+        c._buckets = dict(zip(codecs.column(codecs.I64, mv[off:off + 8 * n]),
+                              codecs.column(codecs.U32, mv[off + 8 * n:off + 12 * n])))
         c.n_dropped = n_dropped
         return c

@@ -23,7 +23,6 @@ user before it samples an impression, and the impression's sequence stays exact.
 """
 from __future__ import annotations
 
-import sys
 from array import array
 from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
@@ -31,29 +30,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from featurestore import codecs
-
-# Columns are kept in machine-native arrays (``array.array``): an insert or an eviction is one
-# memmove, a slice is one memcpy that numpy wraps without a copy, and the stored little-endian
-# columns are the arrays' raw bytes (swapped on a big-endian machine).
-_I64, _U64 = "q", "Q"
-_I32 = next(code for code in ("i", "l", "h") if array(code).itemsize == 4)
-_SWAP = sys.byteorder != "little"
-
-
-def _column(code: str, data: memoryview) -> array:
-    col = array(code)
-    col.frombytes(data)
-    if _SWAP:
-        col.byteswap()
-    return col
-
-
-def _le_bytes(col: array) -> bytes:
-    if _SWAP:
-        col = array(col.typecode, col)
-        col.byteswap()
-    return col.tobytes()
-
 
 @dataclass(frozen=True)
 class SequenceSlice:
@@ -100,9 +76,10 @@ class UserSequence:
             raise ValueError(f"capacity={capacity!r} must be > 0")
         self.capacity = capacity
         self.n_dropped = 0
-        self._ts = array(_I64)       # (n,) ts_ms, ascending
-        self._items = array(_U64)    # (n,) item_id
-        self._cats = array(_I32)     # (n,) category
+        # native arrays (codecs.column): an insert or an eviction is one memmove, a slice one memcpy
+        self._ts = array(codecs.I64)      # (n,) ts_ms, ascending
+        self._items = array(codecs.U64)   # (n,) item_id
+        self._cats = array(codecs.I32)    # (n,) category
 
     def __len__(self) -> int:
         return len(self._ts)
@@ -157,7 +134,8 @@ class UserSequence:
     def to_bytes(self) -> bytes:
         """The ``codecs`` sequence layout (same bytes as :func:`codecs.encode_sequence`)."""
         return b"".join((codecs.encode_sequence_header(len(self._ts), self.n_dropped),
-                         _le_bytes(self._ts), _le_bytes(self._items), _le_bytes(self._cats)))
+                         codecs.column_bytes(self._ts), codecs.column_bytes(self._items),
+                         codecs.column_bytes(self._cats)))
 
     @classmethod
     def from_bytes(cls, data: bytes, capacity: int) -> "UserSequence":
@@ -170,8 +148,8 @@ class UserSequence:
         off = codecs.SEQUENCE_HEADER_BYTES
         seq = cls.__new__(cls)
         seq.capacity = capacity
-        seq._ts = _column(_I64, mv[off + 8 * start:off + 8 * n])
-        seq._items = _column(_U64, mv[off + 8 * n + 8 * start:off + 16 * n])
-        seq._cats = _column(_I32, mv[off + 16 * n + 4 * start:off + 20 * n])
+        seq._ts = codecs.column(codecs.I64, mv[off + 8 * start:off + 8 * n])
+        seq._items = codecs.column(codecs.U64, mv[off + 8 * n + 8 * start:off + 16 * n])
+        seq._cats = codecs.column(codecs.I32, mv[off + 16 * n + 4 * start:off + 20 * n])
         seq.n_dropped = n_dropped + start
         return seq

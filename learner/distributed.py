@@ -476,6 +476,7 @@ class DistributedLearner(ContinuousLearner):
     def _commit_durable(self, durable_version: int) -> None:
         if self.comm.rank == 0:
             return                                  # rank 0 commits on its writer thread
+        self.stats.version = max(self.stats.version, durable_version)
         done = [v for v in self._commit_after if v <= durable_version]
         if done:
             self.stream.request_commit(self._commit_after[max(done)])

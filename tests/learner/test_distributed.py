@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -22,10 +23,12 @@ import torch.multiprocessing as mp
 
 from learner.checkpoint import load_checkpoint
 from learner.continuous import CheckpointStore
-from learner.distributed import Comm, DistConfig, GradientReducer, merge_memory_writes, pack_writes
+from learner.distributed import Comm, DistConfig, GradientReducer, merge_memory_writes, pack_writes, state_digest
 from learner.models.dumn_memory import UserMemory, sequential_writes
 from learner.stream import from_source_offsets
+from learner.trainer import Trainer, TrainerConfig
 from streams.samples import TOPIC_SAMPLES
+from tests.learner.conftest import tiny_config
 from tests.learner.test_stream_learner import (REPO_ROOT, TINY_TOML, audit_rows, produce, read_versions,
                                                wait_until)
 
@@ -159,58 +162,118 @@ def _assignment(tmp_path: Path, rank: int) -> set[int] | None:
     return {int(p) for p in inside.split(",") if p.strip()}
 
 
-def test_two_ranks_split_the_partitions_and_keep_one_model(broker, tmp_path):
-    bootstrap, n = broker.bootstrap, 320
-    _create_topic(bootstrap)
-    port = free_port()
-    procs = [_launch(bootstrap, tmp_path, r, port, max_samples=n) for r in range(2)]
-    try:
-        def split() -> bool:
-            for p in procs:
-                if p.poll() is not None:
-                    raise AssertionError(f"a rank exited early:\n{(tmp_path / 'rank0.log').read_text()}\n"
-                                         f"{(tmp_path / 'rank1.log').read_text()}")
-            a, b = _assignment(tmp_path, 0), _assignment(tmp_path, 1)
-            return bool(a) and bool(b) and not a & b and a | b == set(range(N_PARTITIONS))
+def _wait_split(procs: list[subprocess.Popen], tmp_path: Path) -> None:
+    def split() -> bool:
+        if any(p.poll() is not None for p in procs):
+            raise AssertionError("a rank exited early:\n" + _logs(tmp_path))
+        a, b = _assignment(tmp_path, 0), _assignment(tmp_path, 1)
+        return bool(a) and bool(b) and not a & b and a | b == set(range(N_PARTITIONS))
 
-        wait_until(split, timeout_s=60, what="the group to split the partitions between the two ranks")
-        t0 = time.monotonic()
-        produce(bootstrap, range(1, n + 1))
+    wait_until(split, timeout_s=60, what="the group to split the partitions between the two ranks")
+
+
+def _finish(procs: list[subprocess.Popen], tmp_path: Path) -> None:
+    try:
         for p in procs:
             p.wait(timeout=60)
-        train_s = time.monotonic() - t0
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    logs = [(tmp_path / f"rank{r}.log").read_text() for r in range(2)]
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(logs)
-    digests = [json.loads((tmp_path / f"digest.{r}.json").read_text()) for r in range(2)]
-    # both ranks trained, on disjoint partitions, every sample once between them
-    assert all(d["local_samples"] > 0 for d in digests), digests
-    assert not set(digests[0]["local_partitions"]) & set(digests[1]["local_partitions"])
-    assert sum(d["local_samples"] for d in digests) == n
-    assert digests[0]["samples_seen"] == digests[1]["samples_seen"] == n
-    rows = [r for k in range(2) for r in audit_rows(tmp_path / f"audit.log.rank{k}")]
-    assert sorted(r[2] for r in rows) == list(range(1, n + 1))
-    # one model: parameters, DUMN memory and optimizer steps identical on the two ranks
-    for key in ("model_sha256", "memory_sha256", "optimizer_step_sha256", "steps", "offsets"):
+    assert [p.returncode for p in procs] == [0, 0], _logs(tmp_path)
+
+
+def _logs(tmp_path: Path) -> str:
+    return "\n".join((tmp_path / f"rank{r}.log").read_text() for r in range(2) if (tmp_path / f"rank{r}.log").exists())
+
+
+def _digests(tmp_path: Path) -> list[dict]:
+    return [json.loads((tmp_path / f"digest.{r}.json").read_text()) for r in range(2)]
+
+
+def _audit_ids(tmp_path: Path) -> list[int]:
+    return [r[2] for k in range(2) if (tmp_path / f"audit.log.rank{k}").exists()
+            for r in audit_rows(tmp_path / f"audit.log.rank{k}")]
+
+
+def _same_model(digests: list[dict]) -> None:
+    for key in ("model_sha256", "memory_sha256", "optimizer_step_sha256", "steps", "samples_seen", "offsets"):
         assert digests[0][key] == digests[1][key], key
-    # rank 0 published the final checkpoint, with the offsets of every partition (both ranks')
-    offsets = _end_offsets(bootstrap)
-    store = CheckpointStore(tmp_path / "ckpt")
-    _, path, state = store.load_newest()
-    assert state["learner"]["reason"] == "final" and state["samples_seen"] == n
+
+
+def test_two_ranks_split_the_partitions_keep_one_model_and_resume_exactly_once(broker, tmp_path):
+    from kafka import KafkaConsumer
+    bootstrap, n1, n2, n = broker.bootstrap, 200, 280, 360
+    _create_topic(bootstrap)
+    # 1. two ranks join the group; the samples go out once the group has split the partitions
+    t0, port = time.monotonic(), free_port()
+    procs = [_launch(bootstrap, tmp_path, r, port, max_samples=n1) for r in range(2)]
+    try:
+        _wait_split(procs, tmp_path)
+        produce(bootstrap, range(1, n1 + 1))
+    finally:
+        _finish(procs, tmp_path)
+    first_s = time.monotonic() - t0
+    digests = _digests(tmp_path)
+    assert all(d["local_samples"] > 0 for d in digests), digests          # both ranks trained
+    assert not set(digests[0]["local_partitions"]) & set(digests[1]["local_partitions"])   # disjoint partitions
+    assert sum(d["local_samples"] for d in digests) == n1 == digests[0]["samples_seen"]
+    _same_model(digests)                                                    # one model on both ranks
+    assert sorted(_audit_ids(tmp_path)) == list(range(1, n1 + 1))
+    # 2. whole-job restart; while both ranks train, a third member joins the group (every member
+    # revokes: collective rebalance checkpoints), then SIGTERM to rank 0 alone stops both ranks
+    t0 = time.monotonic()
+    for r in range(2):
+        (tmp_path / f"rank{r}.log").unlink()
+    procs = [_launch(bootstrap, tmp_path, r, port, max_samples=0) for r in range(2)]
+    other_ids: list[int] = []
+    try:
+        _wait_split(procs, tmp_path)
+        produce(bootstrap, range(n1 + 1, n2 + 1))
+        wait_until(lambda: len(_audit_ids(tmp_path)) > n1, what="the restarted ranks to train")
+        other = KafkaConsumer(TOPIC_SAMPLES, bootstrap_servers=bootstrap, group_id="dist-learners",
+                              auto_offset_reset="earliest", enable_auto_commit=False, heartbeat_interval_ms=200,
+                              session_timeout_ms=10_000)
+
+        def poll_other() -> None:
+            for recs in other.poll(timeout_ms=500).values():
+                other_ids.extend(int.from_bytes(r.value[8:16], "little") for r in recs)   # impression_id
+
+        try:
+            wait_until(lambda: (poll_other() or True) and bool(other.assignment()), timeout_s=40,
+                       what="the third member to get partitions")
+            produce(bootstrap, range(n2 + 1, n + 1))
+            wait_until(lambda: (poll_other() or True) and len(_audit_ids(tmp_path)) + len(other_ids) >= n,
+                       timeout_s=40, what="the ranks and the third member to consume everything")
+        finally:
+            other.close()
+        procs[0].send_signal(signal.SIGTERM)
+        _finish(procs, tmp_path)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    second_s = time.monotonic() - t0
+    logs = _logs(tmp_path)
+    assert "reason=rebalance" in logs and "signal received signal=SIGTERM" in logs
+    digests = _digests(tmp_path)
+    _same_model(digests)
+    trained = _audit_ids(tmp_path)
+    assert digests[0]["samples_seen"] == len(trained)
+    # exactly once across the restart and the rebalance: ranks' audit logs + the third member's reads
+    assert sorted(trained + other_ids) == list(range(1, n + 1))
+    # rank 0 published the last checkpoint ("final", or "rebalance" when the third member's leaving
+    # was checkpointed after the last sample); its offsets cover every partition
+    _, path, state = CheckpointStore(tmp_path / "ckpt").load_newest()
+    assert state["learner"]["reason"] in ("final", "rebalance") and state["samples_seen"] == len(trained)
     assert state["learner"]["world_size"] == 2 and len(state["learner"]["audit_bytes_by_rank"]) == 2
-    assert from_source_offsets(TOPIC_SAMPLES, state["source_offsets"]) == offsets
-    versions = read_versions(bootstrap, expect_at_least=1)
-    assert versions and versions[-1].samples_seen == n
-    assert from_source_offsets(TOPIC_SAMPLES, versions[-1].source_offsets) == offsets
-    from learner.distributed import state_digest
-    from learner.trainer import Trainer, TrainerConfig
-    from tests.learner.conftest import tiny_config
+    ckpt_offsets = from_source_offsets(TOPIC_SAMPLES, state["source_offsets"])
+    assert set(ckpt_offsets) == set(range(N_PARTITIONS))
+    assert {int(p): o for p, o in digests[0]["offsets"].items()} == ckpt_offsets
+    versions = read_versions(bootstrap, expect_at_least=2)
+    assert versions[-1].samples_seen == len(trained) and versions[-1].path == str(path.resolve())
     fresh = Trainer(TrainerConfig(model="dumn", device="cpu", window=200, cumulative_bins=100), tiny_config("dumn"))
     fresh.load_checkpoint_state(load_checkpoint(path))
     assert state_digest(fresh.model) == digests[0]["model_sha256"]
-    print(f"two-rank run: {n} samples trained in {train_s:.1f}s after the split; "
-          f"rank samples {[d['local_samples'] for d in digests]}")
+    print(f"two ranks: {n1} samples, launch to exit {first_s:.1f}s; restart + rebalance + SIGTERM "
+          f"{second_s:.1f}s ({len(trained) - n1} trained, {len(other_ids)} read by the third member)")

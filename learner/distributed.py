@@ -106,26 +106,30 @@ class Comm:
                     backend, cfg.init_method)
         return cls(cfg.rank, cfg.world_size, device, data=None, ctrl=ctrl)
 
+    def _call(self, what: str, fn, *args, **kwargs) -> None:
+        try:
+            fn(*args, **kwargs)
+        except RuntimeError as exc:   # gloo / nccl: a peer died or timed out
+            raise DistributedError(f"collective {what} failed on rank {self.rank} (a peer stopped or hangs; "
+                                   f"restart the whole job): {exc}") from exc
+
     def gather_ctrl(self, t: torch.Tensor) -> torch.Tensor:
         """(...) CPU tensor per rank -> (world, ...) in rank order."""
         out = [torch.empty_like(t) for _ in range(self.world_size)]
-        dist.all_gather(out, t, group=self.ctrl)
+        self._call("all_gather", dist.all_gather, out, t, group=self.ctrl)
         return torch.stack(out)
 
     def gather_data(self, t: torch.Tensor) -> list[torch.Tensor]:
         out = [torch.empty_like(t) for _ in range(self.world_size)]
-        dist.all_gather(out, t, group=self.data)
+        self._call("all_gather", dist.all_gather, out, t, group=self.data)
         return out
 
     def all_reduce_data(self, t: torch.Tensor) -> None:
-        dist.all_reduce(t, group=self.data)
-
-    def barrier(self) -> None:
-        self.gather_ctrl(torch.zeros(1, dtype=torch.int64))
+        self._call("all_reduce", dist.all_reduce, t, group=self.data)
 
     def broadcast_object(self, obj: Any) -> Any:
         box = [obj if self.rank == 0 else None]
-        dist.broadcast_object_list(box, src=0, group=self.ctrl)
+        self._call("broadcast", dist.broadcast_object_list, box, src=0, group=self.ctrl)
         return box[0]
 
     def close(self) -> None:

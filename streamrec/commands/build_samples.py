@@ -27,8 +27,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("paths", nargs="+", metavar="PATH", help="KuaiRand log, generic JSONL/CSV, or a directory")
     p.add_argument("--out", required=True, type=Path, metavar="FILE", help="samples file to write")
     p.add_argument("--partitions", type=int, default=1, metavar="N",
-                   help="join as N user partitions, like a topic with N partitions (default 1: "
-                        "statistics over the whole stream)")
+                   help="join as N user partitions, like a topic with N partitions (default 1); T1/T3 "
+                        "use every partition's clicks of earlier epochs (shared_stats, the default) or "
+                        "the partition's own (shared_stats = false)")
     p.add_argument("--work-dir", type=Path, default=None,
                    help="where the per-partition feature stores go (default: a temporary directory, removed)")
     p.add_argument("--from", dest="from_ms", default=None, metavar="TIME", help="first event time (inclusive)")
@@ -47,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
     temp = args.work_dir is None
     work_dir = Path(tempfile.mkdtemp(prefix="streamrec-build-")) if temp else args.work_dir
     try:
-        events = iter_events(args.paths, from_ms=args.from_ms, until_ms=args.until_ms)
+        def events():  # read twice with shared statistics over several partitions
+            return iter_events(args.paths, from_ms=args.from_ms, until_ms=args.until_ms)
         summary = build_samples(events, args.out, work_dir, config, n_partitions=args.partitions,
                                 batch_events=args.batch_events)
     except (ValueError, OSError) as exc:

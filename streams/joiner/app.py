@@ -5,7 +5,9 @@ Topology (docs/joiner.md, "Running the joiner")::
     impressions ─┐                    one agent, co-partitioned: partition p of all four topics
     clicks ──────┼─ noack_take ─> decode (bad -> <topic>.dlq) ─> TopicAligner[p] ─> JoinerPipeline[p]
     dwell ───────┤                                                       │   (store data_dir/stores/p)
-    feedback ────┘                 samples[p], <topic>.late[p], joiner.orphans[p] <─┘
+    feedback ────┘                 samples[p], <topic>.late[p], joiner.orphans[p] <─┤
+    joiner.dwell (all partitions) ─> StatsFeed thread ─> RemoteStats ─> (T1/T3)     │
+    joiner.dwell[p] <── this partition's statistics contributions, per epoch ────────┘
 
 The agent is thin: it hands each ``stream.noack_take`` batch to :class:`JoinerRuntime.handle`,
 which decodes, aligns, runs the pipelines, produces the outputs (to the source's partition), then
@@ -28,6 +30,7 @@ import faust
 from streams.contracts import EVENT_TOPICS, decode_batch, encode, from_records, kind_of, topic_for
 from streams.dlq import dlq_topic
 from streams.joiner.pipeline import JoinerPipeline, PipelineConfig, PipelineOutput, open_pipeline
+from streams.joiner.shared import TOPIC_DWELL_STATS, RemoteStats
 from streams.joiner.state import Entry, OutputLedger, TopicAligner
 from streams.joiner.worker import merge_counters, store_path, summary_line
 from streams.samples import TOPIC_SAMPLES
@@ -44,7 +47,8 @@ def late_topic(topic: str) -> str:
 
 def output_topics() -> list[str]:
     """Every topic the joiner writes, each with as many partitions as the event topics."""
-    return [TOPIC_SAMPLES, TOPIC_ORPHANS, *map(late_topic, EVENT_TOPICS), *map(dlq_topic, EVENT_TOPICS)]
+    return [TOPIC_SAMPLES, TOPIC_ORPHANS, *map(late_topic, EVENT_TOPICS), *map(dlq_topic, EVENT_TOPICS),
+            TOPIC_DWELL_STATS]
 
 
 @dataclass(frozen=True)
@@ -92,11 +96,15 @@ class JoinerRuntime:
     ``send(topic, key, value, partition, headers)`` is an async producer call returning an
     awaitable of record metadata; ``read_back(topic, partition, from_offset)`` returns the values
     in the topic from that offset (used once per partition on assignment); ``caught_up(topic,
-    partition, next_offset)`` says the consumer holds everything the broker has.
+    partition, next_offset)`` says the consumer holds everything the broker has. ``remote``: the
+    other partitions' statistics (``joiner.dwell``), ``extra_counters()`` the feed's counters.
     """
 
-    def __init__(self, config: JoinerAppConfig, *, send, read_back, caught_up, assigned=None, seek=None) -> None:
+    def __init__(self, config: JoinerAppConfig, *, send, read_back, caught_up, assigned=None, seek=None,
+                 remote: RemoteStats | None = None, extra_counters=None) -> None:
         self.config = config
+        self._remote = remote
+        self._extra_counters = extra_counters or dict
         self._send, self._read_back, self._caught_up = send, read_back, caught_up
         self._assigned = assigned or (lambda p: True)
         self._seek = seek
@@ -113,7 +121,7 @@ class JoinerRuntime:
         deadline = time.monotonic() + self.config.store_lock_wait_s
         while True:  # the previous owner (another worker on this host) may still be closing it
             try:
-                pipe = open_pipeline(store_path(self.config.data_dir, p), p, self.config.pipeline)
+                pipe = open_pipeline(store_path(self.config.data_dir, p), p, self.config.pipeline, self._remote)
                 break
             except Exception as exc:
                 if "lock" not in str(exc).lower() or time.monotonic() > deadline:
@@ -232,7 +240,13 @@ class JoinerRuntime:
         out = pipe.process(events) if events else PipelineOutput()
         if flush:
             out.extend(pipe.finish())
-        outputs += [(TOPIC_SAMPLES, k, v, None) for k, v in zip(out.keys, out.samples)]
+        if self._remote is not None:
+            # partitions of this worker see it at once (the feed's copy is then a duplicate): a
+            # partition's contributions do not depend on whether its commit survives
+            for value in out.stats:
+                self._remote.add(value)
+        outputs += [(TOPIC_SAMPLES, k, v, h) for k, v, h in zip(out.keys, out.samples, out.headers)]
+        outputs += [(TOPIC_DWELL_STATS, str(p).encode(), v, None) for v in out.stats]
         outputs += [(late_topic(topic_for(x.event)), str(x.event.user_id).encode(), encode(x.event),
                      [("reason", x.reason.encode())]) for x in out.late]
         outputs += [(TOPIC_ORPHANS, str(x.event.user_id).encode(), encode(x.event),
@@ -254,7 +268,7 @@ class JoinerRuntime:
     def counters(self) -> dict[str, int]:
         """Counters summed over the partitions this worker holds or held."""
         live = {p: part.pipeline.counters() for p, part in self.partitions.items()}
-        return merge_counters({**self.closed_counters, **live}.values())
+        return {**merge_counters({**self.closed_counters, **live}.values()), **self._extra_counters()}
 
     def counters_by_partition(self) -> dict[str, dict[str, int]]:
         live = {p: part.pipeline.counters() for p, part in self.partitions.items()}
@@ -299,8 +313,15 @@ def make_app(config: JoinerAppConfig) -> tuple[faust.App, JoinerRuntime]:
         from faust.types import TP
         await app.consumer.seek(TP(topic, partition), offset)
 
+    feed = None
+    if config.pipeline.shared_stats:
+        from streams.joiner.statsfeed import StatsFeed
+        feed = StatsFeed(config.bootstrap).start()
+        if not feed.wait_caught_up(config.store_lock_wait_s):
+            logger.warning("stats_feed_slow: starting before joiner.dwell was read to its end")
     runtime = JoinerRuntime(config, send=send, read_back=_reader(config.bootstrap), caught_up=caught_up,
-                            assigned=assigned, seek=seek)
+                            assigned=assigned, seek=seek, remote=None if feed is None else feed.table,
+                            extra_counters=None if feed is None else feed.counters)
     state: dict[str, Any] = {}
 
     @app.agent(source, concurrency=1)
@@ -314,6 +335,9 @@ def make_app(config: JoinerAppConfig) -> tuple[faust.App, JoinerRuntime]:
 
     @app.timer(config.tick_s)
     async def tick():
+        if feed is not None and feed.error is not None:
+            await app.crash(RuntimeError(f"joiner.dwell feed failed: {feed.error!r}"))
+            return
         stream = state.get("stream")
         if stream is None:
             return
@@ -342,6 +366,8 @@ def make_app(config: JoinerAppConfig) -> tuple[faust.App, JoinerRuntime]:
     async def on_shutdown(app_, **kwargs):
         async with runtime.lock:
             runtime.close()
+        if feed is not None:
+            feed.stop()
         print(f"joiner summary: {summary_line(runtime.counters())}", flush=True)
 
     @app.page("/counters")

@@ -24,9 +24,11 @@ Per call to :meth:`JoinerPipeline.process` (one ``stream.take`` batch):
 4. :meth:`JoinerPipeline.commit` writes all staged state, ``JoinCore.to_bytes()``, the counters,
    the source offsets and caller metadata in ONE WriteBatch (``featurestore`` transaction).
 
-Statistics are those of this partition's store: T1's moments and T3's sketches are fed by the
-clicks of this partition's users (see docs/joiner.md, "Running the joiner", for what that means
-with several partitions). T2 counts come from the click sequence (exact up to ``max_len`` entries)
+Statistics: T1's moments and T3's sketches are fed by the clicks of this partition's users and,
+when a :class:`~streams.joiner.shared.RemoteStats` table is given, by the other partitions'
+clicks of earlier epochs that have arrived (``streams.joiner.shared``; the pipeline publishes its
+own through :attr:`PipelineOutput.stats`). See docs/joiner.md, "Several workers", for the
+staleness bound. T2 counts come from the click sequence (exact up to ``max_len`` entries)
 plus the first clicks of the impressions that close after the sample (see docs/joiner.md, "Valid
 read", for the exact definition and its bound).
 """
@@ -44,6 +46,7 @@ from featurestore.store import StoreBatch
 from streams.contracts import Click, Event, Feedback, FeedbackKind, Impression
 from streams.joiner.config import DAY_MS, JoinerConfig
 from streams.joiner.join import JoinCore, JoinedImpression, JoinOutput, LateEvent, OrphanEvent
+from streams.joiner.shared import HEADER_STATS, RemoteStats, SharedStatsView
 from streams.joiner.stats import FrozenStoreStatistics
 from streams.joiner.validread import RULE_T1, RULE_T2, RULE_T3, label_batch
 from streams.samples import FLAG_CLICKED, FLAG_VALID_READ, Snapshot
@@ -53,6 +56,7 @@ logger = logging.getLogger(__name__)
 CORE_META = b"joiner.core"
 COUNTERS_META = b"joiner.counters"
 DEFERRED_META = b"joiner.deferred"
+SHARED_META = b"joiner.shared"
 #: item updates of the statistics epoch being labelled, applied when a later epoch starts
 _DEFERRED = np.dtype([("epoch", "<i8"), ("item_id", "<u8"), ("dwell_ms", "<i8"), ("click_ts_ms", "<i8"),
                       ("flags", "u1")])
@@ -70,15 +74,20 @@ class PipelineConfig:
     ``stats_epoch_ms``: T1/T3 statistics are frozen per epoch of label time; a sample closing in
     epoch e is judged on the clicks of samples that closed in earlier epochs (T2 and the snapshot
     are not frozen: they see every outcome before the impression / click, see the module
-    docstring). ``t2_window_ms``: the T2 look-back.
+    docstring). ``t2_window_ms``: the T2 look-back. ``shared_stats``: T1/T3 also use the other
+    partitions' clicks (published on ``joiner.dwell``; the offline builder uses all of them);
+    False keeps them per partition.
     """
 
     joiner: JoinerConfig = field(default_factory=JoinerConfig)
     store: FeatureStoreConfig = field(default_factory=FeatureStoreConfig)
     stats_epoch_ms: int = 60_000
     t2_window_ms: int = 7 * DAY_MS
+    shared_stats: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.shared_stats, bool):
+            raise ValueError(f"shared_stats={self.shared_stats!r} is not a bool")
         for name in ("stats_epoch_ms", "t2_window_ms"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -90,18 +99,24 @@ class PipelineConfig:
 
 @dataclass
 class PipelineOutput:
-    """What one call produced: encoded samples (with their Kafka keys), late events, orphans."""
+    """What one call produced: encoded samples (with their Kafka keys and headers: the
+    ``stats.applied`` provenance of samples judged on incomplete shared statistics, else None),
+    late events, orphans, and the ``joiner.dwell`` messages to publish (shared statistics)."""
 
     samples: list[bytes] = field(default_factory=list)
     keys: list[bytes] = field(default_factory=list)
     late: list[LateEvent] = field(default_factory=list)
     orphans: list[OrphanEvent] = field(default_factory=list)
+    headers: list[list[tuple[str, bytes]] | None] = field(default_factory=list)
+    stats: list[bytes] = field(default_factory=list)
 
     def extend(self, other: PipelineOutput) -> None:
         self.samples += other.samples
         self.keys += other.keys
         self.late += other.late
         self.orphans += other.orphans
+        self.headers += other.headers
+        self.stats += other.stats
 
 
 class _Blob:
@@ -125,9 +140,11 @@ class JoinerPipeline:
 
     The store must be this pipeline's alone (one writer per path). State found in the store (a
     previous run's commit) is restored: the core from its blob, the counters, the offsets.
+    ``remote``: the other partitions' published statistics (None: this partition's only).
     """
 
-    def __init__(self, partition: int, store: RocksFeatureStore, config: PipelineConfig) -> None:
+    def __init__(self, partition: int, store: RocksFeatureStore, config: PipelineConfig,
+                 remote: RemoteStats | None = None) -> None:
         self.partition = partition
         self.store = store
         self.config = config
@@ -143,6 +160,10 @@ class JoinerPipeline:
         dcfg = config.store.dwell
         self._dwell = (DwellStats.from_config(dcfg) if raw is None
                        else DwellStats.from_bytes(raw, dcfg.min_dwell_ms))
+        partials = store._dwell_partials()
+        partials[partition] = self._dwell
+        self._shared = SharedStatsView(partition, remote if config.shared_stats else None, config.stats_epoch_ms,
+                                       partials, self._n, self.meta(SHARED_META))
         self._seq_keys: dict[int, list[bytes]] = {}
         self._tx: StoreBatch | None = None
         logger.info("pipeline_open partition=%d restored=%s watermark_ms=%s samples=%d", partition,
@@ -177,13 +198,8 @@ class JoinerPipeline:
         Unlike ``JoinCore.flush`` the emitted tombstones are kept, so a duplicate arriving after
         this is still recognised.
         """
-        w = self.core.watermark_ms
-        if w is None:
-            return PipelineOutput()
-        cfg = self.config.joiner
-        max_ts = w + cfg.allowed_lateness_ms
-        # the new watermark (this - lateness) passes max_ts + window and max_ts + orphan grace
-        return self.advance(max_ts + max(cfg.label_window_ms, cfg.orphan_grace_ms) + cfg.allowed_lateness_ms + 1)
+        t = finish_time_ms(self.core)
+        return PipelineOutput() if t is None else self.advance(t)
 
     def count_dead_letter(self, topic: str, code: str, n: int = 1) -> None:
         """Count a message that went to the dead-letter topic (persisted with the next commit)."""
@@ -203,6 +219,8 @@ class JoinerPipeline:
         _stage_meta(tx, CORE_META, self.core.to_bytes())
         _stage_meta(tx, COUNTERS_META, json.dumps(self._n, sort_keys=True).encode())
         _stage_meta(tx, DEFERRED_META, np.array(self._deferred, dtype=_DEFERRED).tobytes())
+        if self._shared.enabled:
+            _stage_meta(tx, SHARED_META, self._shared.to_bytes())
         for name, value in (meta or {}).items():
             _stage_meta(tx, name, value)
         tx.commit()
@@ -225,12 +243,17 @@ class JoinerPipeline:
         result = PipelineOutput(late=out.late, orphans=out.orphans)
         if out.samples:
             tx = self._open()
-            result.samples = self._label(out.samples, tx)
+            result.samples = self._label(out.samples, tx, result.headers)
             result.keys = [str(j.impression.user_id).encode() for j in out.samples]
             self._count(result.samples)
+        if self._shared.enabled:
+            msg = self._shared.publisher.publish(self.core.watermark_ms)
+            if msg is not None:
+                result.stats.append(msg)
         return result
 
-    def _label(self, joined: list[JoinedImpression], tx: StoreBatch) -> list[bytes]:
+    def _label(self, joined: list[JoinedImpression], tx: StoreBatch,
+               headers: list[list[tuple[str, bytes]] | None]) -> list[bytes]:
         epoch_ms = self.config.stats_epoch_ms
         values: list[bytes] = []
         # the outcomes of impressions that close after a sample (later in this call, or still
@@ -253,11 +276,20 @@ class JoinerPipeline:
                 s = joined[idx]
                 snapshots.append(self._read_user(tx, s, clicks, self._unsettled(joined, idx, by_user, pending)))
                 self._stage_user(tx, s)
-            stats = FrozenStoreStatistics(tx, self._dwell, clicks)
+            dwell, provenance = self._shared.freeze(tx, epoch, self._dwell)
+            stats = FrozenStoreStatistics(tx, dwell, clicks)
             values += label_batch(run, snapshots, stats, self.config.joiner)
+            header = None if provenance is None else [(HEADER_STATS, provenance)]
+            headers += [header if s.clicked else None for s in run]
+            shared = self._shared.publisher if self._shared.enabled else None
+            n_clicked = 0
             for s in run:  # the run's item statistics wait until a later epoch starts
                 flags = s.clicked * _F_CLICKED | s.liked * _F_LIKED | s.disliked * _F_DISLIKED
                 self._deferred.append((epoch, s.impression.item_id, s.dwell_ms, s.click_ts_ms, flags))
+                n_clicked += s.clicked
+                if shared is not None and s.clicked and s.dwell_ms >= 0:
+                    shared.add(epoch, s.impression.item_id, s.dwell_ms, s.click_ts_ms)
+            self._shared.count_samples(n_clicked)
             i = j
         return values
 
@@ -406,6 +438,18 @@ class JoinerPipeline:
             n[k] = n.get(k, 0) + v
 
 
-def open_pipeline(path, partition: int, config: PipelineConfig) -> JoinerPipeline:
+def finish_time_ms(core: JoinCore) -> int | None:
+    """The event time that ends the input of ``core``: its watermark then passes every pending
+    close and orphan deadline (None before the first event)."""
+    w = core.watermark_ms
+    if w is None:
+        return None
+    cfg = core.config
+    max_ts = w + cfg.allowed_lateness_ms
+    # the new watermark (this - lateness) passes max_ts + window and max_ts + orphan grace
+    return max_ts + max(cfg.label_window_ms, cfg.orphan_grace_ms) + cfg.allowed_lateness_ms + 1
+
+
+def open_pipeline(path, partition: int, config: PipelineConfig, remote: RemoteStats | None = None) -> JoinerPipeline:
     """A pipeline over the store at ``path`` (created when missing; restored when present)."""
-    return JoinerPipeline(partition, RocksFeatureStore(path, config.store), config)
+    return JoinerPipeline(partition, RocksFeatureStore(path, config.store), config, remote)

@@ -10,7 +10,8 @@ topic's queue as a dead letter and leaves (to the DLQ) when it reaches the head.
 
 :class:`OutputLedger` remembers, per output topic, the end offset of this partition's outputs as
 of the last commit; after a crash the outputs found past it (produced, but the commit covering
-their inputs was lost) are suppressed once each when the replay of those inputs emits them again.
+their inputs was lost) are suppressed once each when the replay of those inputs emits them again
+(samples by their id, other outputs by their bytes).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from streams.contracts import EVENT_TOPICS, Event
+from streams.samples import TOPIC_SAMPLES
 
 _RANK = {t: i for i, t in enumerate(EVENT_TOPICS)}
 
@@ -112,8 +114,19 @@ class TopicAligner:
         return out
 
 
+def _identity(topic: str, value: bytes) -> bytes:
+    """What makes an output the same one again: a sample's id (bytes 8..16, the impression id),
+    since its T1/T3 bits may change with the shared statistics that had arrived; other outputs'
+    bytes."""
+    return value[8:16] if topic == TOPIC_SAMPLES else value
+
+
 class OutputLedger:
-    """Output end offsets per topic (committed with the state) and the suppression of re-sends."""
+    """Output end offsets per topic (committed with the state) and the suppression of re-sends.
+
+    A sample is suppressed by its id: a re-labelled sample may differ from the one produced before
+    a crash in the rules that read shared statistics, and the first one stands.
+    """
 
     META_PREFIX = b"out."
 
@@ -123,10 +136,10 @@ class OutputLedger:
 
     def suppress(self, found: Iterable[tuple[str, bytes]]) -> None:
         """Outputs found in the topics past the committed end offsets (produced before a crash)."""
-        self._suppress.update(found)
+        self._suppress.update((t, _identity(t, v)) for t, v in found)
 
     def should_send(self, topic: str, value: bytes) -> bool:
-        k = (topic, value)
+        k = (topic, _identity(topic, value))
         if self._suppress.get(k, 0) > 0:
             self._suppress[k] -= 1
             return False

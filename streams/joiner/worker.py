@@ -5,7 +5,9 @@ event-time order (``streams.replay.iter_events``) are split by partition exactly
 producer splits them (murmur2 of the key, the decimal user_id), and each partition's events go
 through its own :class:`~streams.joiner.pipeline.JoinerPipeline` on a store under ``work_dir``.
 With the same partition count, the samples equal those the faust worker emits for the replayed
-topics (same bytes; the order across partitions differs).
+topics (same bytes; the order across partitions differs), except, with several partitions, the
+T1/T3 bits of samples the worker judged before other partitions' statistics had arrived (they
+carry a ``stats.applied`` header; docs/joiner.md, "Several workers").
 
 >>> partition_for(712, 3), partition_for(712, 1)
 (1, 0)
@@ -14,14 +16,16 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from kafka.partitioner.default import murmur2
 
 from streams.contracts import Event, key_for
-from streams.joiner.pipeline import JoinerPipeline, PipelineConfig, PipelineOutput, open_pipeline
+from streams.joiner.join import JoinCore
+from streams.joiner.pipeline import JoinerPipeline, PipelineConfig, finish_time_ms, open_pipeline
+from streams.joiner.shared import RemoteStats, StatsPublisher
 from streams.samples_file import append_samples
 
 logger = logging.getLogger(__name__)
@@ -77,41 +81,90 @@ def merge_counters(counters: Iterable[dict[str, int]]) -> dict[str, int]:
     return total
 
 
-def build_samples(events: Iterable[Event], out_path: str | Path, work_dir: str | Path,
-                  config: PipelineConfig, n_partitions: int = 1, batch_events: int = 4096) -> BuildSummary:
+def _split(events: Iterable[Event], n_partitions: int, batch_events: int) -> Iterator[tuple[int, list[Event] | None]]:
+    """``(partition, batch)`` as the builder feeds them, then ``(partition, None)`` per partition
+    at the end of the input."""
+    pending: list[list[Event]] = [[] for _ in range(n_partitions)]
+    for e in events:
+        p = 0 if n_partitions == 1 else partition_for(e.user_id, n_partitions)
+        pending[p].append(e)
+        if len(pending[p]) >= batch_events:
+            yield p, pending[p]
+            pending[p] = []
+    for p in range(n_partitions):
+        if pending[p]:
+            yield p, pending[p]
+        yield p, None
+
+
+def shared_contributions(events: Iterable[Event], config: PipelineConfig, n_partitions: int,
+                         batch_events: int = 4096) -> RemoteStats:
+    """Every partition's ``joiner.dwell`` messages for ``events``, in a complete table.
+
+    The contributions (item, dwell, click time and label epoch of each clicked sample) depend on
+    the join only, not on the statistics, so a pass of the join cores gives them all; a pipeline
+    reading this table sees every other partition's contributions of the epochs before its own,
+    which is what a worker sees when no ``joiner.dwell`` message is late.
+    """
+    table = RemoteStats(n_partitions)
+    epoch_ms = config.stats_epoch_ms
+    cores = [JoinCore(config.joiner) for _ in range(n_partitions)]
+    pubs = [StatsPublisher(p, epoch_ms) for p in range(n_partitions)]
+    for p, batch in _split(events, n_partitions, batch_events):
+        core, pub = cores[p], pubs[p]
+        if batch is None:
+            t = finish_time_ms(core)
+            out = core.advance(t) if t is not None else None
+        else:
+            out = core.process(batch)
+        for s in out.samples if out is not None else ():
+            if s.clicked and s.dwell_ms >= 0:
+                pub.add(s.label_ts_ms // epoch_ms, s.impression.item_id, s.dwell_ms, s.click_ts_ms)
+        msg = pub.publish(core.watermark_ms)
+        if msg is not None:
+            table.add(msg)
+    table.seal()
+    return table
+
+
+def build_samples(events: Iterable[Event] | Callable[[], Iterable[Event]], out_path: str | Path,
+                  work_dir: str | Path, config: PipelineConfig, n_partitions: int = 1,
+                  batch_events: int = 4096) -> BuildSummary:
     """Join ``events`` (event-time order) into a samples file (``streams.samples_file`` framing).
 
-    ``work_dir`` receives one store per partition (it must not hold stores of another run).
+    ``work_dir`` receives one store per partition (it must not hold stores of another run). With
+    several partitions and ``config.shared_stats`` the events are read twice (a first pass
+    collects every partition's statistics contributions, :func:`shared_contributions`), so the
+    samples use all contributions of earlier epochs: pass a list or a callable returning a fresh
+    iterable (a one-shot iterator is read into a list).
     """
     if batch_events < 1:
         raise ValueError(f"batch_events={batch_events!r} must be >= 1")
     t0 = time.perf_counter()
     summary = BuildSummary()
-    pipes: list[JoinerPipeline] = [open_pipeline(store_path(work_dir, p), p, config) for p in range(n_partitions)]
+    remote = None
+    if config.shared_stats and n_partitions > 1:
+        if not callable(events) and iter(events) is events:
+            events = list(events)
+        remote = shared_contributions(events() if callable(events) else events, config, n_partitions,
+                                      batch_events)
+        logger.info("build_samples_shared_stats partitions=%d records=%d", n_partitions, remote.n_records)
+    if callable(events):
+        events = events()
+    pipes: list[JoinerPipeline] = [open_pipeline(store_path(work_dir, p), p, config, remote)
+                                   for p in range(n_partitions)]
     for p in pipes:
         if p.core.watermark_ms is not None:
             raise ValueError(f"work_dir={work_dir} already holds a store for partition {p.partition}")
-    pending: list[list[Event]] = [[] for _ in range(n_partitions)]
     out_path = Path(out_path)
     tmp = out_path.with_name(out_path.name + ".tmp")
     try:
         with open(tmp, "wb") as fh:
-            def run(p: int, final: bool = False) -> None:
-                out = pipes[p].process(pending[p]) if pending[p] else PipelineOutput()
-                if final:
-                    out.extend(pipes[p].finish())
+            for p, batch in _split(events, n_partitions, batch_events):
+                out = pipes[p].finish() if batch is None else pipes[p].process(batch)
+                summary.n_events += 0 if batch is None else len(batch)
                 summary.n_samples += append_samples(fh, out.samples)
                 pipes[p].commit()
-                pending[p] = []
-
-            for e in events:
-                p = 0 if n_partitions == 1 else partition_for(e.user_id, n_partitions)
-                pending[p].append(e)
-                summary.n_events += 1
-                if len(pending[p]) >= batch_events:
-                    run(p)
-            for p in range(n_partitions):
-                run(p, final=True)
         tmp.replace(out_path)
         summary.counters = merge_counters(p.counters() for p in pipes)
     finally:

@@ -1,0 +1,266 @@
+"""Statistics shared across partitions: T1's ln(dwell) moments and T3's item P10 over every user.
+
+Per-user state is co-partitioned, the global statistics are not. Each partition's pipeline
+publishes the dwell contributions of its samples, one *statistics epoch* at a time, on the topic
+``joiner.dwell`` (partition = the source partition); every worker reads all of it into a
+:class:`RemoteStats` table; each pipeline folds the other partitions' contributions that have
+arrived into its own store when it starts labelling an epoch (:class:`SharedStatsView`).
+
+Messages (``encode_message``, little-endian, key = decimal source partition)::
+
+    magic "SRS\\0" | version u8 | source u32 | from_epoch i64 | to_epoch i64 | n u32
+    n records (epoch i64, item_id u64, dwell_ms i64, click_ts_ms i64), sorted by epoch
+
+A message says: every contribution of the source's epochs in ``[from_epoch, to_epoch)`` is in it
+(an epoch is complete once the source's watermark has passed its end: every sample closing in it
+has been labelled). A restarted source publishes again from its last committed ``from_epoch``;
+the table keeps only the epochs it has not seen yet, so duplicates are harmless.
+
+>>> pub = StatsPublisher(source=2, epoch_ms=60_000)
+>>> pub.add(epoch=0, item_id=7, dwell_ms=9_000, click_ts_ms=10)
+>>> pub.publish(watermark_ms=59_998) is None   # epoch 0 not over yet
+True
+>>> msg = pub.publish(watermark_ms=59_999)
+>>> table = RemoteStats(n_sources=3)
+>>> table.add(msg), table.complete_before(2), table.take(2, 0, 1)["item_id"].tolist()
+(True, 1, [7])
+>>> table.add(msg)                              # seen: ignored
+False
+"""
+from __future__ import annotations
+
+import logging
+import struct
+import threading
+from bisect import bisect_left
+
+import numpy as np
+
+from featurestore import DwellStats
+from featurestore.store import StoreBatch
+
+logger = logging.getLogger(__name__)
+
+TOPIC_DWELL_STATS = "joiner.dwell"
+#: one click's dwell contribution to the shared statistics
+CONTRIB = np.dtype([("epoch", "<i8"), ("item_id", "<u8"), ("dwell_ms", "<i8"), ("click_ts_ms", "<i8")])
+HEADER_STATS = "stats.applied"
+
+_MAGIC = b"SRS\x00"
+_VERSION = 1
+_HEAD = struct.Struct("<4sBIqqI")
+_STATE_HEAD = struct.Struct("<Bqqqii")  # version, frozen epoch, complete, published_before, n_applied, n_unpublished
+_NO_EPOCH = -(2**62)
+
+
+class SharedStatsError(ValueError):
+    """A ``joiner.dwell`` message or a stored shared-statistics state that cannot be decoded."""
+
+
+def encode_message(source: int, from_epoch: int, to_epoch: int, records: np.ndarray) -> bytes:
+    recs = np.ascontiguousarray(records, dtype=CONTRIB)
+    return _HEAD.pack(_MAGIC, _VERSION, source, from_epoch, to_epoch, len(recs)) + recs.tobytes()
+
+
+def decode_message(value: bytes) -> tuple[int, int, int, np.ndarray]:
+    """``(source, from_epoch, to_epoch, records)`` of a ``joiner.dwell`` message."""
+    if len(value) < _HEAD.size:
+        raise SharedStatsError(f"truncated message: {len(value)} bytes")
+    magic, version, source, lo, hi, n = _HEAD.unpack_from(value, 0)
+    if magic != _MAGIC or version != _VERSION:
+        raise SharedStatsError(f"bad magic or version: {magic!r} v{version}")
+    if len(value) != _HEAD.size + n * CONTRIB.itemsize:
+        raise SharedStatsError(f"wrong length {len(value)} for {n} records")
+    return source, lo, hi, np.frombuffer(value, dtype=CONTRIB, offset=_HEAD.size, count=n)
+
+
+class StatsPublisher:
+    """Collects one partition's contributions and cuts them into messages at epoch ends."""
+
+    def __init__(self, source: int, epoch_ms: int, published_before: int = _NO_EPOCH,
+                 unpublished: list[tuple[int, int, int, int]] | None = None) -> None:
+        self.source, self.epoch_ms = source, epoch_ms
+        self.published_before = published_before
+        self.unpublished: list[tuple[int, int, int, int]] = unpublished or []
+
+    def add(self, epoch: int, item_id: int, dwell_ms: int, click_ts_ms: int) -> None:
+        # an epoch already published cannot take more (only input beyond the lateness bound
+        # closes a sample there): it counts in the first open epoch
+        self.unpublished.append((max(epoch, self.published_before), item_id, dwell_ms, click_ts_ms))
+
+    def publish(self, watermark_ms: int | None) -> bytes | None:
+        """The message for the epochs that ended by ``watermark_ms`` (None: nothing new ended).
+
+        Every sample with close <= the watermark has been labelled, so epoch e is complete once
+        the watermark reaches ``(e + 1) * epoch_ms - 1``.
+        """
+        if watermark_ms is None:
+            return None
+        before = (watermark_ms + 1) // self.epoch_ms
+        if before <= max(self.published_before, 0):
+            return None
+        done = [r for r in self.unpublished if r[0] < before]
+        self.unpublished = [r for r in self.unpublished if r[0] >= before]
+        recs = np.array(sorted(done, key=lambda r: r[0]), dtype=CONTRIB)  # stable: label order within an epoch
+        lo = self.published_before if self.published_before != _NO_EPOCH else 0
+        self.published_before = before
+        return encode_message(self.source, lo, before, recs)
+
+
+class RemoteStats:
+    """Every source's published contributions (thread-safe: a feed thread adds, pipelines take).
+
+    ``complete_before(q)``: the contributions of source ``q``'s epochs below it are all here.
+    """
+
+    def __init__(self, n_sources: int) -> None:
+        if n_sources < 1:
+            raise ValueError(f"n_sources={n_sources!r} must be >= 1")
+        self.n_sources = n_sources
+        self._lock = threading.Lock()
+        self._before = [_NO_EPOCH] * n_sources
+        self._epochs: list[list[int]] = [[] for _ in range(n_sources)]
+        self._chunks: list[list[np.ndarray]] = [[] for _ in range(n_sources)]
+        self.n_messages = self.n_records = 0
+
+    def add(self, value: bytes) -> bool:
+        """Take one message; False when it held nothing new (a re-publication after a restart)."""
+        source, _lo, hi, recs = decode_message(value)
+        if not 0 <= source < self.n_sources:
+            raise SharedStatsError(f"source={source} outside [0, {self.n_sources})")
+        with self._lock:
+            seen = self._before[source]
+            if hi <= seen:
+                return False
+            new = recs[recs["epoch"] >= seen] if seen != _NO_EPOCH else recs
+            epochs, chunks = self._epochs[source], self._chunks[source]
+            for e in np.unique(new["epoch"]).tolist():
+                epochs.append(e)
+                chunks.append(new[new["epoch"] == e])
+            self._before[source] = hi
+            self.n_messages += 1
+            self.n_records += len(new)
+            return True
+
+    def seal(self) -> None:
+        """The input has ended (the offline builder): every source is complete."""
+        with self._lock:
+            self._before = [2**62] * self.n_sources
+
+    def complete_before(self, source: int) -> int:
+        with self._lock:
+            return self._before[source]
+
+    def take(self, source: int, lo: int, hi: int) -> np.ndarray:
+        """Contributions of ``source`` with ``lo <= epoch < hi``, in epoch order."""
+        with self._lock:
+            epochs, chunks = self._epochs[source], self._chunks[source]
+            parts = chunks[bisect_left(epochs, lo):bisect_left(epochs, hi)]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=CONTRIB)
+
+
+def fold_partials(partials: dict[int, DwellStats]) -> DwellStats | None:
+    """The shards' partials merged in shard order (a single non-empty one is returned as is, so
+    one partition's statistics stay bit-equal to the unshared ones); None when all are empty."""
+    out = None
+    for _shard, part in sorted(partials.items()):
+        if part.ref_ts_ms is None:
+            continue
+        out = part if out is None else out.merge(part)
+    return out
+
+
+class SharedStatsView:
+    """One pipeline's side of the shared statistics: what it publishes and what it has applied.
+
+    ``freeze(tx, epoch, own)`` is called before a run of samples of ``epoch`` is labelled; on a new
+    epoch it stages the other sources' contributions of epochs ``< epoch`` that have arrived (item
+    sketches and the sources' ln(dwell) partials, under their own shards) and returns the T1
+    moments of every shard and the provenance of the run: None when every source was complete
+    up to ``epoch``, else ``b"epoch:a_0,...,a_{N-1}"`` where ``a_q`` is the first epoch of source
+    q not applied (``epoch`` for the pipeline's own partition).
+    """
+
+    def __init__(self, partition: int, remote: RemoteStats | None, epoch_ms: int,
+                 partials: dict[int, DwellStats], counters: dict[str, int], raw: bytes | None = None) -> None:
+        self.partition, self.remote = partition, remote
+        self.partials = partials  # shard -> DwellStats, kept bit-equal to the stored ones
+        self._n = counters
+        self.applied: dict[int, int] = {}
+        self.frozen_epoch, self.complete, published, unpublished = _NO_EPOCH, True, _NO_EPOCH, []
+        if raw is not None:
+            self.frozen_epoch, self.complete, published, self.applied, unpublished = _decode_state(raw)
+        self.publisher = StatsPublisher(partition, epoch_ms, published, unpublished)
+        self._merged: DwellStats | None = None
+        self._provenance: bytes | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.remote is not None
+
+    def freeze(self, tx: StoreBatch, epoch: int, own: DwellStats) -> tuple[DwellStats, bytes | None]:
+        if self.remote is None:
+            return own, None
+        if epoch != self.frozen_epoch or self._merged is None:
+            if epoch != self.frozen_epoch:
+                self._apply(tx, epoch)
+            self.partials[self.partition] = own
+            self._merged = fold_partials(self.partials) or own
+            self._provenance = None if self.complete else (
+                f"{epoch}:" + ",".join(str(epoch if q == self.partition else self.applied.get(q, 0))
+                                      for q in range(self.remote.n_sources))).encode()
+        return self._merged, self._provenance
+
+    def _apply(self, tx: StoreBatch, epoch: int) -> None:
+        remote, complete, n_applied = self.remote, True, 0
+        for q in range(remote.n_sources):
+            if q == self.partition:
+                continue
+            lo = self.applied.get(q, 0)
+            hi = min(epoch, remote.complete_before(q))
+            if hi > lo:
+                recs = remote.take(q, lo, hi)
+                part = self.partials.get(q)
+                if part is None:
+                    part = self.partials[q] = DwellStats.from_config(tx.config.dwell)
+                for item, dwell_ms, click_ts_ms in zip(recs["item_id"].tolist(), recs["dwell_ms"].tolist(),
+                                                       recs["click_ts_ms"].tolist()):
+                    tx.add_item_dwell(item, dwell_ms)
+                    tx.add_global_dwell(dwell_ms, click_ts_ms, shard=q)
+                    part.update(dwell_ms, click_ts_ms)
+                n_applied += len(recs)
+                self.applied[q] = hi
+            complete &= self.applied.get(q, 0) >= epoch
+        self.frozen_epoch, self.complete = epoch, complete
+        n = self._n
+        n["stats_epochs"] = n.get("stats_epochs", 0) + 1
+        n["stats_epochs_incomplete"] = n.get("stats_epochs_incomplete", 0) + (not complete)
+        n["stats_remote_applied"] = n.get("stats_remote_applied", 0) + n_applied
+
+    def count_samples(self, n_clicked: int) -> None:
+        """Clicked samples labelled on the current (frozen) epoch's statistics."""
+        if self.remote is not None and not self.complete:
+            self._n["stats_samples_incomplete"] = self._n.get("stats_samples_incomplete", 0) + n_clicked
+
+    def to_bytes(self) -> bytes:
+        pub = self.publisher
+        applied = np.array(sorted(self.applied.items()), dtype="<i8").reshape(-1, 2)
+        unpub = np.array(pub.unpublished, dtype=CONTRIB)
+        return (_STATE_HEAD.pack(1, self.frozen_epoch, int(self.complete), pub.published_before, len(applied),
+                                 len(unpub)) + applied.tobytes() + unpub.tobytes())
+
+
+def _decode_state(raw: bytes):
+    try:
+        version, frozen, complete, published, n_applied, n_unpub = _STATE_HEAD.unpack_from(raw, 0)
+        pos = _STATE_HEAD.size
+        applied = np.frombuffer(raw, dtype="<i8", count=2 * n_applied, offset=pos).reshape(-1, 2)
+        pos += applied.nbytes
+        unpub = np.frombuffer(raw, dtype=CONTRIB, count=n_unpub, offset=pos)
+    except (struct.error, ValueError) as exc:
+        raise SharedStatsError(f"shared statistics state: {exc}") from None
+    if version != 1 or pos + unpub.nbytes != len(raw):
+        raise SharedStatsError(f"shared statistics state: version {version}, {len(raw)} bytes")
+    return (frozen, bool(complete), published, {int(q): int(a) for q, a in applied.tolist()},
+            [tuple(r) for r in unpub.tolist()])
+

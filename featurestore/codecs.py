@@ -55,21 +55,23 @@ I32, U32 = (next(c for c in codes if array(c).itemsize == 4) for codes in (("i",
 _SWAP = sys.byteorder != "little"
 
 
-def column(code: str, data) -> array:
-    """A native array of typecode ``code`` from little-endian bytes (any buffer)."""
-    col = array(code)
-    col.frombytes(data)
-    if _SWAP:
+if _SWAP:
+    def column(code: str, data: bytes) -> array:
+        """A native array of typecode ``code`` from little-endian ``bytes``."""
+        col = array(code, data)
         col.byteswap()
-    return col
+        return col
 
-
-def column_bytes(col: array) -> bytes:
-    """The little-endian bytes of a native array."""
-    if _SWAP:
+    def column_bytes(col: array) -> bytes:
+        """The little-endian bytes of a native array."""
         col = array(col.typecode, col)
         col.byteswap()
-    return col.tobytes()
+        return col.tobytes()
+else:
+    # little-endian: the constructor and ``tobytes`` are the whole job (C calls, no Python frame);
+    # ``data`` must be bytes or bytearray (a memoryview would be read as an iterable of ints)
+    column = array
+    column_bytes = array.tobytes
 
 
 def _check_version(kind: str, data: bytes) -> None:

@@ -90,12 +90,13 @@ class WindowedCounter:
     @classmethod
     def from_bytes(cls, data: bytes, bucket_ms: int, window_buckets: int,
                    late_buckets: int = 0) -> "WindowedCounter":
+        if type(data) is not bytes:
+            data = bytes(data)
         n, newest, n_dropped = codecs.counter_header(data)
         c = cls(bucket_ms, window_buckets, late_buckets)
         c._newest = None if newest < 0 else newest
-        mv = memoryview(data)
         off = codecs.COUNTER_HEADER_BYTES
-        c._buckets = dict(zip(codecs.column(codecs.I64, mv[off:off + 8 * n]),
-                              codecs.column(codecs.U32, mv[off + 8 * n:off + 12 * n])))
+        c._buckets = dict(zip(codecs.column(codecs.I64, data[off:off + 8 * n]),
+                              codecs.column(codecs.U32, data[off + 8 * n:off + 12 * n])))
         c.n_dropped = n_dropped
         return c

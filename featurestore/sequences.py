@@ -117,6 +117,42 @@ class UserSequence:
         end = bisect_left(self._ts, ts_ms)
         return self._slice(max(0, end - n), end)
 
+    def entries_before(self, ts_ms: int, n: int) -> tuple[list[int], list[int], list[int]]:
+        """``before(ts_ms, n)`` as plain lists ``(ts_ms, item_ids, categories)``, oldest first, for
+        callers that go on in Python (no numpy arrays built).
+
+        >>> seq = UserSequence(capacity=4)
+        >>> for ts in (10, 20, 30):
+        ...     seq.add(item_id=ts // 10, category=-1, ts_ms=ts)
+        >>> seq.entries_before(30, n=5)
+        ([10, 20], [1, 2], [-1, -1])
+        """
+        if n < 0:
+            raise ValueError(f"n={n!r} < 0")
+        ts = self._ts
+        end = bisect_left(ts, ts_ms)
+        start = max(0, end - n)
+        if start >= end:
+            return [], [], []
+        return ts[start:end].tolist(), self._items[start:end].tolist(), self._cats[start:end].tolist()
+
+    def count_before(self, ts_ms: int, n: int, since_ms: int) -> int:
+        """How many of ``before(ts_ms, n)`` have ``ts >= since_ms`` (a windowed count over the last
+        ``n`` entries, by bisection).
+
+        >>> seq = UserSequence(capacity=8)
+        >>> for ts in (10, 20, 30, 40):
+        ...     seq.add(item_id=1, category=0, ts_ms=ts)
+        >>> seq.count_before(40, n=8, since_ms=15), seq.count_before(40, n=1, since_ms=0)
+        (2, 1)
+        """
+        if n < 0:
+            raise ValueError(f"n={n!r} < 0")
+        ts = self._ts
+        end = bisect_left(ts, ts_ms)
+        lo = max(end - n, bisect_left(ts, since_ms, 0, end))
+        return max(0, end - lo)
+
     def latest(self, n: int) -> SequenceSlice:
         """The last ``n`` entries whatever their time, oldest first."""
         if n < 0:
@@ -142,14 +178,16 @@ class UserSequence:
         """Decode; a stored sequence longer than ``capacity`` keeps its newest entries."""
         if capacity <= 0:
             raise ValueError(f"capacity={capacity!r} must be > 0")
+        if type(data) is not bytes:
+            data = bytes(data)
         n, n_dropped = codecs.sequence_header(data)
         start = max(0, n - capacity)
-        mv = memoryview(data)
         off = codecs.SEQUENCE_HEADER_BYTES
         seq = cls.__new__(cls)
         seq.capacity = capacity
-        seq._ts = codecs.column(codecs.I64, mv[off + 8 * start:off + 8 * n])
-        seq._items = codecs.column(codecs.U64, mv[off + 8 * n + 8 * start:off + 16 * n])
-        seq._cats = codecs.column(codecs.I32, mv[off + 16 * n + 4 * start:off + 20 * n])
+        column = codecs.column
+        seq._ts = column(codecs.I64, data[off + 8 * start:off + 8 * n])
+        seq._items = column(codecs.U64, data[off + 8 * n + 8 * start:off + 16 * n])
+        seq._cats = column(codecs.I32, data[off + 16 * n + 4 * start:off + 20 * n])
         seq.n_dropped = n_dropped + start
         return seq

@@ -234,11 +234,15 @@ def state_digest(module: torch.nn.Module, only: str | None = None) -> str:
     >>> state_digest(a) == state_digest(b)
     True
     """
+    return tensors_digest((n, t) for n, t in module.state_dict().items() if only is None or only in n)
+
+
+def tensors_digest(named) -> str:
+    """sha256 over (name, tensor) pairs, in name order."""
     h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        if only is None or only in name:
-            h.update(name.encode())
-            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    for name, t in sorted(named, key=lambda nt: nt[0]):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -449,7 +453,8 @@ class DistributedLearner(ContinuousLearner):
         digest = int(state_digest(self.trainer.model)[:15], 16)
         gathered = self.comm.gather_ctrl(torch.tensor([audit_bytes, digest], dtype=torch.int64))  # (world, 2)
         if len(set(gathered[:, 1].tolist())) != 1:
-            raise DistributedError(f"ranks diverged at step {self.trainer.step}: state digests {gathered[:, 1].tolist()}")
+            raise DistributedError(f"ranks diverged at step {self.trainer.step}: "
+                                   f"state digests {gathered[:, 1].tolist()}")
         self._audit_by_rank = gathered[:, 0].tolist()
         offsets = dict(self.offsets)
         if self.comm.rank == 0:
@@ -490,13 +495,13 @@ class DistributedLearner(ContinuousLearner):
     def digest(self) -> dict[str, Any]:
         """This rank's view, for comparing ranks: state hashes, counts, partitions it trained."""
         t = self.trainer
+        opt = ((f"{i}.{k}", v) for i, st in t.optimizer.state_dict()["state"].items()
+               for k, v in st.items() if isinstance(v, torch.Tensor))
         return {"rank": self.comm.rank, "world_size": self.comm.world_size, "samples_seen": t.samples_seen,
                 "steps": t.step, "local_samples": self.n_local_samples,
                 "local_partitions": {str(p): n for p, n in sorted(self.local_partitions.items())},
                 "model_sha256": state_digest(t.model), "memory_sha256": state_digest(t.model, only="memory"),
-                "optimizer_step_sha256": hashlib.sha256(repr(sorted(
-                    (k, float(v["step"])) for k, v in t.optimizer.state_dict()["state"].items()
-                    if "step" in v)).encode()).hexdigest(),
+                "optimizer_sha256": tensors_digest(opt),
                 "offsets": {str(p): o for p, o in sorted(self.offsets.items())}, "version": self.stats.version,
                 "config": dataclasses.asdict(self.dist_cfg), "time_s": time.time()}
 

@@ -5,6 +5,7 @@ Lifecycle of a transaction (one at a time per store)::
     OPEN --commit()--> COMMITTED          state + offsets + commit record: one WriteBatch
       |  \\--abort() or an exception in ``with``--> ABORTED      nothing written
       \\--write fails--> FAILED             nothing written; the worker should crash and resume
+    OPEN --prepare()--> PREPARED --commit(local)--> COMMITTED    (changelogged stores, below)
 
 Updates are read-modify-write: the first update of a key loads and decodes its value, later
 updates in the same transaction change the decoded object in memory, and ``commit()`` encodes each
@@ -12,6 +13,12 @@ touched key once into a ``rocksdict.WriteBatch`` together with every staged ``(t
 -> next offset`` and the commit record. RocksDB applies a WriteBatch atomically (one WAL record),
 so after any crash the reopened store holds the state of exactly the commits whose offsets it
 reports: resume consuming at :meth:`~featurestore.reader.FeatureView.committed_offset`.
+
+A changelogged writer calls ``prepare()`` first: it encodes the WriteBatch and returns its
+``(key, value)`` pairs, which the caller produces to the changelog; ``commit(local)`` then writes
+exactly those bytes (plus ``local``, bookkeeping that is not state, e.g. the changelog position).
+:meth:`RocksFeatureStore.apply_changes` writes changelog records back (restore); a value None
+deletes its key.
 
 Reads inside a transaction (``tx.user_features``, ``tx.item_features``, ...) see its own staged
 updates; reads on the store see committed state only.
@@ -86,6 +93,30 @@ class RocksFeatureStore(RdictView):
         logger.info("featurestore_open path=%s commit_seq=%d n_offsets=%d", self.path,
                     self._commit_seq, len(self.committed_offsets()))
 
+    def apply_changes(self, changes: Iterable[tuple[bytes, bytes | None]]) -> int:
+        """Write changelog records (puts; None deletes) in one WriteBatch; returns how many.
+
+        For restoring a store from its changelog: the records must be whole commits (each ends
+        with its commit record), in changelog order.
+        """
+        db = self._require_db()
+        if self._active is not None:
+            raise TransactionStateError("cannot apply changes while a transaction is open")
+        wb = WriteBatch(raw_mode=True)
+        n = 0
+        for key, value in changes:
+            if value is None:
+                wb.delete(key)
+            else:
+                wb.put(key, value)
+            n += 1
+        if n:
+            db.write(wb, self._write_options)
+            info = self.commit_info()
+            self._commit_seq = 0 if info is None else info.commit_seq
+            self._max_event_ts_ms = -1 if info is None else info.max_event_ts_ms
+        return n
+
     def transaction(self) -> "StoreBatch":
         """Begin the (only) open transaction; use it as a context manager or call commit/abort."""
         self._require_db()
@@ -116,7 +147,7 @@ class RocksFeatureStore(RdictView):
 class StoreBatch(FeatureView):
     """One transaction on a :class:`RocksFeatureStore` (see the module docstring)."""
 
-    OPEN, COMMITTED, ABORTED, FAILED = "open", "committed", "aborted", "failed"
+    OPEN, PREPARED, COMMITTED, ABORTED, FAILED = "open", "prepared", "committed", "aborted", "failed"
 
     def __init__(self, store: RocksFeatureStore) -> None:
         self._store = store
@@ -126,6 +157,7 @@ class StoreBatch(FeatureView):
         self._encoders: dict[bytes, Callable[[object], bytes]] = {}
         self._offsets: dict[tuple[str, int], int] = {}
         self._max_event_ts_ms = store._max_event_ts_ms
+        self._prepared: tuple[CommitInfo, list[tuple[bytes, bytes]]] | None = None
         self.n_updates = 0
 
     # --- FeatureView primitives: committed bytes, overlaid with staged objects -----------
@@ -244,28 +276,55 @@ class StoreBatch(FeatureView):
         return dict(self._offsets)
 
     # --- lifecycle ------------------------------------------------------------------------------
-    def commit(self) -> CommitInfo | None:
-        """Write every staged update, offset and the commit record in one WriteBatch."""
+    def prepare(self) -> list[tuple[bytes, bytes]]:
+        """Encode the WriteBatch (state, offsets, then the commit record last) and freeze the
+        transaction; returns its ``(key, value)`` pairs ([] when nothing is staged)."""
         self._check_open()
         store = self._store
-        if not self._cache and not self._offsets:
+        changes: list[tuple[bytes, bytes]] = []
+        if self._cache or self._offsets:
+            info = CommitInfo(store._commit_seq + 1, self._max_event_ts_ms, store._now_ms())
+            changes = [(key, self._encoders[key](obj)) for key, obj in self._cache.items()]
+            changes += [(keys.offset_key(topic, partition), codecs.encode_offset(offset))
+                        for (topic, partition), offset in self._offsets.items()]
+            changes.append((keys.meta_key(keys.COMMIT_META),
+                            codecs.encode_commit(info.commit_seq, info.max_event_ts_ms, info.wall_ms)))
+            self._prepared = (info, changes)
+        else:
+            self._prepared = (None, changes)
+        self.state = self.PREPARED
+        return changes
+
+    @property
+    def prepared_commit_seq(self) -> int | None:
+        """The commit number :meth:`prepare` assigned (None: not prepared or nothing staged)."""
+        return None if self._prepared is None or self._prepared[0] is None else self._prepared[0].commit_seq
+
+    def commit(self, local: dict[bytes, bytes] | None = None) -> CommitInfo | None:
+        """Write every staged update, offset and the commit record in one WriteBatch (the bytes
+        :meth:`prepare` returned, when it was called), plus the ``local`` raw puts."""
+        if self.state != self.PREPARED:
+            self.prepare()
+        store = self._store
+        info, changes = self._prepared
+        if info is None and not local:
             self._finish(self.COMMITTED)
             return store.commit_info()
-        info = CommitInfo(store._commit_seq + 1, self._max_event_ts_ms, store._now_ms())
         wb = WriteBatch(raw_mode=True)
-        for key, obj in self._cache.items():
-            wb.put(key, self._encoders[key](obj))
-        for (topic, partition), offset in self._offsets.items():
-            wb.put(keys.offset_key(topic, partition), codecs.encode_offset(offset))
-        wb.put(keys.meta_key(keys.COMMIT_META),
-               codecs.encode_commit(info.commit_seq, info.max_event_ts_ms, info.wall_ms))
+        for key, value in changes:
+            wb.put(key, value)
+        for key, value in (local or {}).items():
+            wb.put(key, value)
         try:
             store._require_db().write(wb, store._write_options)
         except BaseException:
             self._finish(self.FAILED)
-            logger.error("featurestore_commit_failed path=%s commit_seq=%d", store.path,
-                         info.commit_seq)
+            logger.error("featurestore_commit_failed path=%s commit_seq=%s", store.path,
+                         None if info is None else info.commit_seq)
             raise
+        if info is None:
+            self._finish(self.COMMITTED)
+            return store.commit_info()
         store._commit_seq = info.commit_seq
         store._max_event_ts_ms = info.max_event_ts_ms
         self._finish(self.COMMITTED)
@@ -273,7 +332,7 @@ class StoreBatch(FeatureView):
 
     def abort(self) -> None:
         """Drop every staged update and offset; nothing is written."""
-        if self.state == self.OPEN:
+        if self.state in (self.OPEN, self.PREPARED):
             self._finish(self.ABORTED)
 
     def _finish(self, state: str) -> None:
@@ -281,6 +340,7 @@ class StoreBatch(FeatureView):
         self._cache.clear()
         self._encoders.clear()
         self._offsets.clear()
+        self._prepared = None
         if self._store._active is self:
             self._store._active = None
 
@@ -290,7 +350,7 @@ class StoreBatch(FeatureView):
 
     def __exit__(self, exc_type, exc, tb) -> None:
         """Commit on a clean exit, abort on an exception; no-op if already committed or aborted."""
-        if self.state != self.OPEN:
+        if self.state not in (self.OPEN, self.PREPARED):
             return
         if exc_type is None:
             self.commit()

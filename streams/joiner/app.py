@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +28,11 @@ from typing import Any
 
 import faust
 
+from featurestore import keys as fs_keys
 from streams.contracts import EVENT_TOPICS, decode_batch, encode, from_records, kind_of, topic_for
 from streams.dlq import dlq_topic
+from streams.joiner.changelog import (CHANGELOG_NEXT_META, HEADER_TAG, TOPIC_STORE_CHANGELOG, make_tag, marker_key,
+                                      read_changelog)
 from streams.joiner.pipeline import JoinerPipeline, PipelineConfig, PipelineOutput, open_pipeline
 from streams.joiner.shared import TOPIC_DWELL_STATS, RemoteStats
 from streams.joiner.state import Entry, OutputLedger, TopicAligner
@@ -54,7 +58,9 @@ def output_topics() -> list[str]:
 @dataclass(frozen=True)
 class JoinerAppConfig:
     """One joiner worker. ``data_dir`` holds one feature store per partition (``stores/pNNNN``),
-    shared by the workers of one host; ``web_port`` None disables faust's web server."""
+    shared by the workers of one host; ``web_port`` None disables faust's web server.
+    ``changelog``: produce every store commit to ``joiner-store-changelog`` and restore a missing
+    or older store from it (``streams.joiner.changelog``)."""
 
     bootstrap: str = "127.0.0.1:9092"
     data_dir: Path = Path("data/joiner")
@@ -68,6 +74,7 @@ class JoinerAppConfig:
     log_every_s: float = 10.0
     store_lock_wait_s: float = 30.0
     session_timeout_s: float = 10.0
+    changelog: bool = True
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
     def __post_init__(self) -> None:
@@ -86,6 +93,7 @@ class JoinerAppConfig:
 class _Partition:
     def __init__(self, pipeline: JoinerPipeline, aligner: TopicAligner, ledger: OutputLedger) -> None:
         self.pipeline, self.aligner, self.ledger = pipeline, aligner, ledger
+        self.writer_id = random.getrandbits(63)  # tags this owner's changelog batches
         self.last_event_s = time.monotonic()
         self.flushed = False
 
@@ -101,8 +109,9 @@ class JoinerRuntime:
     """
 
     def __init__(self, config: JoinerAppConfig, *, send, read_back, caught_up, assigned=None, seek=None,
-                 remote: RemoteStats | None = None, extra_counters=None) -> None:
+                 remote: RemoteStats | None = None, extra_counters=None, restore=None) -> None:
         self.config = config
+        self._restore = restore if config.changelog else None
         self._remote = remote
         self._extra_counters = extra_counters or dict
         self._send, self._read_back, self._caught_up = send, read_back, caught_up
@@ -119,9 +128,12 @@ class JoinerRuntime:
         if part is not None:
             return part
         deadline = time.monotonic() + self.config.store_lock_wait_s
+        restore = None if self._restore is None else (lambda store: self._restore_store(p, store))
+        loop = asyncio.get_running_loop()
         while True:  # the previous owner (another worker on this host) may still be closing it
             try:
-                pipe = open_pipeline(store_path(self.config.data_dir, p), p, self.config.pipeline, self._remote)
+                pipe = await loop.run_in_executor(None, open_pipeline, store_path(self.config.data_dir, p), p,
+                                                  self.config.pipeline, self._remote, restore)
                 break
             except Exception as exc:
                 if "lock" not in str(exc).lower() or time.monotonic() > deadline:
@@ -140,6 +152,18 @@ class JoinerRuntime:
         part = self.partitions[p] = _Partition(pipe, TopicAligner(offsets), ledger)
         logger.info("partition_assigned partition=%d offsets=%s resend_suppressed=%d", p, offsets, len(found))
         return part
+
+    def _restore_store(self, p: int, store) -> tuple[int, int]:
+        """Bring ``store`` up to the end of its changelog partition (blocking: an executor runs it)."""
+        (raw,) = store._get_many([fs_keys.meta_key(CHANGELOG_NEXT_META)])
+        start = 0 if raw is None else int(raw)
+        end, n_commits, n_records = self._restore(p, start, store.apply_changes)
+        if end > start:
+            store.apply_changes([(fs_keys.meta_key(CHANGELOG_NEXT_META), str(end).encode())])
+        if n_commits:
+            logger.info("store_restored partition=%d changelog_from=%d changelog_to=%d batches=%d records=%d",
+                        p, start, end, n_commits, n_records)
+        return n_commits, n_records
 
     async def position(self, p: int) -> dict[str, int]:
         """Open partition ``p`` (if needed) and return where its consumer must read from: per topic,
@@ -253,8 +277,26 @@ class JoinerRuntime:
                      [("reason", x.reason.encode()), ("source.topic", topic_for(x.event).encode())])
                     for x in out.orphans]
         await self._produce(p, part.ledger, outputs)
-        pipe.commit(part.aligner.next_offsets(), part.ledger.meta())
+        if self._restore is None:
+            pipe.commit(part.aligner.next_offsets(), part.ledger.meta())
+        else:  # the changelog first: it is never behind the store
+            seq, changes = pipe.prepare(part.aligner.next_offsets(), part.ledger.meta())
+            local = None
+            if changes:
+                nxt = await self._produce_changelog(p, make_tag(part.writer_id, seq), changes)
+                local = {CHANGELOG_NEXT_META: str(nxt).encode()}
+            pipe.commit_prepared(local)
         return [e.handle for e in entries]
+
+    async def _produce_changelog(self, p: int, tag: bytes, changes) -> int:
+        """Produce one commit's records and its marker; returns the offset after the marker."""
+        headers = [(HEADER_TAG, tag)]
+        futures = [await self._send(TOPIC_STORE_CHANGELOG, k, v, p, headers) for k, v in changes]
+        futures.append(await self._send(TOPIC_STORE_CHANGELOG, marker_key(tag), b"", p, headers))
+        meta = None
+        for fut in futures:
+            meta = await fut
+        return meta.offset + 1
 
     async def _produce(self, p: int, ledger: OutputLedger, outputs) -> None:
         futures = []
@@ -291,6 +333,7 @@ def make_app(config: JoinerAppConfig) -> tuple[faust.App, JoinerRuntime]:
         stream_wait_empty=False,
         stream_buffer_maxsize=config.batch_max * 4, broker_max_poll_records=config.batch_max,
         consumer_max_fetch_size=8 << 20,  # the aligner holds unacked events; a rebalance must not wait for them
+        producer_max_request_size=8 << 20,  # a store changelog record holds the whole join-core blob
         **web)
     source = app.topic(*EVENT_TOPICS, key_type=bytes, value_type=bytes,
                        key_serializer="raw", value_serializer="raw")
@@ -321,7 +364,8 @@ def make_app(config: JoinerAppConfig) -> tuple[faust.App, JoinerRuntime]:
             logger.warning("stats_feed_slow: starting before joiner.dwell was read to its end")
     runtime = JoinerRuntime(config, send=send, read_back=_reader(config.bootstrap), caught_up=caught_up,
                             assigned=assigned, seek=seek, remote=None if feed is None else feed.table,
-                            extra_counters=None if feed is None else feed.counters)
+                            extra_counters=None if feed is None else feed.counters,
+                            restore=lambda p, start, apply: read_changelog(config.bootstrap, p, start, apply))
     state: dict[str, Any] = {}
 
     @app.agent(source, concurrency=1)

@@ -213,6 +213,28 @@ class JoinerPipeline:
 
         ``source_offsets``: topic -> next offset to consume on this partition.
         """
+        self.prepare(source_offsets, meta)
+        self.commit_prepared()
+
+    def prepare(self, source_offsets: dict[str, int] | None = None,
+                meta: dict[bytes, bytes] | None = None) -> tuple[int | None, list[tuple[bytes, bytes]]]:
+        """Stage as :meth:`commit` does and encode the WriteBatch without writing it: returns
+        ``(commit number, its (key, value) pairs)`` for a changelog; then :meth:`commit_prepared`."""
+        tx = self._stage_commit(source_offsets, meta)
+        changes = tx.prepare()
+        return tx.prepared_commit_seq, changes
+
+    def commit_prepared(self, local: dict[bytes, bytes] | None = None) -> None:
+        """Write the prepared WriteBatch plus ``local`` metadata (not state: not changelogged)."""
+        self._tx.commit({fs_keys.meta_key(k): v for k, v in (local or {}).items()})
+        self._tx = None
+
+    def note_restore(self, n_commits: int, n_records: int) -> None:
+        """Count a restore of this store from its changelog (persisted with the next commit)."""
+        self._n["restored_from_changelog"] = self._n.get("restored_from_changelog", 0) + 1
+        self._n["restored_records"] = self._n.get("restored_records", 0) + n_records
+
+    def _stage_commit(self, source_offsets, meta) -> StoreBatch:
         tx = self._open()
         for topic, offset in (source_offsets or {}).items():
             tx.set_offset(topic, self.partition, offset)
@@ -223,8 +245,7 @@ class JoinerPipeline:
             _stage_meta(tx, SHARED_META, self._shared.to_bytes())
         for name, value in (meta or {}).items():
             _stage_meta(tx, name, value)
-        tx.commit()
-        self._tx = None
+        return tx
 
     def close(self) -> None:
         """Drop uncommitted work (it is redone from the committed offsets) and close the store."""
@@ -450,6 +471,20 @@ def finish_time_ms(core: JoinCore) -> int | None:
     return max_ts + max(cfg.label_window_ms, cfg.orphan_grace_ms) + cfg.allowed_lateness_ms + 1
 
 
-def open_pipeline(path, partition: int, config: PipelineConfig, remote: RemoteStats | None = None) -> JoinerPipeline:
-    """A pipeline over the store at ``path`` (created when missing; restored when present)."""
-    return JoinerPipeline(partition, RocksFeatureStore(path, config.store), config, remote)
+def open_pipeline(path, partition: int, config: PipelineConfig, remote: RemoteStats | None = None,
+                  restore=None) -> JoinerPipeline:
+    """A pipeline over the store at ``path`` (created when missing; restored when present).
+
+    ``restore(store)``, when given, brings the opened store up to date (from its changelog)
+    before the pipeline reads it; it returns ``(batches, records)`` applied.
+    """
+    store = RocksFeatureStore(path, config.store)
+    try:
+        restored = restore(store) if restore is not None else (0, 0)
+    except BaseException:
+        store.close()
+        raise
+    pipe = JoinerPipeline(partition, store, config, remote)
+    if restored[0]:
+        pipe.note_restore(*restored)
+    return pipe

@@ -186,6 +186,7 @@ def ensure_topics(bootstrap: str, default_partitions: int = 3) -> int:
 
     from streams.contracts import EVENT_TOPICS
     from streams.joiner.app import output_topics
+    from streams.joiner.changelog import TOPIC_STORE_CHANGELOG
 
     consumer = KafkaConsumer(bootstrap_servers=bootstrap)
     try:
@@ -199,11 +200,13 @@ def ensure_topics(bootstrap: str, default_partitions: int = 3) -> int:
                                  "the event topics must be co-partitioned")
     finally:
         consumer.close()
-    missing = [t for t in (*EVENT_TOPICS, *output_topics()) if t not in existing]
+    missing = [t for t in (*EVENT_TOPICS, *output_topics(), TOPIC_STORE_CHANGELOG) if t not in existing]
     if missing:
         admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+        compact = {TOPIC_STORE_CHANGELOG: {"cleanup.policy": "compact"}}
         try:
-            admin.create_topics([NewTopic(t, num_partitions=n, replication_factor=1) for t in missing])
+            admin.create_topics([NewTopic(t, num_partitions=n, replication_factor=1, topic_configs=compact.get(t, {}))
+                                 for t in missing])
         except TopicAlreadyExistsError:
             pass
         finally:

@@ -176,8 +176,8 @@ def test_worker_emits_the_offline_samples_routes_bad_late_orphan_and_rebuilds_lo
     assert set(counters["partitions"]) == {"0", "1", "2"}
     assert f"samples={len(imps)}" in tail(log) and "dead_letter=1" in tail(log)
 
-    # the stores are lost (a partition moved to a host without them): the worker seeks back to
-    # offset 0, rebuilds the state from the topics and suppresses every output already there
+    # the stores are lost (a partition moved to a host without them): the worker restores them
+    # from the changelog, to where they were; nothing is read again and nothing emitted again
     shutil.rmtree(tmp_path / "joiner" / "stores")
     proc, log = start_worker(broker.bootstrap, tmp_path / "joiner", tmp_path / "worker-rebuild.log", web_port=port)
     try:
@@ -187,8 +187,9 @@ def test_worker_emits_the_offline_samples_routes_bad_late_orphan_and_rebuilds_lo
     finally:
         stop_worker(proc, log)
     assert (rebuilt["samples"], rebuilt["late"], rebuilt["orphan"], rebuilt["dead_letter"]) == (len(imps), 1, 1, 1)
+    assert rebuilt["restored_from_changelog"] == N_PARTITIONS
     opened = [line for line in log.read_text(errors="replace").splitlines() if "partition_assigned" in line]
-    assert len(opened) == N_PARTITIONS and all("'impressions': 0," in line for line in opened), opened
+    assert len(opened) == N_PARTITIONS and not any("'impressions': 0," in line for line in opened), opened
     assert len(samples.poll()) == len(imps)  # nothing emitted twice
     assert len(dlq.poll()) == len(lates.poll()) == len(orphans.poll()) == 1
     for r in (samples, dlq, lates, orphans):
@@ -236,6 +237,46 @@ def test_sigkill_mid_stream_then_restart_emits_each_sample_once(broker, tmp_path
     samples.close()
 
 
+@pytest.mark.timeout(200)
+def test_worker_without_the_store_restores_it_from_the_changelog(broker, tmp_path):
+    """A worker stops mid-stream and its stores are lost; a worker with another data dir restores
+    them from joiner-store-changelog, resumes from their offsets (not from 0) and the samples are
+    the offline builder's, each once."""
+    events = replay(broker.bootstrap, tmp_path)
+    expected = offline(events, tmp_path, "offline")
+    samples = TopicReader(broker.bootstrap, "samples")
+    proc, log = start_worker(broker.bootstrap, tmp_path / "host-a", tmp_path / "worker-a.log", batch_max=200)
+    try:
+        wait_until(lambda: len(samples.poll()) >= len(expected) // 4, 90, "a quarter of the samples", [(proc, log)])
+    finally:
+        stop_worker(proc, log)
+    n_before = len(samples.poll())
+    assert n_before < len(expected), "the first worker reached the end of the stream"
+    shutil.rmtree(tmp_path / "host-a")
+    port = free_port("127.0.0.1")
+    proc, log = start_worker(broker.bootstrap, tmp_path / "host-b", tmp_path / "worker-b.log", web_port=port,
+                             batch_max=200)
+    try:
+        wait_until(lambda: len(samples.poll()) >= len(expected), 90, "the rest of the samples", [(proc, log)])
+        counters = counters_of(port)
+        deadline = time.monotonic() + 2  # a duplicate would show up now
+        while time.monotonic() < deadline:
+            samples.poll()
+            time.sleep(0.1)
+    finally:
+        stop_worker(proc, log)
+    check_samples(samples.poll(), expected, events)
+    lines = log.read_text(errors="replace").splitlines()
+    restored = {partition_of(line) for line in lines if "store_restored" in line}
+    opened = {partition_of(line): line for line in lines if "partition_assigned" in line}
+    assert restored and sorted(opened) == list(range(N_PARTITIONS)), lines
+    for p, line in opened.items():  # a restored store resumes where it was, not from offset 0
+        assert ("{'impressions': 0, 'clicks': 0, 'dwell': 0, 'feedback': 0}" in line) == (p not in restored), line
+    assert not any("offset_gap" in line for line in lines)
+    assert counters["restored_from_changelog"] == len(restored) and counters["samples"] == len(expected)
+    samples.close()
+
+
 @pytest.mark.timeout(240)
 def test_one_worker_and_two_workers_agree_up_to_the_staleness_bound(broker, tmp_path):
     """The same input on two brokers: one worker on the first, two on the second. Every sample
@@ -280,6 +321,10 @@ def test_one_worker_and_two_workers_agree_up_to_the_staleness_bound(broker, tmp_
     assert sum(one[k].value != local[k] for k in one) > 100
     print(f"differing={len(differing)} explained={[r.n_explained for r in reports]} "
           f"with_header={[r.n_headers for r in reports]} counters={[{k: v for k, v in c.items() if 'stats' in k} for c in counters]}")
+
+
+def partition_of(line: str) -> int:
+    return int(line.split("partition=")[1].split()[0])
 
 
 def merge_totals(totals) -> dict:

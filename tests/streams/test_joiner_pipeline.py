@@ -172,3 +172,44 @@ def test_early_emitted_sample_sees_clicks_and_feedback_of_pending_earlier_impres
         assert got[1].snapshot.newest_ts_ms == -1
         ref = ref or got
         assert got == ref
+
+
+def test_store_restored_from_its_changelog_continues_like_the_original(events, tmp_path):
+    """Every prepared WriteBatch is kept as a changelog; a fresh store fed the changelog up to a
+    commit, and the batches of a writer that stopped before its marker, continues exactly as the
+    original: the same samples, the same counters."""
+    from streams.joiner.changelog import ChangelogReplay, make_tag, marker_key
+
+    cfg = PipelineConfig()
+    ref_pipe = open_pipeline(tmp_path / "ref", 0, cfg)
+    ref = run_all(ref_pipe, events, 500)
+    ref_counters = ref_pipe.counters()
+    ref_pipe.close()
+    log: list[tuple[bytes, bytes | None, bytes]] = []
+    pipe = open_pipeline(tmp_path / "a", 0, cfg)
+    got, cut = [], len(events) // 2
+    for i in range(0, cut, 500):
+        got += pipe.process(events[i:min(i + 500, cut)]).samples
+        seq, changes = pipe.prepare({"all": min(i + 500, cut)})
+        tag = make_tag(1, seq)
+        log += [(k, v, tag) for k, v in changes] + [(marker_key(tag), b"", tag)]
+        pipe.commit_prepared({b"changelog.next": str(len(log)).encode()})
+    pipe.process(events[cut:cut + 500])  # a batch whose writer stopped before its marker
+    seq, changes = pipe.prepare({"all": cut + 500})
+    log += [(k, v, make_tag(1, seq)) for k, v in changes[:5]]
+    pipe.close()
+
+    replay = ChangelogReplay()
+    for k, v, tag in log:
+        replay.add(k, v, tag)
+    assert len(replay.pending) == 1  # the incomplete batch is not applied
+    pipe = open_pipeline(tmp_path / "b", 0, cfg, restore=lambda store: (replay.n_commits, store.apply_changes(replay.take())))
+    assert pipe.committed_offset("all") == cut and pipe.counters()["restored_from_changelog"] == 1
+    for i in range(cut, len(events), 500):
+        got += pipe.process(events[i:i + 500]).samples
+        pipe.commit({"all": i + 500})
+    got += pipe.finish().samples
+    pipe.commit()
+    assert got == ref
+    assert {k: v for k, v in pipe.counters().items() if not k.startswith("restored")} == ref_counters
+    pipe.close()

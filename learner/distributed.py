@@ -30,7 +30,10 @@ import dataclasses
 import datetime
 import functools
 import hashlib
+import io
 import logging
+import os
+import socket
 import threading
 import time
 from collections import Counter
@@ -79,10 +82,52 @@ class DistConfig:
             raise ValueError(f"rank={self.rank!r} must be in [0, world_size={self.world_size})")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend={self.backend!r} must be one of {BACKENDS}")
-        if not self.init_method.startswith(("tcp://", "env://", "file://")):
-            raise ValueError(f"init_method={self.init_method!r} must start with tcp://, env:// or file://")
+        if not (self.init_method.startswith("tcp://") or self.init_method == "env://"):
+            raise ValueError(f"init_method={self.init_method!r} must be tcp://HOST:PORT or env://")
         if self.timeout_s <= 0 or self.busy_poll_s <= 0 or self.idle_poll_s <= 0:
             raise ValueError("timeout_s, busy_poll_s and idle_poll_s must be > 0")
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def rendezvous_address(init_method: str) -> tuple[str, int]:
+    """(host, port) of ``tcp://HOST:PORT``, or of ``env://`` (MASTER_ADDR, default 127.0.0.1, and
+    MASTER_PORT).
+
+    >>> rendezvous_address("tcp://127.0.0.1:29500")
+    ('127.0.0.1', 29500)
+    """
+    if init_method.startswith("tcp://"):
+        host, sep, port = init_method[len("tcp://"):].rpartition(":")
+        if not sep or not port.isdigit():
+            raise ValueError(f"init_method={init_method!r}: expected tcp://HOST:PORT")
+        return host.strip("[]"), int(port)
+    if init_method == "env://":
+        port = os.environ.get("MASTER_PORT", "")
+        if not port.isdigit():
+            raise ValueError("init_method='env://' needs MASTER_PORT (and MASTER_ADDR, default 127.0.0.1)")
+        return os.environ.get("MASTER_ADDR", "127.0.0.1"), int(port)
+    raise ValueError(f"init_method={init_method!r}: expected tcp://HOST:PORT or env://")
+
+
+def _tcp_store(host: str, port: int, cfg: DistConfig, timeout: datetime.timedelta):
+    """The rendezvous store. Rank 0 listens on exactly ``host`` (torch's own TCPStore server would
+    listen on every interface): we bind the socket and hand it over."""
+    if cfg.rank != 0:
+        return dist.TCPStore(host, port, cfg.world_size, False, timeout=timeout), None
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((host, port))
+    except OSError as exc:
+        listener.close()
+        raise DistributedError(f"rank 0 cannot listen on {host}:{port} for the rendezvous: {exc}") from exc
+    listener.listen(128)
+    store = dist.TCPStore(host, port, cfg.world_size, True, timeout=timeout, wait_for_workers=False,
+                          master_listen_fd=listener.fileno())
+    return store, listener   # the caller keeps the socket object (its fd) alive as long as the store
 
 
 class Comm:
@@ -99,12 +144,17 @@ class Comm:
         if backend == "nccl" and device.type != "cuda":
             raise ValueError(f"backend='nccl' needs a CUDA device, the trainer runs on {device}")
         timeout = datetime.timedelta(seconds=cfg.timeout_s)
-        dist.init_process_group(backend, init_method=cfg.init_method, rank=cfg.rank, world_size=cfg.world_size,
-                                timeout=timeout)
+        host, port = rendezvous_address(cfg.init_method)
+        if host in LOOPBACK and "GLOO_SOCKET_IFNAME" not in os.environ:
+            os.environ["GLOO_SOCKET_IFNAME"] = "lo"   # a one-host job: gloo's sockets on loopback only
+        store, listener = _tcp_store(host, port, cfg, timeout)
+        dist.init_process_group(backend, store=store, rank=cfg.rank, world_size=cfg.world_size, timeout=timeout)
         ctrl = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else None
         logger.info("process group up rank=%d world_size=%d backend=%s init=%s", cfg.rank, cfg.world_size,
                     backend, cfg.init_method)
-        return cls(cfg.rank, cfg.world_size, device, data=None, ctrl=ctrl)
+        comm = cls(cfg.rank, cfg.world_size, device, data=None, ctrl=ctrl)
+        comm._store, comm._listener = store, listener
+        return comm
 
     def _call(self, what: str, fn, *args, **kwargs) -> None:
         try:
@@ -127,14 +177,36 @@ class Comm:
     def all_reduce_data(self, t: torch.Tensor) -> None:
         self._call("all_reduce", dist.all_reduce, t, group=self.data)
 
-    def broadcast_object(self, obj: Any) -> Any:
-        box = [obj if self.rank == 0 else None]
-        self._call("broadcast", dist.broadcast_object_list, box, src=0, group=self.ctrl)
-        return box[0]
+    def broadcast_state(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` (tensors, numbers, strings, lists, dicts: what a checkpoint holds) on every
+        rank. Sent as ``torch.save`` bytes in a uint8 tensor and read with ``torch.load(...,
+        weights_only=True)``: nothing received from a peer is unpickled as arbitrary objects (which
+        ``broadcast_object_list`` would do)."""
+        payload = b""
+        if self.rank == 0:
+            buf = io.BytesIO()
+            torch.save(obj, buf)
+            payload = buf.getvalue()
+        size = torch.tensor([len(payload)], dtype=torch.int64)
+        self._call("broadcast", dist.broadcast, size, src=0, group=self.ctrl)
+        data = (torch.frombuffer(bytearray(payload), dtype=torch.uint8) if self.rank == 0
+                else torch.empty(int(size.item()), dtype=torch.uint8))
+        self._call("broadcast", dist.broadcast, data, src=0, group=self.ctrl)
+        if self.rank == 0:
+            return obj
+        return torch.load(io.BytesIO(data.numpy().tobytes()), map_location="cpu", weights_only=True)
+
+    def broadcast_int(self, value: int) -> int:
+        t = torch.tensor([value if self.rank == 0 else 0], dtype=torch.int64)
+        self._call("broadcast", dist.broadcast, t, src=0, group=self.ctrl)
+        return int(t.item())
 
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+        listener = getattr(self, "_listener", None)
+        if listener is not None:
+            listener.close()
 
 
 class MemoryWrites:
@@ -275,17 +347,20 @@ class DistributedLearner(ContinuousLearner):
 
     def restore(self) -> int:
         """Rank 0 loads the newest good checkpoint and broadcasts it; every rank restores from it."""
-        found = None
+        found: dict[str, Any] = {}
         if self.comm.rank == 0:
             try:   # no checkpoint: rank 0's fresh state, so that every rank starts from the same weights
                 loaded = self.store.load_newest()
-                found = (loaded, self.store.next_version(), None if loaded else self.trainer.checkpoint_state())
+                found = {"loaded": None if loaded is None else [loaded[0], str(loaded[1]), loaded[2]],
+                         "next_version": self.store.next_version(),
+                         "initial": None if loaded else self.trainer.checkpoint_state()}
             except CheckpointError as exc:
-                found = exc
-        found = self.comm.broadcast_object(found)
-        if isinstance(found, Exception):
-            raise found
-        loaded, self._version, initial = found
+                found = {"error": str(exc)}
+        found = self.comm.broadcast_state(found)
+        if "error" in found:
+            raise CheckpointError(found["error"]) if self.comm.rank == 0 else DistributedError(
+                f"rank 0 could not load a checkpoint: {found['error']}")
+        loaded, self._version, initial = found["loaded"], found["next_version"], found["initial"]
         if loaded is None and self.comm.rank:
             self.trainer.load_checkpoint_state(initial)
         restored, audit_bytes = 0, 0
@@ -475,7 +550,7 @@ class DistributedLearner(ContinuousLearner):
         """Rank 0 finishes its write; every rank learns it is durable and commits what it may."""
         if self.comm.rank == 0:
             self.wait_for_writes()
-        durable = self.comm.broadcast_object(self._durable_version)
+        durable = self.comm.broadcast_int(self._durable_version)
         self._commit_durable(durable)
 
     def _write(self, version: int, *args) -> None:

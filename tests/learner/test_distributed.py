@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from learner.checkpoint import load_checkpoint
@@ -48,11 +47,33 @@ def _writes(seed: int, n: int, m: int = 6, z: int = 4) -> tuple[torch.Tensor, to
     return w, torch.rand(n, 4, z, generator=g), torch.tanh(torch.randn(n, 4, z, generator=g))  # (n, 4, Z) x2
 
 
+def _listening_addresses() -> set[str]:
+    """Local addresses (hex, as /proc/net/tcp* writes them) of this process's listening TCP sockets."""
+    inodes = set()
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:["):-1])
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            cols = line.split()
+            if cols[3] == "0A" and cols[9] in inodes:   # LISTEN, one of ours
+                found.add(cols[1].rsplit(":", 1)[0])
+    return found
+
+
 def _rank_main(rank: int, world: int, port: int, counts: tuple[int, ...], n_memories: int, out: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    comm = Comm.init(DistConfig(world_size=world, rank=rank, init_method=f"tcp://127.0.0.1:{port}"),
+                     torch.device("cpu"))
     try:
-        comm = Comm(rank, world, torch.device("cpu"))
+        listening = _listening_addresses()
+        # rank 0's state reaches every rank through weights-only bytes
+        state = comm.broadcast_state({"w": torch.arange(4) * (rank + 1), "meta": ["x", 1]} if rank == 0 else None)
         # memory: the same start on every rank; this rank's writes; merged
         torch.manual_seed(0)
         memory = UserMemory(8, 6, 4, 8, n_memories=n_memories)
@@ -72,9 +93,10 @@ def _rank_main(rank: int, world: int, port: int, counts: tuple[int, ...], n_memo
             loss = float(lo)
         mean_loss = GradientReducer([*model.parameters(), unused]).reduce(comm, counts[rank], sum(counts), loss)
         torch.save({"memory": memory.memory.clone(), "grads": [p.grad.clone() for p in model.parameters()],
-                    "unused_grad": unused.grad, "loss": mean_loss}, f"{out}.{rank}")
+                    "unused_grad": unused.grad, "loss": mean_loss, "state": state,
+                    "listening": sorted(listening)}, f"{out}.{rank}")
     finally:
-        dist.destroy_process_group()
+        comm.close()
 
 
 @pytest.mark.parametrize("n_memories", [4, 1])
@@ -103,6 +125,11 @@ def test_merged_writes_and_reduced_gradients_equal_one_process_on_the_union(tmp_
         assert g["unused_grad"] is None                                     # skipped, as one process would
         assert g["loss"] == pytest.approx(float(loss.detach()), rel=1e-6)
     assert torch.equal(got[0]["memory"], got[1]["memory"])                   # bit-identical across ranks
+    for g in got:
+        assert torch.equal(g["state"]["w"], torch.arange(4)) and g["state"]["meta"] == ["x", 1]  # rank 0's
+        # the rendezvous store (rank 0) and gloo listen on loopback only: 127.0.0.1 or ::1
+        assert g["listening"] and set(g["listening"]) <= {"0100007F", "00000000000000000000000001000000"}
+    assert got[0]["listening"]   # rank 0 holds the store's listener
     assert all(torch.equal(a, b) for a, b in zip(got[0]["grads"], got[1]["grads"]))
 
 

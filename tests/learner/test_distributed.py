@@ -136,8 +136,11 @@ def test_merged_writes_and_reduced_gradients_equal_one_process_on_the_union(tmp_
 def test_module_doctests():
     import doctest
 
+    import learner.dist_comm
+    import learner.dist_ops
     import learner.distributed
-    assert doctest.testmod(learner.distributed).failed == 0
+    for module in (learner.dist_comm, learner.dist_ops, learner.distributed):
+        assert doctest.testmod(module).failed == 0
 
 
 def test_dist_config_refuses_bad_settings():

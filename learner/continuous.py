@@ -282,7 +282,7 @@ class ContinuousLearner:
         announce = None
         if self.publisher is not None:
             metrics = {k: float(v) for k, v in self.trainer.metrics.compute().items()}
-            metrics["loss"] = float(getattr(self.trainer, "_last_loss", float("nan")))
+            metrics["loss"] = self.trainer.last_loss
             announce = dict(version=version, created_at_ms=created_ms, samples_seen=self.trainer.samples_seen,
                             model=self.model_name, metrics=metrics, source_offsets=dict(self.trainer.source_offsets))
         offsets = dict(self.offsets)
@@ -350,7 +350,7 @@ class ContinuousLearner:
         fresh = self.freshness_ms()
         return {
             "samples": t.samples_seen, "steps": t.step, "rejected": t.n_rejected, "samples_per_s": rate,
-            "loss": float(getattr(t, "_last_loss", float("nan"))), "window_auc": m["window_click_auc"], "window_gauc": m["window_click_gauc"],
+            "loss": t.last_loss, "window_auc": m["window_click_auc"], "window_gauc": m["window_click_gauc"],
             "window_vr_auc": m["window_vr_auc"], "version": self.stats.version, "versions": self.stats.n_versions,
             "checkpoint_age_s": now - self.stats.last_checkpoint_s, "lag": lag,
             "freshness_p50_s": float(np.percentile(fresh, 50)) / 1000 if len(fresh) else float("nan"),

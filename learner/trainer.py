@@ -192,7 +192,7 @@ class Trainer:
         self.source_offsets: dict[str, int] = {}
         self.curve: list[dict[str, float]] = []
         self._pred: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
-        self._last_loss = float("nan")
+        self.last_loss = float("nan")   # the objective of the newest trained minibatch (live view)
 
     def config_dict(self) -> dict[str, Any]:
         return {"trainer": dataclasses.asdict(self.cfg), "model": dataclasses.asdict(self.model_config),
@@ -243,11 +243,11 @@ class Trainer:
             self._pred.append((scores.numpy(), clicked.numpy(), vr.numpy(), users.numpy()))
         self.step += 1
         self.samples_seen += int(scores.shape[0])
-        self._last_loss = float(loss)
+        self.last_loss = float(loss)
         return scores
 
     def _point(self) -> dict[str, float]:
-        return {"samples": float(self.samples_seen), "step": float(self.step), "loss": self._last_loss,
+        return {"samples": float(self.samples_seen), "step": float(self.step), "loss": self.last_loss,
                 **self.metrics.compute()}
 
     def run(self, batches: Iterable[LoadedBatch | SampleBatch],
@@ -270,7 +270,7 @@ class Trainer:
                 m = self.metrics.compute()
                 logger.info("progress step=%d samples=%d samples_per_s=%.1f loss=%.4f window_auc=%.4f "
                             "window_gauc=%.4f cum_auc=%.4f", self.step, self.samples_seen,
-                            (self.samples_seen - n0) / (now - t0), self._last_loss, m["window_click_auc"],
+                            (self.samples_seen - n0) / (now - t0), self.last_loss, m["window_click_auc"],
                             m["window_click_gauc"], m["cum_click_auc"])
                 last_log = now
             if on_step is not None:

@@ -279,6 +279,7 @@ class ContinuousLearner:
                             "audit_bytes": audit_bytes, "group_id": self.stream.cfg.group_id,
                             "topic": self.topic, "config": dataclasses.asdict(self.cfg)}
         state["learner"].update(self.checkpoint_meta())
+        state["seq_len"] = self.stream.cfg.seq_len   # the T the model was trained with (the scorer builds its batches with it)
         announce = None
         if self.publisher is not None:
             metrics = {k: float(v) for k, v in self.trainer.metrics.compute().items()}

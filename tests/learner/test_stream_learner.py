@@ -173,6 +173,7 @@ def test_end_to_end_trains_every_sample_and_publishes_loadable_versions(broker, 
     assert from_source_offsets(TOPIC_SAMPLES, newest.source_offsets) == learner.offsets
     state = load_checkpoint(newest.path)                              # verified, torch.load(weights_only=True)
     assert state["samples_seen"] == n and state["learner"]["version"] == newest.version
+    assert state["seq_len"] == learner.stream.cfg.seq_len                # what a scorer builds its batches with
     fresh = Trainer(learner.trainer.cfg, tiny_config("dumn"))
     fresh.load_checkpoint_state(state)
     for name, tensor in fresh.model.state_dict().items():

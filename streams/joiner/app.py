@@ -15,6 +15,7 @@ commits each pipeline (state + core blob + source offsets + output end offsets: 
 and only then returns the consumed events to ack, so the group's committed offsets never pass the
 store's. A timer releases aligned events when topics catch up, flushes partitions idle for
 ``idle_flush_s`` and logs the counters; ``/counters`` on the web port returns them as JSON.
+Output topics, records and the produce calls live in ``streams.joiner.outputs``.
 """
 from __future__ import annotations
 
@@ -29,30 +30,16 @@ from typing import Any
 import faust
 
 from featurestore import keys as fs_keys
-from streams.contracts import EVENT_TOPICS, decode_batch, encode, from_records, kind_of, topic_for
-from streams.dlq import dlq_topic
-from streams.joiner.changelog import (CHANGELOG_NEXT_META, HEADER_TAG, TOPIC_STORE_CHANGELOG, make_tag, marker_key,
-                                      read_changelog)
+from streams.contracts import EVENT_TOPICS, decode_batch, from_records, kind_of
+from streams.joiner.changelog import CHANGELOG_NEXT_META, make_tag, read_changelog
+from streams.joiner.outputs import (TOPIC_ORPHANS, Record, dead_letter_record, late_topic,  # noqa: F401
+                                    output_reader, output_records, output_topics, produce, produce_changelog)
 from streams.joiner.pipeline import JoinerPipeline, PipelineConfig, PipelineOutput, open_pipeline
-from streams.joiner.shared import TOPIC_DWELL_STATS, RemoteStats
+from streams.joiner.shared import RemoteStats
 from streams.joiner.state import Entry, OutputLedger, TopicAligner
 from streams.joiner.worker import merge_counters, store_path, summary_line
-from streams.samples import TOPIC_SAMPLES
 
 logger = logging.getLogger(__name__)
-
-TOPIC_ORPHANS = "joiner.orphans"
-LATE_SUFFIX = ".late"
-
-
-def late_topic(topic: str) -> str:
-    return topic + LATE_SUFFIX
-
-
-def output_topics() -> list[str]:
-    """Every topic the joiner writes, each with as many partitions as the event topics."""
-    return [TOPIC_SAMPLES, TOPIC_ORPHANS, *map(late_topic, EVENT_TOPICS), *map(dlq_topic, EVENT_TOPICS),
-            TOPIC_DWELL_STATS]
 
 
 @dataclass(frozen=True)
@@ -250,15 +237,12 @@ class JoinerRuntime:
         if not entries and not flush:
             return []
         pipe = part.pipeline
-        outputs: list[tuple[str, bytes | None, bytes, Any]] = []
+        outputs: list[Record] = []
         events = []
         for e in entries:
             if e.event is None:
-                code = e.reason.split(":", 1)[0]
-                pipe.count_dead_letter(e.topic, code)
-                headers = [("reason", e.reason.encode()), ("source.topic", e.topic.encode()),
-                           ("source.partition", str(p).encode()), ("source.offset", str(e.offset).encode())]
-                outputs.append((dlq_topic(e.topic), e.key, e.value if e.value is not None else b"", headers))
+                pipe.count_dead_letter(e.topic, e.reason.split(":", 1)[0])
+                outputs.append(dead_letter_record(p, e))
             else:
                 events.append(e.event)
         out = pipe.process(events) if events else PipelineOutput()
@@ -269,43 +253,18 @@ class JoinerRuntime:
             # partition's contributions do not depend on whether its commit survives
             for value in out.stats:
                 self._remote.add(value)
-        outputs += [(TOPIC_SAMPLES, k, v, h) for k, v, h in zip(out.keys, out.samples, out.headers)]
-        outputs += [(TOPIC_DWELL_STATS, str(p).encode(), v, None) for v in out.stats]
-        outputs += [(late_topic(topic_for(x.event)), str(x.event.user_id).encode(), encode(x.event),
-                     [("reason", x.reason.encode())]) for x in out.late]
-        outputs += [(TOPIC_ORPHANS, str(x.event.user_id).encode(), encode(x.event),
-                     [("reason", x.reason.encode()), ("source.topic", topic_for(x.event).encode())])
-                    for x in out.orphans]
-        await self._produce(p, part.ledger, outputs)
+        outputs += output_records(p, out)
+        await produce(self._send, p, part.ledger, outputs)
         if self._restore is None:
             pipe.commit(part.aligner.next_offsets(), part.ledger.meta())
         else:  # the changelog first: it is never behind the store
             seq, changes = pipe.prepare(part.aligner.next_offsets(), part.ledger.meta())
             local = None
             if changes:
-                nxt = await self._produce_changelog(p, make_tag(part.writer_id, seq), changes)
+                nxt = await produce_changelog(self._send, p, make_tag(part.writer_id, seq), changes)
                 local = {CHANGELOG_NEXT_META: str(nxt).encode()}
             pipe.commit_prepared(local)
         return [e.handle for e in entries]
-
-    async def _produce_changelog(self, p: int, tag: bytes, changes) -> int:
-        """Produce one commit's records and its marker; returns the offset after the marker."""
-        headers = [(HEADER_TAG, tag)]
-        futures = [await self._send(TOPIC_STORE_CHANGELOG, k, v, p, headers) for k, v in changes]
-        futures.append(await self._send(TOPIC_STORE_CHANGELOG, marker_key(tag), b"", p, headers))
-        meta = None
-        for fut in futures:
-            meta = await fut
-        return meta.offset + 1
-
-    async def _produce(self, p: int, ledger: OutputLedger, outputs) -> None:
-        futures = []
-        for topic, key, value, headers in outputs:
-            if ledger.should_send(topic, value):
-                futures.append((topic, await self._send(topic, key, value, p, headers)))
-        for topic, fut in futures:
-            meta = await fut
-            ledger.record(topic, meta.offset + 1)
 
     def counters(self) -> dict[str, int]:
         """Counters summed over the partitions this worker holds or held."""
@@ -362,7 +321,7 @@ def make_app(config: JoinerAppConfig) -> tuple[faust.App, JoinerRuntime]:
         feed = StatsFeed(config.bootstrap).start()
         if not feed.wait_caught_up(config.store_lock_wait_s):
             logger.warning("stats_feed_slow: starting before joiner.dwell was read to its end")
-    runtime = JoinerRuntime(config, send=send, read_back=_reader(config.bootstrap), caught_up=caught_up,
+    runtime = JoinerRuntime(config, send=send, read_back=output_reader(config.bootstrap), caught_up=caught_up,
                             assigned=assigned, seek=seek, remote=None if feed is None else feed.table,
                             extra_counters=None if feed is None else feed.counters,
                             restore=lambda p, start, apply: read_changelog(config.bootstrap, p, start, apply))
@@ -427,27 +386,3 @@ def free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
-
-
-def _reader(bootstrap: str):
-    def read_back(topic: str, partition: int, from_offset: int) -> list[bytes]:
-        from kafka import KafkaConsumer, TopicPartition
-        consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-        try:
-            tp = TopicPartition(topic, partition)
-            end = consumer.end_offsets([tp]).get(tp, 0)
-            if end <= from_offset:
-                return []
-            consumer.assign([tp])
-            consumer.seek(tp, from_offset)
-            values: list[bytes] = []
-            deadline = time.monotonic() + 60
-            while consumer.position(tp) < end:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"reading back {topic}[{partition}] from {from_offset} to {end}")
-                for recs in consumer.poll(timeout_ms=200).values():
-                    values += [r.value for r in recs if r.offset < end]
-            return values
-        finally:
-            consumer.close()
-    return read_back

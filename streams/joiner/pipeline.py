@@ -15,7 +15,7 @@ Per call to :meth:`JoinerPipeline.process` (one ``stream.take`` batch):
    pending in the core), then stage that sample's own user updates. Every entry carries the time
    it became known: a click its first click, an unclick the impression's close, a like / dislike
    its first like / dislike. So a snapshot holds exactly what had happened before the impression,
-   never its own outcome nor anything later.
+   never its own outcome nor anything later (``streams.joiner.snapshot``).
 3. ``label_batch`` judges the run with the global ln(dwell) moments (T1) and item P10 sketches
    (T3) as of the start of its epoch: a run's item and global updates are deferred (and kept in
    the committed state) until a sample of a later epoch is labelled. Since the core closes
@@ -40,16 +40,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from featurestore import CounterKind, DwellStats, FeatureStoreConfig, ItemCountField, RocksFeatureStore, SequenceKind
+from featurestore import DwellStats, FeatureStoreConfig, ItemCountField, RocksFeatureStore
 from featurestore import keys as fs_keys
 from featurestore.store import StoreBatch
-from streams.contracts import Click, Event, Feedback, FeedbackKind, Impression
+from streams.contracts import Event
 from streams.joiner.config import DAY_MS, JoinerConfig
 from streams.joiner.join import JoinCore, JoinedImpression, JoinOutput, LateEvent, OrphanEvent
 from streams.joiner.shared import HEADER_STATS, RemoteStats, SharedStatsView
+from streams.joiner.snapshot import UserSnapshots, stage_user, unsettled_entries
 from streams.joiner.stats import FrozenStoreStatistics
 from streams.joiner.validread import RULE_T1, RULE_T2, RULE_T3, label_batch
-from streams.samples import FLAG_CLICKED, FLAG_VALID_READ, Snapshot
+from streams.samples import FLAG_CLICKED, FLAG_VALID_READ
 
 logger = logging.getLogger(__name__)
 
@@ -61,10 +62,6 @@ SHARED_META = b"joiner.shared"
 _DEFERRED = np.dtype([("epoch", "<i8"), ("item_id", "<u8"), ("dwell_ms", "<i8"), ("click_ts_ms", "<i8"),
                       ("flags", "u1")])
 _F_CLICKED, _F_LIKED, _F_DISLIKED = 1, 2, 4
-#: (entry ts, impression_id, item_id, category) of an outcome not yet in the store
-_Entry = tuple[int, int, int, int]
-_SEQ_KINDS = ((SequenceKind.CLICK, "click"), (SequenceKind.UNCLICK, "unclick"),
-              (SequenceKind.LIKE, "like"), (SequenceKind.DISLIKE, "dislike"))
 
 
 @dataclass(frozen=True)
@@ -164,7 +161,7 @@ class JoinerPipeline:
         partials[partition] = self._dwell
         self._shared = SharedStatsView(partition, remote if config.shared_stats else None, config.stats_epoch_ms,
                                        partials, self._n, self.meta(SHARED_META))
-        self._seq_keys: dict[int, list[bytes]] = {}
+        self._snapshots = UserSnapshots(config.joiner.seq_len, config.store.sequences.max_len, config.t2_window_ms)
         self._tx: StoreBatch | None = None
         logger.info("pipeline_open partition=%d restored=%s watermark_ms=%s samples=%d", partition,
                     blob is not None, self.core.watermark_ms, self._n.get("samples", 0))
@@ -278,7 +275,7 @@ class JoinerPipeline:
         epoch_ms = self.config.stats_epoch_ms
         values: list[bytes] = []
         # the outcomes of impressions that close after a sample (later in this call, or still
-        # pending in the core) but happened before it: see _unsettled
+        # pending in the core) but happened before it: see unsettled_entries
         by_user: dict[int, list[int]] = {}
         for idx, s in enumerate(joined):
             by_user.setdefault(s.impression.user_id, []).append(idx)
@@ -295,8 +292,8 @@ class JoinerPipeline:
             snapshots, clicks = [], {}
             for idx in range(i, j):
                 s = joined[idx]
-                snapshots.append(self._read_user(tx, s, clicks, self._unsettled(joined, idx, by_user, pending)))
-                self._stage_user(tx, s)
+                snapshots.append(self._snapshots.read(tx, s, clicks, unsettled_entries(joined, idx, by_user, pending)))
+                stage_user(tx, s)
             dwell, provenance = self._shared.freeze(tx, epoch, self._dwell)
             stats = FrozenStoreStatistics(tx, dwell, clicks)
             values += label_batch(run, snapshots, stats, self.config.joiner)
@@ -313,117 +310,6 @@ class JoinerPipeline:
             self._shared.count_samples(n_clicked)
             i = j
         return values
-
-    @staticmethod
-    def _unsettled(joined: list[JoinedImpression], idx: int, by_user: dict[int, list[int]],
-                   pending: dict[int, list[tuple[Impression, int, tuple[Event, ...]]]]) -> list[list[_Entry]]:
-        """Click, like and dislike entries of the user's impressions that close after ``joined[idx]``
-        but were shown before its close, with entry ts before that close.
-
-        Those impressions are later in ``joined`` (their outcome is final) or pending in the core.
-        Under the lateness bound every event with ts < the sample's close has arrived when the
-        sample is emitted, and a pending impression's close can only move to a time >= the
-        watermark then; so its outcomes before that close are final too, and the result does not
-        depend on how the input was cut into batches. Sorted by ``(ts, impression_id)``.
-        """
-        s = joined[idx]
-        cut = s.label_ts_ms
-        user = s.impression.user_id
-        out: list[list[_Entry]] = [[], [], []]  # click, like, dislike
-        for k in by_user[user]:
-            if k <= idx:
-                continue
-            o = joined[k]
-            imp = o.impression
-            if imp.ts_ms >= cut:
-                continue
-            for lst, t in zip(out, (o.click_ts_ms, o.like_ts_ms, o.dislike_ts_ms)):
-                if 0 <= t < cut:
-                    lst.append((t, imp.impression_id, imp.item_id, imp.item_category))
-        for imp, _close, events in pending.get(user, ()):
-            if imp.ts_ms >= cut:
-                continue
-            first = [cut, cut, cut]
-            for e in events:
-                if e.ts_ms >= cut:
-                    continue
-                kind = type(e)
-                if kind is Click:
-                    f = 0
-                elif kind is Feedback:
-                    f = 1 if e.kind == FeedbackKind.LIKE else 2
-                else:
-                    continue
-                if e.ts_ms < first[f]:
-                    first[f] = e.ts_ms
-            for lst, t in zip(out, first):
-                if t < cut:
-                    lst.append((t, imp.impression_id, imp.item_id, imp.item_category))
-        for lst in out:
-            lst.sort()
-        return out
-
-    def _read_user(self, tx: StoreBatch, s: JoinedImpression, clicks: dict[tuple[int, int], int],
-                   unsettled: list[list[_Entry]]) -> Snapshot:
-        imp = s.impression
-        keys = self._seq_keys.get(imp.user_id)
-        if keys is None:
-            if len(self._seq_keys) > 100_000:
-                self._seq_keys.clear()
-            keys = self._seq_keys[imp.user_id] = [fs_keys.user_sequence_key(imp.user_id, k) for k, _ in _SEQ_KINDS]
-        # the four sequences only (user_features would also decode the counters); staged updates seen
-        seqs = tx._load_many(keys, tx._decode_sequence)
-        t, n = self.config.joiner.seq_len, self.config.store.sequences.max_len
-        extra = {SequenceKind.CLICK: unsettled[0], SequenceKind.LIKE: unsettled[1],
-                 SequenceKind.DISLIKE: unsettled[2]}
-        parts: dict[str, tuple[int, ...]] = {}
-        newest = -1
-        for seq, (kind, name) in zip(seqs, _SEQ_KINDS):
-            items: list[int] = []
-            cats: list[int] = []
-            last = -1
-            if seq is not None:
-                sl = seq.before(imp.ts_ms, t)
-                if len(sl):
-                    items, cats, last = sl.item_ids.tolist(), sl.categories.tolist(), int(sl.ts_ms[-1])
-            more = [e for e in extra.get(kind, ()) if e[0] < imp.ts_ms]
-            if more:
-                # stored entries closed before this sample: at equal ts they come first
-                stored = list(zip(sl.ts_ms.tolist(), items, cats)) if items else []
-                merged = sorted(stored + [(e[0], e[2], e[3]) for e in more], key=lambda e: e[0])[-t:]
-                items, cats, last = [e[1] for e in merged], [e[2] for e in merged], merged[-1][0]
-            if items:
-                parts[f"{name}_items"] = tuple(items)
-                parts[f"{name}_cats"] = tuple(cats)
-                newest = max(newest, last)
-        if s.clicked:
-            c, lo = s.click_ts_ms, s.click_ts_ms - self.config.t2_window_ms
-            click_seq = seqs[0]
-            n_clicks = 0
-            if click_seq is not None:
-                cs = click_seq.before(c, n)
-                n_clicks = int(np.count_nonzero(cs.ts_ms >= lo))
-            n_clicks += sum(1 for e in unsettled[0] if lo <= e[0] < c)
-            clicks[(imp.user_id, c)] = n_clicks
-        return Snapshot(**parts, newest_ts_ms=newest)
-
-    @staticmethod
-    def _stage_user(tx: StoreBatch, s: JoinedImpression) -> None:
-        """The sample's own entries, each at the time it became known: a click at the first click,
-        an unclick at the close (only then is the impression known to be unclicked), a like or
-        dislike at the first like or dislike."""
-        imp = s.impression
-        user, item, cat = imp.user_id, imp.item_id, imp.item_category
-        tx.add_user_event(user, CounterKind.IMPRESSION, imp.ts_ms)
-        if s.clicked:
-            tx.add_sequence_event(user, SequenceKind.CLICK, item, cat, s.click_ts_ms)
-            tx.add_user_event(user, CounterKind.CLICK, s.click_ts_ms)
-        else:
-            tx.add_sequence_event(user, SequenceKind.UNCLICK, item, cat, s.label_ts_ms)
-        if s.liked:
-            tx.add_sequence_event(user, SequenceKind.LIKE, item, cat, s.like_ts_ms)
-        if s.disliked:
-            tx.add_sequence_event(user, SequenceKind.DISLIKE, item, cat, s.dislike_ts_ms)
 
     def _apply_deferred(self, tx: StoreBatch) -> None:
         for _epoch, item, dwell_ms, click_ts_ms, flags in self._deferred:

@@ -82,10 +82,14 @@ _TOPIC_RE = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 _U64 = struct.Struct(">Q")
 _U32 = struct.Struct(">I")
 _U64_U8 = struct.Struct(">QB")
+_FAMILY_U64_U8 = struct.Struct(">BQB")
+_FAMILY_U64 = struct.Struct(">BQ")
 
 
 def _check(name: str, value: int, hi: int) -> int:
     """``value`` as a plain int (numpy integers welcome) if it lies in ``[0, hi]``."""
+    if type(value) is int and 0 <= value <= hi:  # the common case, without the checks below
+        return value
     try:
         if isinstance(value, bool):
             raise TypeError
@@ -120,21 +124,21 @@ def user_prefix(user_id: int) -> bytes:
 
 
 def user_sequence_key(user_id: int, kind: SequenceKind) -> bytes:
-    return bytes([Family.USER_SEQUENCE]) + _U64_U8.pack(
-        _check("user_id", user_id, U64_MAX), SequenceKind(kind))
+    return _FAMILY_U64_U8.pack(Family.USER_SEQUENCE, _check("user_id", user_id, U64_MAX),
+                               kind if type(kind) is SequenceKind else SequenceKind(kind))
 
 
 def user_counter_key(user_id: int, counter: CounterKind) -> bytes:
-    return bytes([Family.USER_COUNTER]) + _U64_U8.pack(
-        _check("user_id", user_id, U64_MAX), CounterKind(counter))
+    return _FAMILY_U64_U8.pack(Family.USER_COUNTER, _check("user_id", user_id, U64_MAX),
+                               counter if type(counter) is CounterKind else CounterKind(counter))
 
 
 def item_sketch_key(item_id: int) -> bytes:
-    return bytes([Family.ITEM_SKETCH]) + _U64.pack(_check("item_id", item_id, U64_MAX))
+    return _FAMILY_U64.pack(Family.ITEM_SKETCH, _check("item_id", item_id, U64_MAX))
 
 
 def item_counts_key(item_id: int) -> bytes:
-    return bytes([Family.ITEM_COUNTS]) + _U64.pack(_check("item_id", item_id, U64_MAX))
+    return _FAMILY_U64.pack(Family.ITEM_COUNTS, _check("item_id", item_id, U64_MAX))
 
 
 def global_dwell_key(shard: int) -> bytes:

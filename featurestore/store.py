@@ -21,7 +21,9 @@ exactly those bytes (plus ``local``, bookkeeping that is not state, e.g. the cha
 deletes its key.
 
 Reads inside a transaction (``tx.user_features``, ``tx.item_features``, ...) see its own staged
-updates; reads on the store see committed state only.
+updates; reads on the store see committed state only. A transaction keeps what it read decoded
+(a key read and then updated is loaded once), and :meth:`StoreBatch.prefetch` loads many keys in
+one multi-get, e.g. every key a batch of samples will touch.
 
 >>> import tempfile
 >>> tmp = tempfile.TemporaryDirectory()
@@ -63,6 +65,11 @@ logger = logging.getLogger(__name__)
 __all__ = ["CommitInfo", "FeatureStore", "RocksFeatureStore", "StoreBatch"]
 
 _I32_MAX = 2**31 - 1
+_ABSENT = object()
+#: families whose read objects a query changes (a KLL quantile sorts the sketch's level 0 in
+#: place): an update of such a key starts from the stored bytes, not from an object a reader got,
+#: so the bytes written stay a function of the updates alone
+_READS_MUTATE = frozenset({keys.Family.ITEM_SKETCH})
 
 
 class FeatureStore(Protocol):
@@ -153,7 +160,9 @@ class StoreBatch(FeatureView):
         self._store = store
         self.config = store.config
         self.state = self.OPEN
-        self._cache: dict[bytes, object] = {}
+        self._cache: dict[bytes, object] = {}  # staged (to be written)
+        self._read: dict[bytes, object | None] = {}  # decoded committed values (None: no key)
+        self._raw: dict[bytes, bytes | None] = {}  # prefetched committed bytes, not decoded yet
         self._encoders: dict[bytes, Callable[[object], bytes]] = {}
         self._offsets: dict[tuple[str, int], int] = {}
         self._max_event_ts_ms = store._max_event_ts_ms
@@ -168,13 +177,39 @@ class StoreBatch(FeatureView):
         return self._store._scan(prefix)
 
     def _load_many(self, keys_: list[bytes], decode: Callable[[bytes], object]) -> list[object | None]:
-        out: list[object | None] = [self._cache.get(k) for k in keys_]
-        missing = [i for i, obj in enumerate(out) if obj is None]
+        cache, read, raws = self._cache, self._read, self._raw
+        out: list[object | None] = []
+        missing = None
+        for i, k in enumerate(keys_):
+            obj = cache.get(k)
+            if obj is None:
+                obj = read.get(k, _ABSENT)
+                if obj is _ABSENT:
+                    raw = raws.get(k, _ABSENT) if k[0] in _READS_MUTATE else raws.pop(k, _ABSENT)
+                    if raw is _ABSENT:
+                        missing = [] if missing is None else missing
+                        missing.append(i)
+                        obj = None
+                    else:
+                        obj = read[k] = None if raw is None else decode(raw)
+            out.append(obj)
         if missing:
-            raws = self._store._get_many([keys_[i] for i in missing])
-            for i, raw in zip(missing, raws):
-                out[i] = None if raw is None else decode(raw)
+            fetched = self._store._get_many([keys_[i] for i in missing])
+            for i, raw in zip(missing, fetched):
+                k = keys_[i]
+                out[i] = read[k] = None if raw is None else decode(raw)
+                if k[0] in _READS_MUTATE:
+                    raws[k] = raw
         return out
+
+    def prefetch(self, keys_: Iterable[bytes]) -> int:
+        """Read the committed values of ``keys_`` not loaded yet in one multi-get (decoded when
+        first used); returns how many were fetched. Reads and updates then skip the database."""
+        cache, read, raws = self._cache, self._read, self._raw
+        todo = [k for k in dict.fromkeys(keys_) if k not in cache and k not in read and k not in raws]
+        if todo:
+            raws.update(zip(todo, self._store._get_many(todo)))
+        return len(todo)
 
     def _dwell_partials(self) -> dict[int, DwellStats]:
         partials = super()._dwell_partials()
@@ -193,8 +228,14 @@ class StoreBatch(FeatureView):
         self._check_open()
         obj = self._cache.get(key)
         if obj is None:
-            raw = self._store._require_db().get(key)
-            obj = new() if raw is None else decode(raw)
+            obj = self._read.pop(key, _ABSENT)
+            if obj is _ABSENT or key[0] in _READS_MUTATE:
+                raw = self._raw.pop(key, _ABSENT)
+                if raw is _ABSENT:
+                    raw = self._store._require_db().get(key)
+                obj = None if raw is None else decode(raw)
+            if obj is None:
+                obj = new()
             self._cache[key] = obj
             self._encoders[key] = encode
         self.n_updates += 1
@@ -244,6 +285,16 @@ class StoreBatch(FeatureView):
         counts = self._for_update(keys.item_counts_key(item_id), _decode_counts,
                                   lambda: [0, 0, 0, 0], codecs.encode_item_counts)
         counts[ItemCountField(field)] += n
+
+    def add_item_counts(self, item_id: int, n: list[int]) -> None:
+        """Add ``n`` (impressions, clicks, likes, dislikes; :class:`ItemCountField` order) to the
+        item's totals: :meth:`add_item_count` for the four fields at once."""
+        if len(n) != 4 or min(n) < 0:
+            raise ValueError(f"n={n!r} must be four counts >= 0")
+        counts = self._for_update(keys.item_counts_key(item_id), _decode_counts,
+                                  lambda: [0, 0, 0, 0], codecs.encode_item_counts)
+        for i, v in enumerate(n):
+            counts[i] += v
 
     def add_global_dwell(self, dwell_ms: float, ts_ms: int, shard: int = 0) -> None:
         """Feed one click's dwell into this writer's partial of the global ln(dwell) stats (T1);
@@ -338,6 +389,8 @@ class StoreBatch(FeatureView):
     def _finish(self, state: str) -> None:
         self.state = state
         self._cache.clear()
+        self._read.clear()
+        self._raw.clear()
         self._encoders.clear()
         self._offsets.clear()
         self._prepared = None

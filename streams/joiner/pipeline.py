@@ -49,7 +49,7 @@ from streams.joiner.join import JoinCore, JoinedImpression, JoinOutput, LateEven
 from streams.joiner.shared import HEADER_STATS, RemoteStats, SharedStatsView
 from streams.joiner.snapshot import UserSnapshots, stage_user, unsettled_entries
 from streams.joiner.stats import FrozenStoreStatistics
-from streams.joiner.validread import RULE_T1, RULE_T2, RULE_T3, label_batch
+from streams.joiner.validread import RULE_T1, RULE_T2, RULE_T3, encode_labelled, query_statistics
 from streams.samples import FLAG_CLICKED, FLAG_VALID_READ
 
 logger = logging.getLogger(__name__)
@@ -273,13 +273,17 @@ class JoinerPipeline:
     def _label(self, joined: list[JoinedImpression], tx: StoreBatch,
                headers: list[list[tuple[str, bytes]] | None]) -> list[bytes]:
         epoch_ms = self.config.stats_epoch_ms
-        values: list[bytes] = []
+        snapshots = self._snapshots
         # the outcomes of impressions that close after a sample (later in this call, or still
         # pending in the core) but happened before it: see unsettled_entries
         by_user: dict[int, list[int]] = {}
         for idx, s in enumerate(joined):
             by_user.setdefault(s.impression.user_id, []).append(idx)
         pending = self.core.pending_records(by_user)
+        # every user key of the call in one multi-get; the transaction keeps them decoded
+        tx.prefetch([k for user in by_user for k in snapshots.user_keys(user)])
+        shared = self._shared.publisher if self._shared.enabled else None
+        snaps, columns = [], []
         i, n = 0, len(joined)
         while i < n:
             epoch = joined[i].label_ts_ms // epoch_ms
@@ -289,17 +293,16 @@ class JoinerPipeline:
             run = joined[i:j]
             if self._deferred and self._deferred[0][0] != epoch:
                 self._apply_deferred(tx)
-            snapshots, clicks = [], {}
+            clicks: dict[tuple[int, int], int] = {}
             for idx in range(i, j):
                 s = joined[idx]
-                snapshots.append(self._snapshots.read(tx, s, clicks, unsettled_entries(joined, idx, by_user, pending)))
+                snaps.append(snapshots.read(tx, s, clicks, unsettled_entries(joined, idx, by_user, pending)))
                 stage_user(tx, s)
             dwell, provenance = self._shared.freeze(tx, epoch, self._dwell)
-            stats = FrozenStoreStatistics(tx, dwell, clicks)
-            values += label_batch(run, snapshots, stats, self.config.joiner)
+            # the run's statistics are read now (its epoch's); the samples are encoded together
+            columns.append(query_statistics(run, FrozenStoreStatistics(tx, dwell, clicks), self.config.joiner))
             header = None if provenance is None else [(HEADER_STATS, provenance)]
             headers += [header if s.clicked else None for s in run]
-            shared = self._shared.publisher if self._shared.enabled else None
             n_clicked = 0
             for s in run:  # the run's item statistics wait until a later epoch starts
                 flags = s.clicked * _F_CLICKED | s.liked * _F_LIKED | s.disliked * _F_DISLIKED
@@ -309,21 +312,27 @@ class JoinerPipeline:
                     shared.add(epoch, s.impression.item_id, s.dwell_ms, s.click_ts_ms)
             self._shared.count_samples(n_clicked)
             i = j
-        return values
+        stats = columns[0] if len(columns) == 1 else tuple(np.concatenate(c) for c in zip(*columns))
+        return encode_labelled(joined, snaps, stats, self.config.joiner)
 
     def _apply_deferred(self, tx: StoreBatch) -> None:
+        items = dict.fromkeys(d[1] for d in self._deferred)
+        tx.prefetch([*map(fs_keys.item_counts_key, items), *map(fs_keys.item_sketch_key, items)])
+        counts: dict[int, list[int]] = {}  # item -> [impressions, clicks, likes, dislikes]
         for _epoch, item, dwell_ms, click_ts_ms, flags in self._deferred:
-            tx.add_item_count(item, ItemCountField.IMPRESSIONS)
-            if flags & _F_LIKED:
-                tx.add_item_count(item, ItemCountField.LIKES)
-            if flags & _F_DISLIKED:
-                tx.add_item_count(item, ItemCountField.DISLIKES)
-            if flags & _F_CLICKED:
-                tx.add_item_count(item, ItemCountField.CLICKS)
-                if dwell_ms >= 0:
-                    tx.add_item_dwell(item, dwell_ms)
-                    tx.add_global_dwell(dwell_ms, click_ts_ms, shard=self.partition)
-                    self._dwell.update(dwell_ms, click_ts_ms)
+            c = counts.get(item)
+            if c is None:
+                c = counts[item] = [0, 0, 0, 0]
+            c[0] += 1
+            c[1] += flags & _F_CLICKED
+            c[2] += (flags & _F_LIKED) >> 1
+            c[3] += (flags & _F_DISLIKED) >> 2
+            if flags & _F_CLICKED and dwell_ms >= 0:
+                tx.add_item_dwell(item, dwell_ms)
+                tx.add_global_dwell(dwell_ms, click_ts_ms, shard=self.partition)
+                self._dwell.update(dwell_ms, click_ts_ms)
+        for item, c in counts.items():
+            tx.add_item_counts(item, c)
         self._deferred = []
 
     def _count(self, values: list[bytes]) -> None:

@@ -9,7 +9,7 @@ each at the time it became known (docs/joiner.md, section 4 "snapshot" and secti
 """
 from __future__ import annotations
 
-import numpy as np
+import dataclasses
 
 from featurestore import CounterKind, SequenceKind
 from featurestore import keys as fs_keys
@@ -81,52 +81,71 @@ class UserSnapshots:
 
     def __init__(self, seq_len: int, max_len: int, t2_window_ms: int) -> None:
         self.seq_len, self.max_len, self.t2_window_ms = seq_len, max_len, t2_window_ms
-        self._seq_keys: dict[int, list[bytes]] = {}
+        self._keys: dict[int, list[bytes]] = {}
+
+    def user_keys(self, user_id: int) -> list[bytes]:
+        """The user's four sequence keys (in :data:`SEQ_KINDS` order), then its two counter keys:
+        every user key a sample reads or stages."""
+        keys = self._keys.get(user_id)
+        if keys is None:
+            if len(self._keys) > 100_000:
+                self._keys.clear()
+            keys = self._keys[user_id] = ([fs_keys.user_sequence_key(user_id, k) for k, _ in SEQ_KINDS]
+                                          + [fs_keys.user_counter_key(user_id, k) for k in CounterKind])
+        return keys
 
     def read(self, tx: StoreBatch, s: JoinedImpression, clicks: dict[tuple[int, int], int],
              unsettled: list[list[Entry]]) -> Snapshot:
         """The snapshot of ``s``; its T2 count (clicked samples) goes to ``clicks[(user, click ts)]``."""
         imp = s.impression
-        keys = self._seq_keys.get(imp.user_id)
-        if keys is None:
-            if len(self._seq_keys) > 100_000:
-                self._seq_keys.clear()
-            keys = self._seq_keys[imp.user_id] = [fs_keys.user_sequence_key(imp.user_id, k) for k, _ in SEQ_KINDS]
+        ts = imp.ts_ms
         # the four sequences only (user_features would also decode the counters); staged updates seen
-        seqs = tx._load_many(keys, tx._decode_sequence)
-        t, n = self.seq_len, self.max_len
-        extra = {SequenceKind.CLICK: unsettled[0], SequenceKind.LIKE: unsettled[1],
-                 SequenceKind.DISLIKE: unsettled[2]}
-        parts: dict[str, tuple[int, ...]] = {}
+        seqs = tx._load_many(self.user_keys(imp.user_id)[:4], tx._decode_sequence)
+        t = self.seq_len
+        parts: list[tuple[int, ...]] = []
         newest = -1
-        for seq, (kind, name) in zip(seqs, SEQ_KINDS):
-            items: list[int] = []
-            cats: list[int] = []
-            last = -1
-            if seq is not None:
-                sl = seq.before(imp.ts_ms, t)
-                if len(sl):
-                    items, cats, last = sl.item_ids.tolist(), sl.categories.tolist(), int(sl.ts_ms[-1])
-            more = [e for e in extra.get(kind, ()) if e[0] < imp.ts_ms]
+        for seq, extra in zip(seqs, (unsettled[0], (), unsettled[1], unsettled[2])):
+            if seq is None:
+                times, items, cats = (), (), ()
+            else:
+                times, items, cats = seq.entries_before(ts, t)
+            more = [e for e in extra if e[0] < ts] if extra else None
             if more:
                 # stored entries closed before this sample: at equal ts they come first
-                stored = list(zip(sl.ts_ms.tolist(), items, cats)) if items else []
-                merged = sorted(stored + [(e[0], e[2], e[3]) for e in more], key=lambda e: e[0])[-t:]
-                items, cats, last = [e[1] for e in merged], [e[2] for e in merged], merged[-1][0]
+                merged = sorted([*zip(times, items, cats), *((e[0], e[2], e[3]) for e in more)],
+                                key=lambda e: e[0])[-t:]
+                times, items, cats = (merged[-1][0],), [e[1] for e in merged], [e[2] for e in merged]
             if items:
-                parts[f"{name}_items"] = tuple(items)
-                parts[f"{name}_cats"] = tuple(cats)
-                newest = max(newest, last)
+                parts += (tuple(items), tuple(cats))
+                if times[-1] > newest:
+                    newest = times[-1]
+            else:
+                parts += ((), ())
         if s.clicked:
-            c, lo = s.click_ts_ms, s.click_ts_ms - self.t2_window_ms
-            click_seq = seqs[0]
-            n_clicks = 0
-            if click_seq is not None:
-                cs = click_seq.before(c, n)
-                n_clicks = int(np.count_nonzero(cs.ts_ms >= lo))
+            c = s.click_ts_ms
+            lo = c - self.t2_window_ms
+            n_clicks = 0 if seqs[0] is None else seqs[0].count_before(c, self.max_len, lo)
             n_clicks += sum(1 for e in unsettled[0] if lo <= e[0] < c)
             clicks[(imp.user_id, c)] = n_clicks
-        return Snapshot(**parts, newest_ts_ms=newest)
+        return _snapshot(parts, newest)
+
+
+_SNAPSHOT_FIELDS = tuple(f.name for f in dataclasses.fields(Snapshot))
+if _SNAPSHOT_FIELDS[-1] != "newest_ts_ms" or len(_SNAPSHOT_FIELDS) != 2 * len(SEQ_KINDS) + 1 or any(
+        _SNAPSHOT_FIELDS[2 * i:2 * i + 2] != (f"{name}_items", f"{name}_cats") for i, (_k, name) in enumerate(SEQ_KINDS)):
+    raise RuntimeError(f"Snapshot fields changed: {_SNAPSHOT_FIELDS}")
+_set = object.__setattr__
+
+
+def _snapshot(parts: list[tuple[int, ...]], newest_ts_ms: int) -> Snapshot:
+    """A Snapshot of (items, cats) per sequence without the constructor's checks: the entries are
+    ints read from the store, which checked them when they were staged, at most ``seq_len`` per
+    sequence, and ``encode_batch`` checks every row again (``snapshot_ts_ms < ts_ms`` included)."""
+    snap = object.__new__(Snapshot)
+    for name, value in zip(_SNAPSHOT_FIELDS, parts):
+        _set(snap, name, value)
+    _set(snap, "newest_ts_ms", newest_ts_ms)
+    return snap
 
 
 def stage_user(tx: StoreBatch, s: JoinedImpression) -> None:

@@ -142,20 +142,43 @@ def label_batch(joined: Sequence[JoinedImpression], snapshots: Sequence[Snapshot
     """
     if len(joined) != len(snapshots):
         raise ValueError(f"{len(joined)} joined impressions but {len(snapshots)} snapshots")
+    return encode_labelled(joined, snapshots, query_statistics(joined, stats, cfg), cfg)
+
+
+def query_statistics(joined: Sequence[JoinedImpression], stats: DwellStatistics,
+                     cfg: JoinerConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """What :func:`label_batch` asks ``stats`` for, per row: ``(x_l_ms, item_p10_ms, user_clicks,
+    ndt_weight)``, (B,) each (NaN = unknown). Rows judged on different statistics (e.g. several
+    statistics epochs) can be queried apart and encoded together with :func:`encode_labelled`."""
+    n, vr = len(joined), cfg.valid_read
+    x_l = np.full(n, x_l_ms_from_moments(stats.ln_dwell_ms_moments()) if vr.t1 else math.nan)
+    p10 = np.full(n, math.nan)
+    n_clicks = np.zeros(n, dtype=np.int64)
+    clicked = [i for i, j in enumerate(joined) if j.clicked]
+    for i in clicked:
+        j = joined[i]
+        if vr.t3:
+            q = stats.item_dwell_quantile_ms(j.impression.item_id, vr.t3_quantile)
+            p10[i] = math.nan if q is None else q
+        if vr.t2:
+            n_clicks[i] = stats.user_clicks_7d(j.impression.user_id, j.click_ts_ms)
+    ndt = np.zeros(n, dtype=np.float32)
+    if clicked:
+        dwell = np.fromiter((joined[i].dwell_ms for i in clicked), dtype=np.int64, count=len(clicked))
+        ndt[clicked] = ndt_weight_ms(dwell, ndt_params(cfg, stats))
+    return x_l, p10, n_clicks, ndt
+
+
+def encode_labelled(joined: Sequence[JoinedImpression], snapshots: Sequence[Snapshot],
+                    statistics: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+                    cfg: JoinerConfig) -> list[bytes]:
+    """Encoded samples from the joined impressions, their snapshots and the per-row statistics of
+    :func:`query_statistics` (concatenated when several queries)."""
+    x_l, p10, n_clicks, ndt = statistics
     n, vr = len(joined), cfg.valid_read
     imps = [j.impression for j in joined]
     clicked = np.fromiter((j.clicked for j in joined), dtype=bool, count=n)
     dwell = np.fromiter((j.dwell_ms for j in joined), dtype=np.int64, count=n)
-    x_l = x_l_ms_from_moments(stats.ln_dwell_ms_moments()) if vr.t1 else math.nan
-    p10 = np.full(n, math.nan)
-    n_clicks = np.zeros(n, dtype=np.int64)
-    for i in np.flatnonzero(clicked).tolist():
-        imp = imps[i]
-        if vr.t3:
-            q = stats.item_dwell_quantile_ms(imp.item_id, vr.t3_quantile)
-            p10[i] = math.nan if q is None else q
-        if vr.t2:
-            n_clicks[i] = stats.user_clicks_7d(imp.user_id, joined[i].click_ts_ms)
     valid, rules = valid_read_batch(clicked, dwell, x_l, p10, n_clicks, vr)
     fixed = np.zeros(n, dtype=FIXED_DTYPE)
     for name in ("impression_id", "ts_ms", "user_id", "item_id", "activeness", "age_group",
@@ -164,7 +187,7 @@ def label_batch(joined: Sequence[JoinedImpression], snapshots: Sequence[Snapshot
     fixed["label_ts_ms"] = np.fromiter((j.label_ts_ms for j in joined), dtype=np.int64, count=n)
     fixed["dwell_ms"] = dwell
     fixed["rules"] = rules
-    fixed["ndt_weight"] = np.where(clicked, ndt_weight_ms(dwell, ndt_params(cfg, stats)), np.float32(0.0))
+    fixed["ndt_weight"] = ndt
     liked = np.fromiter((j.liked for j in joined), dtype=bool, count=n)
     disliked = np.fromiter((j.disliked for j in joined), dtype=bool, count=n)
     early = np.fromiter((j.early for j in joined), dtype=bool, count=n)

@@ -225,7 +225,8 @@ class StoreBatch(FeatureView):
 
     def _for_update(self, key: bytes, decode: Callable[[bytes], object], new: Callable[[], object],
                     encode: Callable[[object], bytes]) -> object:
-        self._check_open()
+        if self.state != self.OPEN:
+            self._check_open()
         obj = self._cache.get(key)
         if obj is None:
             obj = self._read.pop(key, _ABSENT)
@@ -249,26 +250,36 @@ class StoreBatch(FeatureView):
             self._max_event_ts_ms = ts_ms
 
     def add_sequence_event(self, user_id: int, kind: SequenceKind, item_id: int, category: int,
-                           ts_ms: int) -> None:
-        """Append ``item_id`` (with its ``category``, -1 = unknown) to the user's ``kind`` sequence."""
+                           ts_ms: int, *, key: bytes | None = None) -> None:
+        """Append ``item_id`` (with its ``category``, -1 = unknown) to the user's ``kind`` sequence.
+
+        ``key``: ``keys.user_sequence_key(user_id, kind)`` when the caller already has it."""
         if not -1 <= category <= _I32_MAX:
             raise ValueError(f"category={category!r} out of range [-1, {_I32_MAX}]")
-        keys.item_sketch_key(item_id)  # validates item_id like every other key field
+        if type(item_id) is not int or not 0 <= item_id <= keys.U64_MAX:
+            keys.item_sketch_key(item_id)  # validates item_id like every other key field
         self._saw(ts_ms)
-        cap = self.config.sequences.capacity
-        seq = self._for_update(keys.user_sequence_key(user_id, kind), self._decode_sequence,
-                               lambda: UserSequence(cap), UserSequence.to_bytes)
+        seq = self._for_update(key or keys.user_sequence_key(user_id, kind), self._decode_sequence,
+                               self._new_sequence, UserSequence.to_bytes)
         seq.add(item_id, category, ts_ms)
 
-    def add_user_event(self, user_id: int, counter: CounterKind, ts_ms: int, n: int = 1) -> None:
-        """Count ``n`` events of ``counter`` for the user at event time ``ts_ms``."""
+    def add_user_event(self, user_id: int, counter: CounterKind, ts_ms: int, n: int = 1, *,
+                       key: bytes | None = None) -> None:
+        """Count ``n`` events of ``counter`` for the user at event time ``ts_ms``.
+
+        ``key``: ``keys.user_counter_key(user_id, counter)`` when the caller already has it."""
         if n < 0:
             raise ValueError(f"n={n!r} < 0")
         self._saw(ts_ms)
-        cfg = self.config.counters
-        cnt = self._for_update(keys.user_counter_key(user_id, counter), self._decode_counter,
-                               lambda: WindowedCounter.from_config(cfg), WindowedCounter.to_bytes)
+        cnt = self._for_update(key or keys.user_counter_key(user_id, counter), self._decode_counter,
+                               self._new_counter, WindowedCounter.to_bytes)
         cnt.add(ts_ms, n)
+
+    def _new_sequence(self) -> UserSequence:
+        return UserSequence(self.config.sequences.capacity)
+
+    def _new_counter(self) -> WindowedCounter:
+        return WindowedCounter.from_config(self.config.counters)
 
     def add_item_dwell(self, item_id: int, dwell_ms: float) -> None:
         """Feed one click's dwell into the item's KLL sketch (T3)."""

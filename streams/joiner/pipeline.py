@@ -297,7 +297,7 @@ class JoinerPipeline:
             for idx in range(i, j):
                 s = joined[idx]
                 snaps.append(snapshots.read(tx, s, clicks, unsettled_entries(joined, idx, by_user, pending)))
-                stage_user(tx, s)
+                stage_user(tx, s, snapshots.user_keys(s.impression.user_id))
             dwell, provenance = self._shared.freeze(tx, epoch, self._dwell)
             # the run's statistics are read now (its epoch's); the samples are encoded together
             columns.append(query_statistics(run, FrozenStoreStatistics(tx, dwell, clicks), self.config.joiner))

@@ -84,14 +84,14 @@ class UserSnapshots:
         self._keys: dict[int, list[bytes]] = {}
 
     def user_keys(self, user_id: int) -> list[bytes]:
-        """The user's four sequence keys (in :data:`SEQ_KINDS` order), then its two counter keys:
-        every user key a sample reads or stages."""
+        """The user's four sequence keys (in :data:`SEQ_KINDS` order), then its counter keys
+        (CLICK, IMPRESSION): every user key a sample reads or stages."""
         keys = self._keys.get(user_id)
         if keys is None:
             if len(self._keys) > 100_000:
                 self._keys.clear()
-            keys = self._keys[user_id] = ([fs_keys.user_sequence_key(user_id, k) for k, _ in SEQ_KINDS]
-                                          + [fs_keys.user_counter_key(user_id, k) for k in CounterKind])
+            keys = self._keys[user_id] = [fs_keys.user_sequence_key(user_id, k) for k, _ in SEQ_KINDS]
+            keys += [fs_keys.user_counter_key(user_id, k) for k in (CounterKind.CLICK, CounterKind.IMPRESSION)]
         return keys
 
     def read(self, tx: StoreBatch, s: JoinedImpression, clicks: dict[tuple[int, int], int],
@@ -131,8 +131,7 @@ class UserSnapshots:
 
 
 _SNAPSHOT_FIELDS = tuple(f.name for f in dataclasses.fields(Snapshot))
-if _SNAPSHOT_FIELDS[-1] != "newest_ts_ms" or len(_SNAPSHOT_FIELDS) != 2 * len(SEQ_KINDS) + 1 or any(
-        _SNAPSHOT_FIELDS[2 * i:2 * i + 2] != (f"{name}_items", f"{name}_cats") for i, (_k, name) in enumerate(SEQ_KINDS)):
+if _SNAPSHOT_FIELDS != (*(f"{name}_{part}" for _k, name in SEQ_KINDS for part in ("items", "cats")), "newest_ts_ms"):
     raise RuntimeError(f"Snapshot fields changed: {_SNAPSHOT_FIELDS}")
 _set = object.__setattr__
 
@@ -148,19 +147,19 @@ def _snapshot(parts: list[tuple[int, ...]], newest_ts_ms: int) -> Snapshot:
     return snap
 
 
-def stage_user(tx: StoreBatch, s: JoinedImpression) -> None:
+def stage_user(tx: StoreBatch, s: JoinedImpression, keys: list[bytes]) -> None:
     """The sample's own entries, each at the time it became known: a click at the first click,
     an unclick at the close (only then is the impression known to be unclicked), a like or
-    dislike at the first like or dislike."""
+    dislike at the first like or dislike. ``keys``: :meth:`UserSnapshots.user_keys` of its user."""
     imp = s.impression
     user, item, cat = imp.user_id, imp.item_id, imp.item_category
-    tx.add_user_event(user, CounterKind.IMPRESSION, imp.ts_ms)
+    tx.add_user_event(user, CounterKind.IMPRESSION, imp.ts_ms, key=keys[5])
     if s.clicked:
-        tx.add_sequence_event(user, SequenceKind.CLICK, item, cat, s.click_ts_ms)
-        tx.add_user_event(user, CounterKind.CLICK, s.click_ts_ms)
+        tx.add_sequence_event(user, SequenceKind.CLICK, item, cat, s.click_ts_ms, key=keys[0])
+        tx.add_user_event(user, CounterKind.CLICK, s.click_ts_ms, key=keys[4])
     else:
-        tx.add_sequence_event(user, SequenceKind.UNCLICK, item, cat, s.label_ts_ms)
+        tx.add_sequence_event(user, SequenceKind.UNCLICK, item, cat, s.label_ts_ms, key=keys[1])
     if s.liked:
-        tx.add_sequence_event(user, SequenceKind.LIKE, item, cat, s.like_ts_ms)
+        tx.add_sequence_event(user, SequenceKind.LIKE, item, cat, s.like_ts_ms, key=keys[2])
     if s.disliked:
-        tx.add_sequence_event(user, SequenceKind.DISLIKE, item, cat, s.dislike_ts_ms)
+        tx.add_sequence_event(user, SequenceKind.DISLIKE, item, cat, s.dislike_ts_ms, key=keys[3])

@@ -57,6 +57,9 @@ RULE_X_L_UNKNOWN, RULE_P10_UNKNOWN = 16, 32
 _RULE_NAMES = ((RULE_T1, "T1"), (RULE_T2, "T2"), (RULE_T3, "T3"), (RULE_MIN_DWELL, "MIN"),
                (RULE_X_L_UNKNOWN, "X_L?"), (RULE_P10_UNKNOWN, "P10?"))
 _LN_MS_PER_S = math.log(1000.0)
+#: the columns encode_labelled reads from each joined impression (the first ten are sample fields)
+_ROW_COLUMNS = ("impression_id", "ts_ms", "user_id", "item_id", "activeness", "age_group", "item_duration_ms",
+                "item_category", "label_ts_ms", "dwell_ms", "clicked", "liked", "disliked", "early")
 
 
 class DwellStatistics(Protocol):
@@ -176,21 +179,19 @@ def encode_labelled(joined: Sequence[JoinedImpression], snapshots: Sequence[Snap
     :func:`query_statistics` (concatenated when several queries)."""
     x_l, p10, n_clicks, ndt = statistics
     n, vr = len(joined), cfg.valid_read
-    imps = [j.impression for j in joined]
-    clicked = np.fromiter((j.clicked for j in joined), dtype=bool, count=n)
-    dwell = np.fromiter((j.dwell_ms for j in joined), dtype=np.int64, count=n)
+    # one pass over the rows, then columns: (B, 14) int64
+    rows = np.array([(i.impression_id, i.ts_ms, i.user_id, i.item_id, i.activeness, i.age_group,
+                      i.item_duration_ms, i.item_category, j.label_ts_ms, j.dwell_ms, j.clicked, j.liked,
+                      j.disliked, j.early) for j in joined for i in (j.impression,)],
+                    dtype=np.int64).reshape(n, len(_ROW_COLUMNS))
+    clicked, liked, disliked, early = (rows[:, k] != 0 for k in range(10, 14))
+    dwell = rows[:, 9]
     valid, rules = valid_read_batch(clicked, dwell, x_l, p10, n_clicks, vr)
     fixed = np.zeros(n, dtype=FIXED_DTYPE)
-    for name in ("impression_id", "ts_ms", "user_id", "item_id", "activeness", "age_group",
-                 "item_duration_ms", "item_category"):
-        fixed[name] = np.fromiter((getattr(i, name) for i in imps), dtype=np.int64, count=n)
-    fixed["label_ts_ms"] = np.fromiter((j.label_ts_ms for j in joined), dtype=np.int64, count=n)
-    fixed["dwell_ms"] = dwell
+    for k, name in enumerate(_ROW_COLUMNS[:10]):
+        fixed[name] = rows[:, k]
     fixed["rules"] = rules
     fixed["ndt_weight"] = ndt
-    liked = np.fromiter((j.liked for j in joined), dtype=bool, count=n)
-    disliked = np.fromiter((j.disliked for j in joined), dtype=bool, count=n)
-    early = np.fromiter((j.early for j in joined), dtype=bool, count=n)
     fixed["flags"] = (clicked * FLAG_CLICKED | valid * FLAG_VALID_READ | liked * FLAG_LIKED
                       | disliked * FLAG_DISLIKED | early * FLAG_EARLY)
     group = np.zeros(n, dtype=np.int64)

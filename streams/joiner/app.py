@@ -32,8 +32,9 @@ import faust
 from featurestore import keys as fs_keys
 from streams.contracts import EVENT_TOPICS, decode_batch, from_records, kind_of
 from streams.joiner.changelog import CHANGELOG_NEXT_META, make_tag, read_changelog
-from streams.joiner.outputs import (TOPIC_ORPHANS, Record, dead_letter_record, late_topic,  # noqa: F401
-                                    output_reader, output_records, output_topics, produce, produce_changelog)
+from streams.joiner.outputs import (TOPIC_ORPHANS, Record, batch_sender, dead_letter_record,  # noqa: F401
+                                    late_topic, output_reader, output_records, output_topics, produce,
+                                    produce_changelog)
 from streams.joiner.pipeline import JoinerPipeline, PipelineConfig, PipelineOutput, open_pipeline
 from streams.joiner.shared import RemoteStats
 from streams.joiner.state import Entry, OutputLedger, TopicAligner
@@ -89,15 +90,17 @@ class JoinerRuntime:
     """Everything the agent and the timer do, per assigned partition (see the module docstring).
 
     ``send(topic, key, value, partition, headers)`` is an async producer call returning an
-    awaitable of record metadata; ``read_back(topic, partition, from_offset)`` returns the values
+    awaitable of record metadata, ``send_many`` (optional) its batched form
+    (``streams.joiner.outputs.produce``); ``read_back(topic, partition, from_offset)`` returns the values
     in the topic from that offset (used once per partition on assignment); ``caught_up(topic,
     partition, next_offset)`` says the consumer holds everything the broker has. ``remote``: the
     other partitions' statistics (``joiner.dwell``), ``extra_counters()`` the feed's counters.
     """
 
     def __init__(self, config: JoinerAppConfig, *, send, read_back, caught_up, assigned=None, seek=None,
-                 remote: RemoteStats | None = None, extra_counters=None, restore=None) -> None:
+                 remote: RemoteStats | None = None, extra_counters=None, restore=None, send_many=None) -> None:
         self.config = config
+        self._send_many = send_many
         self._restore = restore if config.changelog else None
         self._remote = remote
         self._extra_counters = extra_counters or dict
@@ -254,14 +257,15 @@ class JoinerRuntime:
             for value in out.stats:
                 self._remote.add(value)
         outputs += output_records(p, out)
-        await produce(self._send, p, part.ledger, outputs)
+        await produce(self._send, p, part.ledger, outputs, self._send_many)
         if self._restore is None:
             pipe.commit(part.aligner.next_offsets(), part.ledger.meta())
         else:  # the changelog first: it is never behind the store
             seq, changes = pipe.prepare(part.aligner.next_offsets(), part.ledger.meta())
             local = None
             if changes:
-                nxt = await produce_changelog(self._send, p, make_tag(part.writer_id, seq), changes)
+                nxt = await produce_changelog(self._send, p, make_tag(part.writer_id, seq), changes,
+                                            self._send_many)
                 local = {CHANGELOG_NEXT_META: str(nxt).encode()}
             pipe.commit_prepared(local)
         return [e.handle for e in entries]
@@ -300,6 +304,13 @@ def make_app(config: JoinerAppConfig) -> tuple[faust.App, JoinerRuntime]:
     async def send(topic, key, value, partition, headers):
         return await app.producer.send(topic, key, value, partition, None, headers)
 
+    senders: list = []
+
+    async def send_many(topic, partition, records):
+        if not senders:  # the producer exists once the app runs
+            senders.append(batch_sender(app.producer._ensure_producer(), 1 << 20))
+        return await senders[0](topic, partition, records)
+
     def caught_up(topic: str, partition: int, next_offset: int) -> bool:
         from faust.types import TP
         try:
@@ -324,7 +335,8 @@ def make_app(config: JoinerAppConfig) -> tuple[faust.App, JoinerRuntime]:
     runtime = JoinerRuntime(config, send=send, read_back=output_reader(config.bootstrap), caught_up=caught_up,
                             assigned=assigned, seek=seek, remote=None if feed is None else feed.table,
                             extra_counters=None if feed is None else feed.counters,
-                            restore=lambda p, start, apply: read_changelog(config.bootstrap, p, start, apply))
+                            restore=lambda p, start, apply: read_changelog(config.bootstrap, p, start, apply),
+                            send_many=send_many)
     state: dict[str, Any] = {}
 
     @app.agent(source, concurrency=1)

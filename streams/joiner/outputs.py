@@ -57,27 +57,75 @@ def output_records(p: int, out: PipelineOutput) -> list[Record]:
     return records
 
 
-async def produce(send, p: int, ledger: OutputLedger, records: list[Record]) -> None:
+async def produce(send, p: int, ledger: OutputLedger, records: list[Record], send_many=None) -> None:
     """Produce ``records`` to partition ``p`` (those the ledger does not suppress), wait for every
-    ack and record the end offsets in ``ledger``."""
-    futures = []
-    for topic, key, value, headers in records:
-        if ledger.should_send(topic, value):
-            futures.append((topic, await send(topic, key, value, p, headers)))
-    for topic, fut in futures:
+    ack and record the end offsets in ``ledger``.
+
+    ``send_many(topic, partition, [(key, value, headers)])``, when given, produces one topic's
+    records in a few record batches and returns ``[(ack awaitable, n records)]``; else ``send``
+    is called per record."""
+    if send_many is None:
+        futures = []
+        for topic, key, value, headers in records:
+            if ledger.should_send(topic, value):
+                futures.append((topic, await send(topic, key, value, p, headers), 1))
+    else:
+        by_topic: dict[str, list[tuple[bytes | None, bytes, Any]]] = {}
+        for topic, key, value, headers in records:
+            if ledger.should_send(topic, value):
+                by_topic.setdefault(topic, []).append((key, value, headers))
+        futures = [(topic, fut, n) for topic, recs in by_topic.items()
+                   for fut, n in await send_many(topic, p, recs)]
+    for topic, fut, n in futures:
         meta = await fut
-        ledger.record(topic, meta.offset + 1)
+        ledger.record(topic, meta.offset + n)
 
 
-async def produce_changelog(send, p: int, tag: bytes, changes) -> int:
+async def produce_changelog(send, p: int, tag: bytes, changes, send_many=None) -> int:
     """Produce one commit's records and its marker; returns the offset after the marker."""
     headers = [(HEADER_TAG, tag)]
-    futures = [await send(TOPIC_STORE_CHANGELOG, k, v, p, headers) for k, v in changes]
-    futures.append(await send(TOPIC_STORE_CHANGELOG, marker_key(tag), b"", p, headers))
-    meta = None
-    for fut in futures:
-        meta = await fut
-    return meta.offset + 1
+    records = [(k, v, headers) for k, v in changes]
+    records.append((marker_key(tag), b"", headers))
+    if send_many is None:
+        futures = [(await send(TOPIC_STORE_CHANGELOG, k, v, p, h), 1) for k, v, h in records]
+    else:
+        futures = await send_many(TOPIC_STORE_CHANGELOG, p, records)
+    end = None
+    for fut, n in futures:
+        end = (await fut).offset + n
+    return end
+
+
+def batch_sender(producer, max_batch_bytes: int):
+    """``send_many`` over an aiokafka producer: one topic partition's records appended to record
+    batches of up to ``max_batch_bytes`` (a record larger than that gets a batch of its own), each
+    submitted with one call; returns ``[(ack future, n records)]``, the ack carrying the batch's
+    base offset."""
+    from aiokafka.producer.message_accumulator import BatchBuilder
+
+    codec = producer._compression_type  # the producer's codec name, None: none
+    compression = producer._COMPRESSORS[codec][1] if codec else 0
+
+    async def send_many(topic: str, partition: int, records) -> list[tuple[Any, int]]:
+        out = []
+        i, n = 0, len(records)
+        while i < n:
+            builder = BatchBuilder(max_batch_bytes, compression)
+            start = i
+            while i < n:
+                key, value, headers = records[i]
+                if builder.append(timestamp=None, key=key, value=value, headers=headers or []) is None:
+                    break
+                i += 1
+            if i == start:  # larger than a batch: alone in one of its own size
+                key, value, headers = records[i]
+                builder = BatchBuilder(len(value or b"") + len(key or b"") + (1 << 16), compression)
+                builder.append(timestamp=None, key=key, value=value, headers=headers or [])
+                i += 1
+            builder.close()
+            out.append((await producer.send_batch(builder, topic, partition=partition), i - start))
+        return out
+    return send_many
 
 
 def output_reader(bootstrap: str):

@@ -32,8 +32,8 @@ import cProfile
 import gc
 import json
 import os
-import shutil
 import pstats
+import shutil
 import signal
 import statistics
 import subprocess

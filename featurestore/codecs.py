@@ -15,7 +15,9 @@ counter         n u16, newest_bucket i64, n_dropped u32, then bucket i64[n],
 item counts     impressions, clicks, likes, dislikes: u64 each                        33 B
 dwell stats     half_life_ms f64 (0 = no decay), ref_ts_ms i64, weight f64,
                 mean f64, m2 f64, n u64                                                49 B
-sketch          the DataSketches KLL serialization, after the version byte
+sketch          magic "DQ", format u8 (1), k u16, n u64, n_levels u8, then
+                length u32[L], n_compactions u64[L], values f32 (level 0 first, each
+                level in its stored order)                          15 + 12 L + 4 m B
 ==============  ==========================================================================
 
 >>> decode_offset(encode_offset(41))
@@ -207,10 +209,56 @@ def decode_dwell_stats(data: bytes) -> tuple[float, int, float, float, float, in
     return _unpack("dwell_stats", _DWELL, data)
 
 
-def encode_sketch(sketch_bytes: bytes) -> bytes:
-    return bytes([VERSION]) + sketch_bytes
+SKETCH_MAGIC = b"DQ"
+SKETCH_FORMAT = 1
+_SKETCH_HEAD = struct.Struct("<B2sBHQB")
+_KLL_FAMILY = 15  # byte 2 of a DataSketches KLL serialization
 
 
-def decode_sketch(data: bytes) -> bytes:
+def encode_sketch(k: int, n: int, n_compactions: Sequence[int],
+                  levels: Sequence[np.ndarray]) -> bytes:
+    """A :class:`~featurestore.sketches.DwellSketch` state: level ``h`` holds values of weight
+    ``2**h``, written in their current order (lossless)."""
+    if len(n_compactions) != len(levels) or not 1 <= len(levels) <= 64:
+        raise CodecError(f"sketch with {len(levels)} levels and {len(n_compactions)} counters")
+    return b"".join((
+        _SKETCH_HEAD.pack(VERSION, SKETCH_MAGIC, SKETCH_FORMAT, k, n, len(levels)),
+        np.array([len(v) for v in levels], dtype="<u4").tobytes(),
+        np.array(n_compactions, dtype="<u8").tobytes(),
+        *(np.asarray(v, dtype="<f4").tobytes() for v in levels),
+    ))
+
+
+def decode_sketch(data: bytes) -> tuple[int, int, list[int], list[np.ndarray]]:
+    """``(k, n, n_compactions, levels)`` as :func:`encode_sketch` wrote them (levels are f32)."""
     _check_version("sketch", data)
-    return data[1:]
+    if data[1:3] != SKETCH_MAGIC:
+        if len(data) >= 4 and data[3] == _KLL_FAMILY:
+            raise CodecError("old_format: sketch is a DataSketches KLL sketch, written by an older "
+                             "store; rebuild the store")
+        raise CodecError(f"bad_magic: sketch starts {bytes(data[1:3])!r} "
+                         f"(expected {SKETCH_MAGIC!r})")
+    if len(data) < _SKETCH_HEAD.size:
+        raise CodecError(f"bad_length: sketch is {len(data)} bytes (< {_SKETCH_HEAD.size})")
+    _, _, fmt, k, n, n_levels = _SKETCH_HEAD.unpack_from(data)
+    if fmt != SKETCH_FORMAT:
+        raise CodecError(f"unknown_version: sketch format {fmt} (this build reads {SKETCH_FORMAT})")
+    if not 1 <= n_levels <= 64:
+        raise CodecError(f"bad_sketch: {n_levels} levels")
+    off = _SKETCH_HEAD.size
+    if len(data) < off + 12 * n_levels:
+        raise CodecError(f"bad_length: sketch of {n_levels} levels is {len(data)} bytes")
+    lengths = np.frombuffer(data, dtype="<u4", count=n_levels, offset=off).tolist()
+    counts = np.frombuffer(data, dtype="<u8", count=n_levels, offset=off + 4 * n_levels).tolist()
+    off += 12 * n_levels
+    n_values = sum(lengths)
+    if len(data) != off + 4 * n_values:
+        raise CodecError(f"bad_length: sketch is {len(data)} bytes (expected {off + 4 * n_values})")
+    values = np.frombuffer(data, dtype="<f4", count=n_values, offset=off).astype(np.float32)
+    if n_values and not (values >= 0).all():
+        raise CodecError("bad_sketch: negative or nan values")
+    levels, start = [], 0
+    for m in lengths:
+        levels.append(values[start:start + m])
+        start += m
+    return k, n, counts, levels

@@ -15,6 +15,7 @@ their inputs was lost) are suppressed once each when the replay of those inputs 
 """
 from __future__ import annotations
 
+import heapq
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -85,22 +86,28 @@ class TopicAligner:
                 v = known[t] = caught_up(t, self._next[t])
             return v
 
-        rank = _RANK
-        while True:
-            best, best_key = None, None
-            for t in self.topics:
-                q = queues[t]
-                if not q:
-                    if not done(t):
-                        return out
-                    continue
+        # a merge of the queues' heads: (key, position, topic) per non-empty queue
+        rank, heads = _RANK, []
+        for i, t in enumerate(self.topics):
+            q = queues[t]
+            if q:
                 e = q[0]
-                k = (-1 if e.event is None else e.event.ts_ms, rank.get(t, 9), e.offset)
-                if best_key is None or k < best_key:
-                    best, best_key = t, k
-            if best is None:
+                heads.append(((-1 if e.event is None else e.event.ts_ms, rank.get(t, 9), e.offset), i, t))
+            elif not done(t):
                 return out
-            out.append(queues[best].popleft())
+        heapq.heapify(heads)
+        while heads:
+            _key, i, t = heads[0]
+            q = queues[t]
+            out.append(q.popleft())
+            if q:
+                e = q[0]
+                heapq.heapreplace(heads, ((-1 if e.event is None else e.event.ts_ms, rank.get(t, 9), e.offset), i, t))
+            else:
+                heapq.heappop(heads)
+                if not done(t):
+                    return out
+        return out
 
     def next_offsets(self) -> dict[str, int]:
         """Per topic, the first offset not yet released: where to resume after a restart."""

@@ -22,7 +22,8 @@ deletes its key.
 
 Reads inside a transaction (``tx.user_features``, ``tx.item_features``, ...) see its own staged
 updates; reads on the store see committed state only. A transaction keeps what it read decoded
-(a key read and then updated is loaded once), and :meth:`StoreBatch.prefetch` loads many keys in
+(a key read and then updated is loaded once: reading a value never changes it, so the bytes
+written stay a function of the updates alone), and :meth:`StoreBatch.prefetch` loads many keys in
 one multi-get, e.g. every key a batch of samples will touch.
 
 >>> import tempfile
@@ -66,10 +67,6 @@ __all__ = ["CommitInfo", "FeatureStore", "RocksFeatureStore", "StoreBatch"]
 
 _I32_MAX = 2**31 - 1
 _ABSENT = object()
-#: families whose read objects a query changes (a KLL quantile sorts the sketch's level 0 in
-#: place): an update of such a key starts from the stored bytes, not from an object a reader got,
-#: so the bytes written stay a function of the updates alone
-_READS_MUTATE = frozenset({keys.Family.ITEM_SKETCH})
 
 
 class FeatureStore(Protocol):
@@ -185,7 +182,7 @@ class StoreBatch(FeatureView):
             if obj is None:
                 obj = read.get(k, _ABSENT)
                 if obj is _ABSENT:
-                    raw = raws.get(k, _ABSENT) if k[0] in _READS_MUTATE else raws.pop(k, _ABSENT)
+                    raw = raws.pop(k, _ABSENT)
                     if raw is _ABSENT:
                         missing = [] if missing is None else missing
                         missing.append(i)
@@ -196,10 +193,7 @@ class StoreBatch(FeatureView):
         if missing:
             fetched = self._store._get_many([keys_[i] for i in missing])
             for i, raw in zip(missing, fetched):
-                k = keys_[i]
-                out[i] = read[k] = None if raw is None else decode(raw)
-                if k[0] in _READS_MUTATE:
-                    raws[k] = raw
+                out[i] = read[keys_[i]] = None if raw is None else decode(raw)
         return out
 
     def prefetch(self, keys_: Iterable[bytes]) -> int:
@@ -230,7 +224,7 @@ class StoreBatch(FeatureView):
         obj = self._cache.get(key)
         if obj is None:
             obj = self._read.pop(key, _ABSENT)
-            if obj is _ABSENT or key[0] in _READS_MUTATE:
+            if obj is _ABSENT:
                 raw = self._raw.pop(key, _ABSENT)
                 if raw is _ABSENT:
                     raw = self._store._require_db().get(key)

@@ -11,7 +11,7 @@ META           0x01    name, ascii (``b"commit"``)                          comm
 OFFSET         0x02    topic utf-8 | 0x00 | partition u32 BE                next offset to consume
 USER_SEQUENCE  0x10    user_id u64 BE | kind u8 (:class:`SequenceKind`)     bounded sequence
 USER_COUNTER   0x11    user_id u64 BE | counter u8 (:class:`CounterKind`)   event-time buckets
-ITEM_SKETCH    0x20    item_id u64 BE                                       KLL dwell sketch
+ITEM_SKETCH    0x20    item_id u64 BE                                       dwell quantile sketch
 ITEM_COUNTS    0x21    item_id u64 BE                                       four u64 totals
 GLOBAL_DWELL   0x30    shard u32 BE                                         ln(dwell) moments partial
 =============  ======  ==================================================  ===========================

@@ -276,7 +276,7 @@ class StoreBatch(FeatureView):
         return WindowedCounter.from_config(self.config.counters)
 
     def add_item_dwell(self, item_id: int, dwell_ms: float) -> None:
-        """Feed one click's dwell into the item's KLL sketch (T3)."""
+        """Feed one click's dwell into the item's dwell sketch (T3)."""
         if not dwell_ms >= 0:
             raise ValueError(f"dwell_ms={dwell_ms!r} < 0")
         k = self.config.sketch.k

@@ -57,7 +57,7 @@ class SharedStatsOracle:
         if not len(values):
             return math.nan
         q = self.config.joiner.valid_read.t3_quantile
-        return float(values[max(math.ceil(q * len(values)) - 1, 0)])  # KLL is exact below k values
+        return float(values[max(math.ceil(q * len(values)) - 1, 0)])  # the sketch is exact up to k values
 
 
 def check_within_bound(records, exact: dict[int, bytes], oracle: SharedStatsOracle) -> BoundReport:

@@ -123,7 +123,7 @@ def test_valid_read_matches_plain_computation(slice_events, built):
             rank = lambda q: hist[max(math.ceil(q * len(hist)) - 1, 0)]  # noqa: E731
             if dwell >= rank(vr.t3_quantile):
                 rules |= RULE_T3
-            # past k = 200 values KLL answers within its rank error (about 1.65 %): a dwell that
+            # past k = 200 values the sketch answers within its rank error (at most 1 %): a dwell that
             # close to the P10 may fall either way
             unsure = len(hist) >= 200 and rank(vr.t3_quantile - 0.02) <= dwell < rank(vr.t3_quantile + 0.02)
         valid = dwell >= vr.min_dwell_ms and rules != 0

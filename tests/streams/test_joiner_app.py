@@ -272,7 +272,11 @@ def test_worker_without_the_store_restores_it_from_the_changelog(broker, tmp_pat
     assert restored and sorted(opened) == list(range(N_PARTITIONS)), lines
     for p, line in opened.items():  # a restored store resumes where it was, not from offset 0
         assert ("{'impressions': 0, 'clicks': 0, 'dwell': 0, 'feedback': 0}" in line) == (p not in restored), line
-    assert not any("offset_gap" in line for line in lines)
+    # A restored partition resumes at its restored offsets: no gap there. A partition that had not
+    # committed may meet events past offset 0 (the group moved on while its store stayed empty) and
+    # is sought back to 0 by the gap path, which rebuilds it; check_samples above holds either way.
+    gaps = {partition_of(line) for line in lines if "offset_gap" in line}
+    assert not gaps & restored, [line for line in lines if "offset_gap" in line]
     assert counters["restored_from_changelog"] == len(restored) and counters["samples"] == len(expected)
     samples.close()
 

@@ -222,20 +222,25 @@ class ContinuousLearner:
             self.wait_for_writes()
             clean = True
         finally:
-            if not clean and self._writing is not None:   # let a consistent copy already handed over land
-                try:
-                    self.wait_for_writes()
-                except Exception:
-                    logger.exception("checkpoint write failed while stopping")
-            self._writer.shutdown(wait=True)
-            self.stream.close(final_offsets=self.offsets if clean else None)
-            self._tick(self.clock())
-            if self.progress is not None:
-                self.progress.close()
-            if self.audit is not None:
-                self.audit.close()
+            self._close(clean)
             logger.info("learner stopped clean=%s step=%d samples=%d version=%d", clean, self.trainer.step,
                         self.trainer.samples_seen, self.stats.version)
+
+    def _close(self, clean: bool) -> None:
+        """Stop the writer, the stream (committing the final offsets after a clean stop), the live
+        view and the audit log."""
+        if not clean and self._writing is not None:   # let a consistent copy already handed over land
+            try:
+                self.wait_for_writes()
+            except Exception:
+                logger.exception("checkpoint write failed while stopping")
+        self._writer.shutdown(wait=True)
+        self.stream.close(final_offsets=self.offsets if clean else None)
+        self._tick(self.clock())
+        if self.progress is not None:
+            self.progress.close()
+        if self.audit is not None:
+            self.audit.close()
 
     def _train(self, item: StreamBatch) -> None:
         batch = item.batch

@@ -156,18 +156,7 @@ class DistributedLearner(ContinuousLearner):
                 self._sync_durable()
             clean = True
         finally:
-            if not clean and self._writing is not None:
-                try:
-                    self.wait_for_writes()
-                except Exception:
-                    logger.exception("checkpoint write failed while stopping")
-            self._writer.shutdown(wait=True)
-            self.stream.close(final_offsets=self.offsets if clean else None)
-            self._tick(self.clock())
-            if self.progress is not None:
-                self.progress.close()
-            if self.audit is not None:
-                self.audit.close()
+            self._close(clean)
             logger.info("learner stopped rank=%d clean=%s step=%d samples=%d local_samples=%d version=%d",
                         self.comm.rank, clean, self.trainer.step, self.trainer.samples_seen, self.n_local_samples,
                         self.stats.version)

@@ -35,6 +35,7 @@ from streams.joiner.changelog import CHANGELOG_NEXT_META, make_tag, read_changel
 from streams.joiner.outputs import (TOPIC_ORPHANS, Record, batch_sender, dead_letter_record,  # noqa: F401
                                     late_topic, output_reader, output_records, output_topics, produce,
                                     produce_changelog)
+from streams.joiner.fetch import cap_fetch_wait
 from streams.joiner.pipeline import JoinerPipeline, PipelineConfig, PipelineOutput, open_pipeline
 from streams.joiner.shared import RemoteStats
 from streams.joiner.state import Entry, OutputLedger, TopicAligner
@@ -48,7 +49,8 @@ class JoinerAppConfig:
     """One joiner worker. ``data_dir`` holds one feature store per partition (``stores/pNNNN``),
     shared by the workers of one host; ``web_port`` None disables faust's web server.
     ``changelog``: produce every store commit to ``joiner-store-changelog`` and restore a missing
-    or older store from it (``streams.joiner.changelog``)."""
+    or older store from it (``streams.joiner.changelog``). ``fetch_max_wait_ms``: the longest a
+    fetch long-polls (faust's own 1500 ms is overridden: ``streams.joiner.fetch``)."""
 
     bootstrap: str = "127.0.0.1:9092"
     data_dir: Path = Path("data/joiner")
@@ -62,6 +64,7 @@ class JoinerAppConfig:
     log_every_s: float = 10.0
     store_lock_wait_s: float = 30.0
     session_timeout_s: float = 10.0
+    fetch_max_wait_ms: int = 100
     changelog: bool = True
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
@@ -69,6 +72,8 @@ class JoinerAppConfig:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
         if self.batch_max < 1:
             raise ValueError(f"batch_max={self.batch_max!r} must be >= 1")
+        if not 0 <= self.fetch_max_wait_ms <= 60_000:
+            raise ValueError(f"fetch_max_wait_ms={self.fetch_max_wait_ms!r} must be in [0, 60000]")
         for name in ("batch_within_s", "tick_s", "log_every_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be > 0")
@@ -298,6 +303,7 @@ def make_app(config: JoinerAppConfig) -> tuple[faust.App, JoinerRuntime]:
         consumer_max_fetch_size=8 << 20,  # the aligner holds unacked events; a rebalance must not wait for them
         producer_max_request_size=8 << 20,  # a store changelog record holds the whole join-core blob
         **web)
+    cap_fetch_wait(config.fetch_max_wait_ms)
     source = app.topic(*EVENT_TOPICS, key_type=bytes, value_type=bytes,
                        key_serializer="raw", value_serializer="raw")
 

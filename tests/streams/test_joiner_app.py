@@ -337,3 +337,26 @@ def merge_totals(totals) -> dict:
         for k, v in t.items():
             out[k] = out.get(k, 0) + v
     return out
+
+
+def test_the_worker_consumer_long_polls_at_most_fetch_max_wait_ms():
+    """faust hard-codes fetch_max_wait_ms=1500 in the consumer it builds; the joiner's wrapper sets
+    its own (streams/joiner/fetch.py), and a second call replaces the first instead of stacking."""
+    import asyncio
+
+    import faust
+
+    from streams.joiner.fetch import cap_fetch_wait
+
+    async def built(ms: int) -> int:
+        cap_fetch_wait(ms)
+        app = faust.App("fetch-wait-check", broker="kafka://127.0.0.1:1", store="memory://", autodiscover=False,
+                        web_enabled=False)
+        consumer = app.consumer._thread._create_worker_consumer(app.transport)
+        try:
+            return consumer._fetch_max_wait_ms
+        finally:
+            await consumer.stop()
+
+    assert asyncio.run(built(123)) == 123
+    assert asyncio.run(built(100)) == 100

@@ -19,6 +19,26 @@ def _positive(name: str, value: int | float) -> None:
         raise ValueError(f"{name}={value!r} must be > 0")
 
 
+def require_positive(obj: object, *names: str) -> None:
+    """Raise ValueError naming the first of ``obj``'s fields ``names`` that is not > 0.
+
+    >>> from types import SimpleNamespace
+    >>> require_positive(SimpleNamespace(a=1, b=0), "a", "b")
+    Traceback (most recent call last):
+    ...
+    ValueError: b=0 must be > 0
+    """
+    for name in names:
+        _positive(name, getattr(obj, name))
+
+
+def require_non_negative(obj: object, *names: str) -> None:
+    """Raise ValueError naming the first of ``obj``'s fields ``names`` that is < 0."""
+    for name in names:
+        if getattr(obj, name) < 0:
+            raise ValueError(f"{name}={getattr(obj, name)!r} must be >= 0")
+
+
 def _dims(name: str, dims: tuple[int, ...]) -> None:
     if not isinstance(dims, tuple) or any((not isinstance(d, int)) or d <= 0 for d in dims):
         raise ValueError(f"{name}={dims!r} must be a tuple of positive ints")
@@ -51,12 +71,9 @@ class EmbeddingConfig:
     n_item_profile: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("dim", "item_buckets", "category_buckets", "user_buckets", "profile_buckets",
-                     "n_hashes"):
-            _positive(name, getattr(self, name))
-        for name in ("n_user_profile", "n_item_profile"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}={getattr(self, name)!r} must be >= 0")
+        require_positive(self, "dim", "item_buckets", "category_buckets", "user_buckets", "profile_buckets",
+                         "n_hashes")
+        require_non_negative(self, "n_user_profile", "n_item_profile")
 
     @property
     def user_width(self) -> int:
@@ -92,8 +109,7 @@ class DUMNConfig:
     write_chunk: int = 64               # samples per chunk of the write scan
 
     def __post_init__(self) -> None:
-        for name in ("n_heads", "n_slots", "slot_dim", "controller_dim", "write_chunk"):
-            _positive(name, getattr(self, name))
+        require_positive(self, "n_heads", "n_slots", "slot_dim", "controller_dim", "write_chunk")
         if self.embedding.dim % self.n_heads:
             raise ValueError(f"embedding.dim={self.embedding.dim} not divisible by n_heads={self.n_heads}")
         if self.attention_scale not in ("seq_len", "head_dim"):

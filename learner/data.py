@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from learner import LearnerError
+from learner.config import require_non_negative, require_positive
 from learner.batch import SEQUENCE_KINDS, SampleBatch
 from streams import samples_file
 from streams.samples import SampleColumns, decode_batch
@@ -69,12 +70,8 @@ class DataConfig:
     pin_memory: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "seq_len", "prefetch"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name}={getattr(self, name)!r} must be > 0")
-        for name in ("start_offset_bytes", "max_samples"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}={getattr(self, name)!r} must be >= 0")
+        require_positive(self, "batch_size", "seq_len", "prefetch")
+        require_non_negative(self, "start_offset_bytes", "max_samples")
 
 
 @dataclass

@@ -41,6 +41,7 @@ from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from learner import LearnerError
+from learner.config import require_positive
 from learner.batch import SampleBatch
 from learner.data import batch_from_columns, decode_columns
 from streams.samples import TOPIC_SAMPLES
@@ -84,9 +85,7 @@ class StreamConfig:
             raise ValueError("bootstrap='' (need host:port[,host:port])")
         if not self.group_id:
             raise ValueError("group_id='' (the learner always consumes in a group)")
-        for name in ("batch_size", "seq_len", "prefetch", "fetch_max_wait_ms", "heartbeat_interval_ms"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name}={getattr(self, name)!r} must be > 0")
+        require_positive(self, "batch_size", "seq_len", "prefetch", "fetch_max_wait_ms", "heartbeat_interval_ms")
         if self.poll_timeout_ms < 1000:
             raise ValueError(f"poll_timeout_ms={self.poll_timeout_ms!r} < 1000 (kafka-python can lose a "
                              "group join with shorter poll timeouts)")

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from learner.batch import SEQUENCE_KINDS, SampleBatch
+from learner.config import require_positive
 
 
 @dataclass(frozen=True)
@@ -34,9 +35,7 @@ class SyntheticSpec:
     id_offset: int = 0           # added to every user/item id: an offset past training gives unseen ids
 
     def __post_init__(self) -> None:
-        for name in ("n_users", "n_items", "n_categories", "n_groups"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name}={getattr(self, name)!r} must be > 0")
+        require_positive(self, "n_users", "n_items", "n_categories", "n_groups")
 
 
 def _synthetic_ndt(dwell_s: np.ndarray) -> np.ndarray:

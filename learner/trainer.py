@@ -35,7 +35,7 @@ import torch
 
 from learner import LearnerError
 from learner.batch import SampleBatch
-from learner.config import CLSDConfig, ObjectiveConfig
+from learner.config import CLSDConfig, ObjectiveConfig, require_positive
 from learner.data import LoadedBatch
 from learner.metrics import CumulativeMetrics, WindowMetrics
 from learner.models import MODEL_CONFIGS, build_model
@@ -76,9 +76,7 @@ class TrainerConfig:
             raise ValueError(f"device={self.device!r} must be 'auto', 'cpu' or 'cuda'")
         if self.lr <= 0:
             raise ValueError(f"lr={self.lr!r} must be > 0")
-        for name in ("window", "cumulative_bins", "curve_every"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name}={getattr(self, name)!r} must be > 0")
+        require_positive(self, "window", "cumulative_bins", "curve_every")
 
     @property
     def heads(self) -> tuple[str, ...]:

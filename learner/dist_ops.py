@@ -15,9 +15,9 @@ from learner.models.dumn_memory import N_KINDS, UserMemory
 class MemoryWrites:
     """Captures the DUMN memory writes of a local training forward instead of applying them.
 
-    Each :class:`UserMemory` of ``model`` gets an instance-level ``_write`` that stores its
+    Each :class:`UserMemory` of ``model`` gets a ``write_sink`` that stores its
     (w (B, 4, m), erase (B, 4, Z), add (B, 4, Z)); :func:`merge_memory_writes` later applies every
-    rank's writes with the class's own ``_write``. Reads inside the forward still see the memory as
+    rank's writes with the memory's ``apply_writes``. Reads inside the forward still see the memory as
     it stood at the start of the step (the model copies it before addressing).
     """
 
@@ -25,7 +25,7 @@ class MemoryWrites:
         self.memories = [m for m in model.modules() if isinstance(m, UserMemory)]
         self.pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None] * len(self.memories)
         for i, um in enumerate(self.memories):
-            um._write = functools.partial(self._capture, i)
+            um.write_sink = functools.partial(self._capture, i)
 
     def _capture(self, i: int, w: torch.Tensor, erase: torch.Tensor, add: torch.Tensor) -> None:
         self.pending[i] = (w, erase, add)
@@ -51,7 +51,7 @@ def apply_writes(memory: UserMemory, rows: torch.Tensor) -> None:
     """Apply ``rows`` (N, 4, m + 2 Z), in order, with the model's own write (loop on CPU, scan elsewhere)."""
     m, z = memory.memory.shape[1], memory.memory.shape[2]
     if rows.shape[0]:
-        UserMemory._write(memory, rows[..., :m], rows[..., m:m + z], rows[..., m + z:])
+        memory.apply_writes(rows[..., :m], rows[..., m:m + z], rows[..., m + z:])
 
 
 def merge_memory_writes(comm: Comm, memory: UserMemory, local: torch.Tensor, counts: list[int]) -> None:

@@ -109,6 +109,9 @@ class UserMemory(nn.Module):
             nn.Sequential(nn.Linear(in_dim, controller_dim), nn.ReLU(), nn.Linear(controller_dim, n_out))
             for _ in range(N_KINDS))
         self.register_buffer("memory", torch.randn(n_memories, n_slots, slot_dim) * init_std)  # (n_mem, m, Z)
+        # where a training forward's writes go: None applies them (apply_writes); a callable
+        # (w, erase, add) receives them instead (the distributed learner applies every rank's later)
+        self.write_sink = None
 
     def controller(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """x (B, 4, Du + E) -> read_key, write_key, erase, add (B, 4, Z) and betas (B, 4) or None."""
@@ -138,11 +141,11 @@ class UserMemory(nn.Module):
              - torch.einsum("bkm,kmz->bkz", w2, m0) * c["erase"]
              + w2.sum(-1, keepdim=True) * c["add"])                       # (B, 4, Z)
         if write:
-            self._write(w_w.detach(), c["erase"].detach(), c["add"].detach())
+            (self.write_sink or self.apply_writes)(w_w.detach(), c["erase"].detach(), c["add"].detach())
         return r, q
 
     @torch.no_grad()
-    def _write(self, w: torch.Tensor, erase: torch.Tensor, add: torch.Tensor) -> None:
+    def apply_writes(self, w: torch.Tensor, erase: torch.Tensor, add: torch.Tensor) -> None:
         """Apply the B x 4 writes (w (B, 4, m), erase/add (B, 4, Z)) in stream order.
 
         On CPU the writes run as an in-place loop over samples on a cache-resident (n_mem, m, Z)

@@ -47,13 +47,11 @@ def test_model_memory_write_equals_per_sample_loop(n_memories):
     mem = model.memory
     b = synthetic_batch(11, 5, seed=3)
     captured = {}
-    orig = mem._write
-
     def spy(w, erase, add):
         captured.update(w=w.clone(), erase=erase.clone(), add=add.clone())
-        orig(w, erase, add)
+        mem.apply_writes(w, erase, add)
 
-    mem._write = spy
+    mem.write_sink = spy
     start = mem.memory.clone()
     model(b)
     end = mem.memory.clone()

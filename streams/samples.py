@@ -43,6 +43,7 @@ TOPIC_SAMPLES = "samples"
 SAMPLE_TYPE = 0x10
 SAMPLE_VERSION = 1
 SEQUENCE_KINDS = ("click", "unclick", "like", "dislike")
+_SEQUENCE_FIELDS = tuple(f"{k}_{part}" for k in SEQUENCE_KINDS for part in ("items", "cats"))
 FIXED_BYTES = 88
 FLAG_CLICKED, FLAG_VALID_READ, FLAG_LIKED, FLAG_DISLIKED, FLAG_EARLY = 1, 2, 4, 8, 16
 _MAX_SEQ = 0xFFFF
@@ -108,6 +109,19 @@ class Snapshot:
     dislike_items: tuple[int, ...] = ()
     dislike_cats: tuple[int, ...] = ()
     newest_ts_ms: int = -1
+
+    @classmethod
+    def prechecked(cls, sequences: list[tuple[int, ...]], newest_ts_ms: int) -> "Snapshot":
+        """A snapshot of already-checked values without the constructor's checks (the joiner's hot
+        path). ``sequences``: (items, cats) tuples of ints in field order (click, unclick, like,
+        dislike), each at most ``seq_len`` long, as read back from the feature store, which
+        checked every entry when it was staged; ``encode_batch`` checks every row again
+        (``snapshot_ts_ms < ts_ms`` included), so nothing unchecked reaches the wire."""
+        snap = object.__new__(cls)
+        for name, value in zip(_SEQUENCE_FIELDS, sequences):
+            object.__setattr__(snap, name, value)
+        object.__setattr__(snap, "newest_ts_ms", newest_ts_ms)
+        return snap
 
     def __post_init__(self) -> None:
         empty = True

@@ -9,7 +9,6 @@ each at the time it became known (docs/joiner.md, section 4 "snapshot" and secti
 """
 from __future__ import annotations
 
-import dataclasses
 
 from featurestore import CounterKind, SequenceKind
 from featurestore import keys as fs_keys
@@ -127,24 +126,7 @@ class UserSnapshots:
             n_clicks = 0 if seqs[0] is None else seqs[0].count_before(c, self.max_len, lo)
             n_clicks += sum(1 for e in unsettled[0] if lo <= e[0] < c)
             clicks[(imp.user_id, c)] = n_clicks
-        return _snapshot(parts, newest)
-
-
-_SNAPSHOT_FIELDS = tuple(f.name for f in dataclasses.fields(Snapshot))
-if _SNAPSHOT_FIELDS != (*(f"{name}_{part}" for _k, name in SEQ_KINDS for part in ("items", "cats")), "newest_ts_ms"):
-    raise RuntimeError(f"Snapshot fields changed: {_SNAPSHOT_FIELDS}")
-_set = object.__setattr__
-
-
-def _snapshot(parts: list[tuple[int, ...]], newest_ts_ms: int) -> Snapshot:
-    """A Snapshot of (items, cats) per sequence without the constructor's checks: the entries are
-    ints read from the store, which checked them when they were staged, at most ``seq_len`` per
-    sequence, and ``encode_batch`` checks every row again (``snapshot_ts_ms < ts_ms`` included)."""
-    snap = object.__new__(Snapshot)
-    for name, value in zip(_SNAPSHOT_FIELDS, parts):
-        _set(snap, name, value)
-    _set(snap, "newest_ts_ms", newest_ts_ms)
-    return snap
+        return Snapshot.prechecked(parts, newest)   # parts in SEQ_KINDS order = the field order
 
 
 def stage_user(tx: StoreBatch, s: JoinedImpression, keys: list[bytes]) -> None:

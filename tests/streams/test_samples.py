@@ -240,3 +240,16 @@ def test_snapshot_rejects_non_integers_and_out_of_range_ids():
         Snapshot(click_items=(-1,), click_cats=(1,), newest_ts_ms=1)
     with pytest.raises(ValueError, match="-2 outside"):
         Snapshot(click_items=(1,), click_cats=(-2,), newest_ts_ms=1)
+
+
+def test_prechecked_snapshot_equals_the_checked_one():
+    """The joiner's hot path builds snapshots without re-validation; the result must be the very
+    snapshot the checked constructor builds (same fields, same order)."""
+    import dataclasses
+
+    from streams.samples import _SEQUENCE_FIELDS, Snapshot
+
+    assert tuple(f.name for f in dataclasses.fields(Snapshot)) == (*_SEQUENCE_FIELDS, "newest_ts_ms")
+    parts = [(1, 2), (5, -1), (3,), (7,), (), (), (9,), (0,)]
+    checked = Snapshot(*parts, newest_ts_ms=42)
+    assert Snapshot.prechecked(parts, 42) == checked

@@ -380,7 +380,10 @@ def test_acknowledged_appends_survive_kill_9(tmp_path, fsync):
     finally:
         proc.kill()
         proc.wait()
-    acked.extend(tuple(map(int, line.split())) for line in proc.stdout.read().splitlines() if line.count(" ") == 1)
+    # the last line may be cut by the kill ("123 " or "123 4" without its newline): whole lines only
+    tail = proc.stdout.read()
+    complete = tail.splitlines()[:-1] if tail and not tail.endswith("\n") else tail.splitlines()
+    acked.extend(tuple(map(int, line.split())) for line in complete if len(line.split()) == 2)
     assert len(acked) >= 400, f"writer acknowledged only {len(acked)} appends"
     log = PartitionLog(tmp_path / "p", LogConfig(fsync="never", segment_bytes=8192))
     assert log.n_segments > 1

@@ -10,15 +10,17 @@ Phases, each on its own embedded broker with one partition per topic:
    as in the joiner CLI: events/s.
 2. ``worker``: the events are produced first, then ``streamrec joiner`` (``--batch-max``, default
    10000) runs as a subprocess pinned to one CPU; events/s from its /counters page, between 10 % and
-   90 % of the events.
-3. ``latency``: a fresh worker, then the events produced at ``--paced-rate`` events/s; per sample,
-   latency = the sample record's timestamp - the timestamp of the source record whose event time
-   moved the watermark past the sample's close (p50 / p99). Samples flushed at the end of the
-   stream (no such record) are left out.
-4. ``naive``: the same worker with ``--batch-max 1`` (one event per await, a commit per event) on the
-   first ``--naive-events`` events; the ratio worker / naive.
+   90 % of the events. ``stream``: the same with ``--delivery stream`` (faust's per-record stream
+   path instead of the batch drain, ``streams/joiner/delivery.py``); the ratio batch / stream.
+3. ``naive``: a one-event-at-a-time faust agent: ``--delivery stream --batch-max 1`` (one record
+   per await, a store commit per record) on the first ``--naive-events`` events; the ratio
+   worker / naive.
+4. ``latency``, once per delivery: a fresh worker; once it holds its partition, the events are
+   produced at ``--paced-rate`` events/s; per sample, latency = the sample record's timestamp - the
+   timestamp of the source record whose event time moved the watermark past the sample's close
+   (p50 / p99). Samples flushed at the end of the stream (no such record) are left out.
 
-``--phases pipeline`` runs the first phase only; ``--repeat N`` runs it N times on fresh stores and
+``--phases pipeline`` runs the first phase only, ``--phases latency`` the latency phases only; ``--repeat N`` runs it N times on fresh stores and
 reports the median; ``--profile PATH`` runs it once more under cProfile and writes the stats to
 PATH (printing the top functions by own time).
 
@@ -108,18 +110,24 @@ def create_topics(bootstrap: str) -> None:
     admin.close()
 
 
-def start_worker(bootstrap: str, data_dir: Path, port: int, batch_max: int, cpu: int | None, log: Path):
+WORKER_ARGS: list[str] = []  # --worker-arg: passed to every worker
+
+
+def start_worker(bootstrap: str, data_dir: Path, port: int, batch_max: int, cpu: int | None, log: Path,
+                 delivery: str = "batch"):
     cmd = [sys.executable, "-m", "streamrec.commands.joiner", "--bootstrap", bootstrap, "--data-dir", str(data_dir),
-           "--web-port", str(port), "--idle-flush-s", "2", "--batch-max", str(batch_max), "--log-level", "WARNING"]
+           "--web-port", str(port), "--idle-flush-s", "2", "--batch-max", str(batch_max), "--log-level", "WARNING",
+           "--delivery", delivery, *WORKER_ARGS]
     if cpu is not None and shutil.which("taskset"):
         cmd = ["taskset", "-c", str(cpu), *cmd]
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     return subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
 
 
-def counters(port: int) -> dict:
+def counters(port: int, part: str = "total") -> dict:
+    """The worker's /counters page: ``total`` or ``partitions`` (per assigned partition)."""
     try:
-        return json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/counters", timeout=5).read())["total"]
+        return json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/counters", timeout=5).read())[part]
     except OSError:
         return {}
 
@@ -226,6 +234,63 @@ def pipeline_phase(tmp: Path, events: list, repeat: int, profile: str | None) ->
         pstats.Stats(prof).sort_stats("tottime").print_stats(25)
 
 
+def worker_phases(tmp: Path, events: list, naive_events: int, cpu: int | None) -> None:
+    """The worker (batch delivery), the same worker on faust's stream path, and the naive agent,
+    on pre-produced events."""
+    results = {}
+    for phase, delivery, batch_max, evs in (("worker", "batch", 10_000, events),
+                                            ("stream", "stream", 10_000, events),
+                                            ("naive", "stream", 1, events[:naive_events])):
+        with EmbeddedBroker(BrokerConfig(data_dir=tmp / f"broker-{phase}", port=0)) as b:
+            create_topics(b.bootstrap)
+            produce(b.bootstrap, evs)
+            port = free_port("127.0.0.1")
+            proc = start_worker(b.bootstrap, tmp / f"joiner-{phase}", port, batch_max, cpu, tmp / f"{phase}.log",
+                                delivery)
+            try:
+                rate, c = rate_between(port, len(evs), proc, 600)
+            except RuntimeError:
+                print(f"{phase} worker log (tail):\n{(tmp / f'{phase}.log').read_text(errors='replace')[-4000:]}")
+                raise
+            finally:
+                stop(proc)
+            results[phase] = rate
+            print(f"{phase} (faust, --delivery {delivery} --batch-max {batch_max}, pinned cpu={cpu}): events={len(evs)} "
+                  f"events_per_s={rate:.0f} samples={c.get('samples')} late={c.get('late')} orphan={c.get('orphan')}")
+    print(f"ratio worker/naive: {results['worker'] / results['naive']:.1f}x; "
+          f"batch/stream delivery: {results['worker'] / results['stream']:.2f}x")
+
+
+def latency_phase(tmp: Path, events: list, paced_events: int, paced_rate: float, cpu: int | None,
+                  delivery: str) -> None:
+    """Phase 3: a fresh worker, then events produced at ``paced_rate``; window close -> sample."""
+    with EmbeddedBroker(BrokerConfig(data_dir=tmp / f"broker-latency-{delivery}", port=0)) as b:
+        create_topics(b.bootstrap)
+        port = free_port("127.0.0.1")
+        proc = start_worker(b.bootstrap, tmp / f"joiner-latency-{delivery}", port, 10_000, cpu,
+                            tmp / f"latency-{delivery}.log", delivery)
+        try:
+            # steady state: produce once the worker holds its partition (assigned, store open)
+            t_start, deadline = time.monotonic(), time.monotonic() + 60
+            while not counters(port, "partitions") and time.monotonic() < deadline:
+                time.sleep(0.1)
+            print(f"latency phase ({delivery}): worker holds its partition {time.monotonic() - t_start:.1f} s after start")
+            paced = events[:paced_events]
+            producer = threading.Thread(target=produce, args=(b.bootstrap, paced, paced_rate))
+            producer.start()
+            producer.join()
+            deadline = time.monotonic() + 120
+            while counters(port).get("events", 0) < len(paced) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            time.sleep(3)  # the idle flush emits the rest
+        finally:
+            stop(proc)
+        lat = latencies(b.bootstrap, PipelineConfig().joiner.allowed_lateness_ms)
+        print(f"latency ({delivery} delivery) window close -> sample emitted (paced {paced_rate:.0f} events/s, "
+              f"{len(lat)} samples closed by the watermark): p50_ms={np.percentile(lat, 50):.0f} "
+              f"p99_ms={np.percentile(lat, 99):.0f} max_ms={lat.max()}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scale", type=int, default=4, help="copies of the slice (default 4)")
@@ -233,14 +298,17 @@ def main() -> int:
     ap.add_argument("--paced-events", type=int, default=30_000, help="events in the latency phase")
     ap.add_argument("--naive-events", type=int, default=4000, help="events for the naive agent")
     ap.add_argument("--cpu", type=int, default=1, help="CPU the worker is pinned to (-1: not pinned)")
-    ap.add_argument("--phases", choices=("all", "pipeline"), default="all",
-                    help="all four phases (default) or the in-process pipeline only")
+    ap.add_argument("--phases", choices=("all", "pipeline", "latency"), default="all",
+                    help="all phases (default), the in-process pipeline only, or the latency phases only")
+    ap.add_argument("--worker-arg", action="append", default=[],
+                    help="extra `streamrec joiner` argument for the workers, e.g. --worker-arg=--batch-within-s=0.05")
     ap.add_argument("--repeat", type=int, default=1, help="runs of the pipeline phase (median reported)")
     ap.add_argument("--profile", default=None, help="write a cProfile of one more pipeline run here")
     args = ap.parse_args()
     if args.repeat < 1:
         ap.error(f"--repeat={args.repeat} must be >= 1")
     cpu = None if args.cpu < 0 else args.cpu
+    WORKER_ARGS.extend(args.worker_arg)
     gc.set_threshold(50_000)  # as the joiner CLI does (docs/joiner.md, section 6)
     print(f"machine: {cpu_model()}, {os.cpu_count()} CPUs, load average {load_average():.2f}")
     print(f"command: {command_line()}")
@@ -249,49 +317,14 @@ def main() -> int:
     print(f"stream: slice x{args.scale} = {n} events")
     tmp = Path(tempfile.mkdtemp(prefix="bench-joiner-"))
     try:
-        # 1. the pipeline alone
-        pipeline_phase(tmp, events, args.repeat, args.profile)
+        if args.phases in ("all", "pipeline"):  # 1. the pipeline alone
+            pipeline_phase(tmp, events, args.repeat, args.profile)
         if args.phases == "pipeline":
             return 0
-
-        results = {}
-        for phase, batch_max, evs in (("worker", 10_000, events), ("naive", 1, events[:args.naive_events])):
-            with EmbeddedBroker(BrokerConfig(data_dir=tmp / f"broker-{phase}", port=0)) as b:
-                create_topics(b.bootstrap)
-                produce(b.bootstrap, evs)
-                port = free_port("127.0.0.1")
-                proc = start_worker(b.bootstrap, tmp / f"joiner-{phase}", port, batch_max, cpu, tmp / f"{phase}.log")
-                try:
-                    rate, c = rate_between(port, len(evs), proc, 600)
-                finally:
-                    stop(proc)
-                results[phase] = rate
-                print(f"{phase} (faust, --batch-max {batch_max}, pinned cpu={cpu}): events={len(evs)} "
-                      f"events_per_s={rate:.0f} samples={c.get('samples')} late={c.get('late')} orphan={c.get('orphan')}")
-        print(f"ratio worker/naive: {results['worker'] / results['naive']:.1f}x")
-
-        with EmbeddedBroker(BrokerConfig(data_dir=tmp / "broker-latency", port=0)) as b:
-            create_topics(b.bootstrap)
-            port = free_port("127.0.0.1")
-            proc = start_worker(b.bootstrap, tmp / "joiner-latency", port, 10_000, cpu, tmp / "latency.log")
-            try:
-                deadline = time.monotonic() + 60
-                while not counters(port) and time.monotonic() < deadline:
-                    time.sleep(0.2)
-                paced = events[:args.paced_events]
-                producer = threading.Thread(target=produce, args=(b.bootstrap, paced, args.paced_rate))
-                producer.start()
-                producer.join()
-                deadline = time.monotonic() + 120
-                while counters(port).get("events", 0) < len(paced) and time.monotonic() < deadline:
-                    time.sleep(0.2)
-                time.sleep(3)  # the idle flush emits the rest
-            finally:
-                stop(proc)
-            lat = latencies(b.bootstrap, PipelineConfig().joiner.allowed_lateness_ms)
-            print(f"latency window close -> sample emitted (paced {args.paced_rate:.0f} events/s, "
-                  f"{len(lat)} samples closed by the watermark): p50_ms={np.percentile(lat, 50):.0f} "
-                  f"p99_ms={np.percentile(lat, 99):.0f} max_ms={lat.max()}")
+        if args.phases == "all":
+            worker_phases(tmp, events, args.naive_events, cpu)
+        for delivery in ("batch", "stream"):
+            latency_phase(tmp, events, args.paced_events, args.paced_rate, cpu, delivery)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"load average at the end: {load_average():.2f}")

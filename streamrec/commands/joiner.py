@@ -35,7 +35,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--idle-flush-s", type=float, default=None,
                    help="a partition without events this long is treated as ended: pending impressions "
                         "are emitted (default: never; use for replays)")
-    p.add_argument("--batch-max", type=int, default=None, help="events per stream.take batch (default 10000)")
+    p.add_argument("--batch-max", type=int, default=None, help="most records handled in one batch (one store commit; default 10000)")
+    p.add_argument("--fetch-max-wait-ms", type=int, default=None,
+                   help="longest a fetch long-polls the brokers (default 100)")
+    p.add_argument("--delivery", choices=("batch", "stream"), default=None,
+                   help="batch: each fetch reaches the joiner as one list (default); stream: faust's "
+                        "per-record stream path (slower; for comparison)")
     p.add_argument("--session-timeout-s", type=float, default=None,
                    help="group session timeout: how soon a dead worker's partitions move (default 10)")
 
@@ -46,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
 
     flags = {"bootstrap": args.bootstrap, "data_dir": args.data_dir, "app_id": args.app_id,
              "web_port": args.web_port, "web_host": args.web_host, "idle_flush_s": args.idle_flush_s,
-             "batch_max": args.batch_max, "session_timeout_s": args.session_timeout_s}
+             "batch_max": args.batch_max, "session_timeout_s": args.session_timeout_s,
+             "fetch_max_wait_ms": args.fetch_max_wait_ms, "delivery": args.delivery}
     config = build(JoinerAppConfig, load_section(getattr(args, "config", None), "joiner"), flags)
     gc.set_threshold(GC_GEN0_THRESHOLD)  # the join state is many small objects (docs/joiner.md, section 6)
     code, counters = run_worker(config, loglevel=str(getattr(args, "log_level", "info")).lower())

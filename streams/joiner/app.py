@@ -3,16 +3,17 @@
 Topology (docs/joiner.md, "Running the joiner")::
 
     impressions ─┐                    one agent, co-partitioned: partition p of all four topics
-    clicks ──────┼─ noack_take ─> decode (bad -> <topic>.dlq) ─> TopicAligner[p] ─> JoinerPipeline[p]
+    clicks ──────┼─ BatchDrain ─> decode (bad -> <topic>.dlq) ─> TopicAligner[p] ─> JoinerPipeline[p]
     dwell ───────┤                                                       │   (store data_dir/stores/p)
     feedback ────┘                 samples[p], <topic>.late[p], joiner.orphans[p] <─┤
     joiner.dwell (all partitions) ─> StatsFeed thread ─> RemoteStats ─> (T1/T3)     │
     joiner.dwell[p] <── this partition's statistics contributions, per epoch ────────┘
 
-The agent is thin: it hands each ``stream.noack_take`` batch to :class:`JoinerRuntime.handle`,
-which decodes, aligns, runs the pipelines, produces the outputs (to the source's partition), then
+faust's consumer hands each fetch of the four topics to the joiner's task as one list
+(``streams.joiner.delivery.BatchDrain``: faust's per-record stream path is bypassed, measured
+there); the task is thin: it hands the records to :class:`JoinerRuntime.handle`, which decodes, aligns, runs the pipelines, produces the outputs (to the source's partition), then
 commits each pipeline (state + core blob + source offsets + output end offsets: one WriteBatch)
-and only then returns the consumed events to ack, so the group's committed offsets never pass the
+and only then returns the consumed records to ack, so the group's committed offsets never pass the
 store's. A timer releases aligned events when topics catch up, flushes partitions idle for
 ``idle_flush_s`` and logs the counters; ``/counters`` on the web port returns them as JSON.
 Output topics, records and the produce calls live in ``streams.joiner.outputs``.
@@ -35,6 +36,7 @@ from streams.joiner.changelog import CHANGELOG_NEXT_META, make_tag, read_changel
 from streams.joiner.outputs import (TOPIC_ORPHANS, Record, batch_sender, dead_letter_record,  # noqa: F401
                                     late_topic, output_reader, output_records, output_topics, produce,
                                     produce_changelog)
+from streams.joiner.delivery import BatchDrain
 from streams.joiner.fetch import cap_fetch_wait
 from streams.joiner.pipeline import JoinerPipeline, PipelineConfig, PipelineOutput, open_pipeline
 from streams.joiner.shared import RemoteStats
@@ -50,7 +52,9 @@ class JoinerAppConfig:
     shared by the workers of one host; ``web_port`` None disables faust's web server.
     ``changelog``: produce every store commit to ``joiner-store-changelog`` and restore a missing
     or older store from it (``streams.joiner.changelog``). ``fetch_max_wait_ms``: the longest a
-    fetch long-polls (faust's own 1500 ms is overridden: ``streams.joiner.fetch``)."""
+    fetch long-polls (faust's own 1500 ms is overridden: ``streams.joiner.fetch``). ``delivery``:
+    ``batch`` (default) hands each fetch to the joiner as one list (``streams.joiner.delivery``);
+    ``stream`` uses faust's per-record stream path (an agent over ``noack_take``), for comparison."""
 
     bootstrap: str = "127.0.0.1:9092"
     data_dir: Path = Path("data/joiner")
@@ -58,13 +62,13 @@ class JoinerAppConfig:
     web_host: str = "127.0.0.1"
     web_port: int | None = None
     batch_max: int = 10_000
-    batch_within_s: float = 0.1
     tick_s: float = 0.2
     idle_flush_s: float | None = None
     log_every_s: float = 10.0
     store_lock_wait_s: float = 30.0
     session_timeout_s: float = 10.0
     fetch_max_wait_ms: int = 100
+    delivery: str = "batch"
     changelog: bool = True
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
@@ -72,9 +76,11 @@ class JoinerAppConfig:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
         if self.batch_max < 1:
             raise ValueError(f"batch_max={self.batch_max!r} must be >= 1")
+        if self.delivery not in ("batch", "stream"):
+            raise ValueError(f"delivery={self.delivery!r} must be 'batch' or 'stream'")
         if not 0 <= self.fetch_max_wait_ms <= 60_000:
             raise ValueError(f"fetch_max_wait_ms={self.fetch_max_wait_ms!r} must be in [0, 60000]")
-        for name in ("batch_within_s", "tick_s", "log_every_s"):
+        for name in ("tick_s", "log_every_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be > 0")
         if self.idle_flush_s is not None and not self.idle_flush_s > 0:
@@ -180,33 +186,32 @@ class JoinerRuntime:
         self.revoke(list(self.partitions))
 
     # -- the hot path ---------------------------------------------------------------------------
-    async def handle(self, events: list[Any]) -> list[Any]:
-        """Process one batch of faust events; returns the events that may now be acked."""
+    async def handle(self, messages: list[Any]) -> list[Any]:
+        """Process one batch of consumed records (faust ``Message``: topic, partition, offset, key,
+        value); returns the records that may now be acked."""
         async with self.lock:
             acks: list[Any] = []
             by_tp: dict[tuple[str, int], list[Any]] = {}
-            for ev in events:
-                m = ev.message
-                by_tp.setdefault((m.topic, m.partition), []).append(ev)
+            for m in messages:
+                by_tp.setdefault((m.topic, m.partition), []).append(m)
             touched, gaps = set(), {}
-            for (topic, p), evs in by_tp.items():
+            for (topic, p), msgs in by_tp.items():
                 if p not in self.partitions and not self._assigned(p):
                     continue  # in flight from before a rebalance: another worker owns it now
                 part = await self._open(p)
                 part.last_event_s = time.monotonic()
                 part.flushed = False
-                decoded = decode_batch([ev.message.value for ev in evs], kind_of(topic))
+                decoded = decode_batch([m.value for m in msgs], kind_of(topic))
                 reasons = dict(decoded.errors)
                 good = iter(from_records(decoded.records, kind_of(topic)))
-                for i, ev in enumerate(evs):
-                    m = ev.message
+                for i, m in enumerate(msgs):
                     if i in reasons:
-                        entry = Entry(topic, m.offset, None, ev, m.key, m.value, reasons[i])
+                        entry = Entry(topic, m.offset, None, m, m.key, m.value, reasons[i])
                     else:
-                        entry = Entry(topic, m.offset, next(good), ev)
+                        entry = Entry(topic, m.offset, next(good), m)
                     status = part.aligner.add(entry)
                     if status == TopicAligner.SEEN:
-                        acks.append(ev)
+                        acks.append(m)
                     elif status == TopicAligner.GAP:
                         gaps[(topic, p)] = part.aligner.next_received(topic)
                 touched.add(p)
@@ -292,20 +297,23 @@ def make_app(config: JoinerAppConfig) -> tuple[faust.App, JoinerRuntime]:
         port = config.web_port or free_port(config.web_host)  # faust refuses port 0
         web = {"web_enabled": True, "web_port": port, "web_bind": config.web_host, "web_host": config.web_host}
         logger.info("joiner_web url=http://%s:%d/counters", config.web_host, port)
-    app = faust.App(
+    drain = BatchDrain(EVENT_TOPICS) if config.delivery == "batch" else None
+    app = _JoinerApp(
         config.app_id, broker=f"kafka://{config.bootstrap}", store="memory://",
         datadir=str(config.data_dir / "faust"), autodiscover=False,
         topic_replication_factor=1, consumer_auto_offset_reset="earliest",
         broker_commit_interval=0.5, broker_heartbeat_interval=0.5,
         broker_session_timeout=config.session_timeout_s,  # how soon a dead worker's partitions move
-        stream_wait_empty=False,
-        stream_buffer_maxsize=config.batch_max * 4, broker_max_poll_records=config.batch_max,
+        stream_wait_empty=False, broker_max_poll_records=config.batch_max,
         consumer_max_fetch_size=8 << 20,  # the aligner holds unacked events; a rebalance must not wait for them
         producer_max_request_size=8 << 20,  # a store changelog record holds the whole join-core blob
         **web)
+    app.batch_drain = drain
     cap_fetch_wait(config.fetch_max_wait_ms)
-    source = app.topic(*EVENT_TOPICS, key_type=bytes, value_type=bytes,
-                       key_serializer="raw", value_serializer="raw")
+    # subscribed through the conductor (faust's group membership and assignment); the records
+    # themselves reach the joiner through the drain, not through a stream
+    source = app.topic(*EVENT_TOPICS, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+    app.topics.add(source)
 
     async def send(topic, key, value, partition, headers):
         return await app.producer.send(topic, key, value, partition, None, headers)
@@ -340,17 +348,25 @@ def make_app(config: JoinerAppConfig) -> tuple[faust.App, JoinerRuntime]:
             logger.warning("stats_feed_slow: starting before joiner.dwell was read to its end")
     runtime = JoinerRuntime(config, send=send, read_back=output_reader(config.bootstrap), caught_up=caught_up,
                             assigned=assigned, seek=seek, remote=None if feed is None else feed.table,
-                            extra_counters=None if feed is None else feed.counters,
+                            extra_counters=lambda: {**(drain.counters() if drain else {}),
+                                                    **(feed.counters() if feed else {})},
                             restore=lambda p, start, apply: read_changelog(config.bootstrap, p, start, apply),
                             send_many=send_many)
-    state: dict[str, Any] = {}
-
-    @app.agent(source, concurrency=1)
-    async def join(stream):
-        state["stream"] = stream
-        async for events in stream.noack_take(config.batch_max, within=config.batch_within_s):
-            for ev in await runtime.handle(events):
-                await stream.ack(ev)
+    if drain is not None:
+        @app.task
+        async def join():
+            while True:
+                records = await drain.get(config.batch_max)
+                ack = app.consumer.ack
+                for m in await runtime.handle(records):
+                    ack(m)
+    else:  # faust's own per-record path (a comparison in scripts/bench_joiner.py)
+        @app.agent(source, concurrency=1)
+        async def join_stream(stream):
+            ack = app.consumer.ack
+            async for events in stream.noack_take(config.batch_max, within=0.1):
+                for m in await runtime.handle([ev.message for ev in events]):
+                    ack(m)
 
     positioned: set[int] = set()
 
@@ -358,9 +374,6 @@ def make_app(config: JoinerAppConfig) -> tuple[faust.App, JoinerRuntime]:
     async def tick():
         if feed is not None and feed.error is not None:
             await app.crash(RuntimeError(f"joiner.dwell feed failed: {feed.error!r}"))
-            return
-        stream = state.get("stream")
-        if stream is None:
             return
         if not app.rebalancing:
             # the store, not the group, says where to read: after faust has sought to the group's
@@ -373,8 +386,9 @@ def make_app(config: JoinerAppConfig) -> tuple[faust.App, JoinerRuntime]:
                     await app.consumer.seek(TP(topic, p), offset)
                 positioned.add(p)
                 logger.info("partition_positioned partition=%d", p)
-        for ev in await runtime.tick():
-            await stream.ack(ev)
+        ack = app.consumer.ack
+        for m in await runtime.tick():
+            ack(m)
 
     @app.on_partitions_revoked.connect
     async def on_revoked(app_, revoked, **kwargs):
@@ -396,6 +410,16 @@ def make_app(config: JoinerAppConfig) -> tuple[faust.App, JoinerRuntime]:
         return web.json({"total": runtime.counters(), "partitions": runtime.counters_by_partition()})
 
     return app, runtime
+
+
+class _JoinerApp(faust.App):
+    """faust's App with the joiner's :class:`BatchDrain` installed on its consumer."""
+
+    batch_drain: BatchDrain | None = None
+
+    def _new_consumer(self):
+        consumer = super()._new_consumer()
+        return consumer if self.batch_drain is None else self.batch_drain.install(consumer)
 
 
 def free_port(host: str) -> int:

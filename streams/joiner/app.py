@@ -338,7 +338,11 @@ def make_app(config: JoinerAppConfig) -> tuple[faust.App, JoinerRuntime]:
 
     async def seek(topic: str, partition: int, offset: int) -> None:
         from faust.types import TP
-        await app.consumer.seek(TP(topic, partition), offset)
+        tp = TP(topic, partition)
+        if tp not in app.consumer.assignment():  # moved to another worker meanwhile
+            logger.info("seek_skipped topic=%s partition=%d (no longer assigned)", topic, partition)
+            return
+        await app.consumer.seek(tp, offset)
 
     feed = None
     if config.pipeline.shared_stats:

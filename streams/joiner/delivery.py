@@ -14,8 +14,11 @@ only the records of the joiner's own topics take the short path: each ``getmany`
 one list of faust ``Message`` objects on a bounded queue, which the joiner's task takes with
 :meth:`BatchDrain.get` and acknowledges with ``consumer.ack`` once the store commit covers them
 (as before). Records of any other topic still go through faust's per-record path. A rebalance
-(faust suspends the flow) drops the fetch being handed over; faust seeks the partitions again
-after the rebalance, and the joiner to its stores' offsets (its aligner drops what it has seen).
+(faust suspends the flow) drops the fetch being handed over, and fetches queued under an older
+consumer generation or taken during a rebalance are dropped: their partitions may have moved
+(faust's own streams skip such events the same way). faust seeks the
+partitions again after the rebalance, and the joiner to its stores' offsets (its aligner drops
+what it has seen, and seeks back over a gap).
 """
 from __future__ import annotations
 
@@ -37,6 +40,8 @@ class BatchDrain:
         self.topics = frozenset(topics)
         self.max_batches = max_batches
         self._queue: asyncio.Queue | None = None
+        self._generation = lambda: 0
+        self._flowing = lambda: True
         self.n_fetches = self.n_records = self.n_dropped = 0
 
     @property
@@ -48,6 +53,8 @@ class BatchDrain:
     def install(self, consumer: Any) -> Any:
         """Make ``consumer`` (faust's, before it starts) deliver through this drain."""
         drain = self
+        self._generation = lambda: consumer.app.consumer_generation_id
+        self._flowing = lambda: consumer.app.flow_control.is_active()
 
         async def _drain_messages(fetcher) -> None:
             await drain._run(consumer, fetcher)
@@ -56,11 +63,21 @@ class BatchDrain:
 
     async def get(self, max_records: int) -> list[Any]:
         """The next fetch's records, with the fetches queued behind it while they add up to at most
-        ``max_records`` (at least one fetch, whatever its size)."""
+        ``max_records`` (at least one fetch, whatever its size). Fetches of an older consumer
+        generation, or taken while faust's flow is stopped (a rebalance), are dropped (counted in
+        ``delivery_dropped``), as faust's streams skip such events."""
         q = self.queue
-        out = await q.get()
-        while not q.empty() and len(out) + len(q._queue[0]) <= max_records:
-            out += q.get_nowait()
+        while True:
+            gen, out = await q.get()
+            if gen == self._generation() and self._flowing():
+                break
+            self.n_dropped += len(out)
+        while not q.empty() and len(out) + len(q._queue[0][1]) <= max_records:
+            gen, more = q.get_nowait()
+            if gen == self._generation() and self._flowing():
+                out += more
+            else:
+                self.n_dropped += len(more)
         return out
 
     async def _run(self, consumer, fetcher) -> None:
@@ -72,6 +89,7 @@ class BatchDrain:
         queue = self.queue
         while not (consumer._stopped.is_set() or fetcher._stopped.is_set()):
             batch, others = [], []
+            generation = self._generation()
             async for tp, message in consumer.getmany(timeout=1.0):
                 offset = message.offset
                 r_offset = read_offset[tp]
@@ -89,14 +107,15 @@ class BatchDrain:
                 if every is not None and consumer._n_acked >= every:
                     consumer._n_acked = 0
                     await consumer.commit()
-                if await self._hand_over(queue, batch, consumer.suspend_flow):
+                if generation == self._generation() and await self._hand_over(
+                        queue, (generation, batch), consumer.suspend_flow):
                     self.n_fetches += 1
                     self.n_records += len(batch)
                 else:
                     self.n_dropped += len(batch)
 
     @staticmethod
-    async def _hand_over(queue: asyncio.Queue, batch: list[Any], suspend_flow) -> bool:
+    async def _hand_over(queue: asyncio.Queue, batch: tuple[int, list[Any]], suspend_flow) -> bool:
         """Queue ``batch``, waiting for room unless the flow is (or gets) suspended: False then."""
         if suspend_flow.is_set():
             return False

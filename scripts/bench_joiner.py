@@ -12,9 +12,9 @@ Phases, each on its own embedded broker with one partition per topic:
    10000) runs as a subprocess pinned to one CPU; events/s from its /counters page, between 10 % and
    90 % of the events. ``stream``: the same with ``--delivery stream`` (faust's per-record stream
    path instead of the batch drain, ``streams/joiner/delivery.py``); the ratio batch / stream.
-3. ``naive``: a one-event-at-a-time faust agent: ``--delivery stream --batch-max 1`` (one record
-   per await, a store commit per record) on the first ``--naive-events`` events; the ratio
-   worker / naive.
+3. ``naive``: a one-event-at-a-time faust agent, ``scripts/naive_joiner.py`` (``async for`` over
+   the stream, one join call, awaited sends and a store commit per event; no alignment, no
+   changelog) on the first ``--naive-events`` events; the ratio worker / naive.
 4. ``latency``, once per delivery: a fresh worker; once it holds its partition, the events are
    produced at ``--paced-rate`` events/s; per sample, latency = the sample record's timestamp - the
    timestamp of the source record whose event time moved the watermark past the sample's close
@@ -122,6 +122,15 @@ def start_worker(bootstrap: str, data_dir: Path, port: int, batch_max: int, cpu:
         cmd = ["taskset", "-c", str(cpu), *cmd]
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     return subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+
+
+def start_naive(bootstrap: str, data_dir: Path, port: int, cpu: int | None, log: Path):
+    """scripts/naive_joiner.py: one event per await, a store commit per event."""
+    cmd = [sys.executable, str(REPO_ROOT / "scripts" / "naive_joiner.py"), "--bootstrap", bootstrap,
+           "--data-dir", str(data_dir), "--web-port", str(port)]
+    if cpu is not None and shutil.which("taskset"):
+        cmd = ["taskset", "-c", str(cpu), *cmd]
+    return subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT)
 
 
 def counters(port: int, part: str = "total") -> dict:
@@ -240,13 +249,16 @@ def worker_phases(tmp: Path, events: list, naive_events: int, cpu: int | None) -
     results = {}
     for phase, delivery, batch_max, evs in (("worker", "batch", 10_000, events),
                                             ("stream", "stream", 10_000, events),
-                                            ("naive", "stream", 1, events[:naive_events])):
+                                            ("naive", None, 1, events[:naive_events])):
         with EmbeddedBroker(BrokerConfig(data_dir=tmp / f"broker-{phase}", port=0)) as b:
             create_topics(b.bootstrap)
             produce(b.bootstrap, evs)
             port = free_port("127.0.0.1")
-            proc = start_worker(b.bootstrap, tmp / f"joiner-{phase}", port, batch_max, cpu, tmp / f"{phase}.log",
-                                delivery)
+            if delivery is None:
+                proc = start_naive(b.bootstrap, tmp / f"joiner-{phase}", port, cpu, tmp / f"{phase}.log")
+            else:
+                proc = start_worker(b.bootstrap, tmp / f"joiner-{phase}", port, batch_max, cpu,
+                                    tmp / f"{phase}.log", delivery)
             try:
                 rate, c = rate_between(port, len(evs), proc, 600)
             except RuntimeError:
@@ -255,7 +267,8 @@ def worker_phases(tmp: Path, events: list, naive_events: int, cpu: int | None) -
             finally:
                 stop(proc)
             results[phase] = rate
-            print(f"{phase} (faust, --delivery {delivery} --batch-max {batch_max}, pinned cpu={cpu}): events={len(evs)} "
+            what = "scripts/naive_joiner.py" if delivery is None else f"--delivery {delivery} --batch-max {batch_max}"
+            print(f"{phase} (faust, {what}, pinned cpu={cpu}): events={len(evs)} "
                   f"events_per_s={rate:.0f} samples={c.get('samples')} late={c.get('late')} orphan={c.get('orphan')}")
     print(f"ratio worker/naive: {results['worker'] / results['naive']:.1f}x; "
           f"batch/stream delivery: {results['worker'] / results['stream']:.2f}x")

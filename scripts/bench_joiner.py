@@ -14,7 +14,8 @@ Phases, each on its own embedded broker with one partition per topic:
    path instead of the batch drain, ``streams/joiner/delivery.py``); the ratio batch / stream.
 3. ``naive``: a one-event-at-a-time faust agent, ``scripts/naive_joiner.py`` (``async for`` over
    the stream, one join call, awaited sends and a store commit per event; no alignment, no
-   changelog) on the first ``--naive-events`` events; the ratio worker / naive.
+   changelog) on the first ``--naive-events`` events; the ratio worker / naive. ``null``: the same
+   agent with ``--null`` (counts the events: faust's per-record delivery alone) on every event.
 4. ``latency``, once per delivery: a fresh worker; once it holds its partition, the events are
    produced at ``--paced-rate`` events/s; per sample, latency = the sample record's timestamp - the
    timestamp of the source record whose event time moved the watermark past the sample's close
@@ -124,10 +125,11 @@ def start_worker(bootstrap: str, data_dir: Path, port: int, batch_max: int, cpu:
     return subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
 
 
-def start_naive(bootstrap: str, data_dir: Path, port: int, cpu: int | None, log: Path):
-    """scripts/naive_joiner.py: one event per await, a store commit per event."""
+def start_naive(bootstrap: str, data_dir: Path, port: int, cpu: int | None, log: Path, null: bool = False):
+    """scripts/naive_joiner.py: one event per await, a store commit per event (``null``: an agent
+    that only counts the events)."""
     cmd = [sys.executable, str(REPO_ROOT / "scripts" / "naive_joiner.py"), "--bootstrap", bootstrap,
-           "--data-dir", str(data_dir), "--web-port", str(port)]
+           "--data-dir", str(data_dir), "--web-port", str(port), *(["--null"] if null else [])]
     if cpu is not None and shutil.which("taskset"):
         cmd = ["taskset", "-c", str(cpu), *cmd]
     return subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT)
@@ -249,13 +251,15 @@ def worker_phases(tmp: Path, events: list, naive_events: int, cpu: int | None) -
     results = {}
     for phase, delivery, batch_max, evs in (("worker", "batch", 10_000, events),
                                             ("stream", "stream", 10_000, events),
-                                            ("naive", None, 1, events[:naive_events])):
+                                            ("naive", None, 1, events[:naive_events]),
+                                            ("null", "null", 1, events)):
         with EmbeddedBroker(BrokerConfig(data_dir=tmp / f"broker-{phase}", port=0)) as b:
             create_topics(b.bootstrap)
             produce(b.bootstrap, evs)
             port = free_port("127.0.0.1")
-            if delivery is None:
-                proc = start_naive(b.bootstrap, tmp / f"joiner-{phase}", port, cpu, tmp / f"{phase}.log")
+            if delivery in (None, "null"):
+                proc = start_naive(b.bootstrap, tmp / f"joiner-{phase}", port, cpu, tmp / f"{phase}.log",
+                                   null=delivery == "null")
             else:
                 proc = start_worker(b.bootstrap, tmp / f"joiner-{phase}", port, batch_max, cpu,
                                     tmp / f"{phase}.log", delivery)
@@ -267,11 +271,13 @@ def worker_phases(tmp: Path, events: list, naive_events: int, cpu: int | None) -
             finally:
                 stop(proc)
             results[phase] = rate
-            what = "scripts/naive_joiner.py" if delivery is None else f"--delivery {delivery} --batch-max {batch_max}"
+            what = ("scripts/naive_joiner.py" if delivery is None else "scripts/naive_joiner.py --null"
+                    if delivery == "null" else f"--delivery {delivery} --batch-max {batch_max}")
             print(f"{phase} (faust, {what}, pinned cpu={cpu}): events={len(evs)} "
                   f"events_per_s={rate:.0f} samples={c.get('samples')} late={c.get('late')} orphan={c.get('orphan')}")
     print(f"ratio worker/naive: {results['worker'] / results['naive']:.1f}x; "
-          f"batch/stream delivery: {results['worker'] / results['stream']:.2f}x")
+          f"batch/stream delivery: {results['worker'] / results['stream']:.2f}x; "
+          f"worker/null faust agent: {results['worker'] / results['null']:.2f}x")
 
 
 def latency_phase(tmp: Path, events: list, paced_events: int, paced_rate: float, cpu: int | None,

@@ -6,10 +6,11 @@ one-event list), its outputs produced with one awaited ``send`` per record and t
 (state + source offsets) before the next event; faust acks each event when the iteration moves
 on. It has no event-time alignment across the topics (events are joined in arrival order), no
 changelog and no dead-letter routing, so its samples are not the worker's: it measures the cost of
-the per-event path only. ``/counters`` serves ``{"total": {"events": N, "samples": M}}`` like the
+the per-event path only. ``--null`` only counts the events (faust's per-record delivery and acks,
+nothing else: the ceiling of any agent iterating a faust stream). ``/counters`` serves ``{"total": {"events": N, "samples": M}}`` like the
 worker, for the benchmark's rate reading.
 
-    python scripts/naive_joiner.py --bootstrap HOST:PORT --data-dir DIR --web-port N
+    python scripts/naive_joiner.py --bootstrap HOST:PORT --data-dir DIR --web-port N [--null]
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ def main() -> int:
     ap.add_argument("--bootstrap", required=True)
     ap.add_argument("--data-dir", required=True)
     ap.add_argument("--web-port", type=int, required=True)
+    ap.add_argument("--null", action="store_true", help="count the events, do nothing else")
     args = ap.parse_args()
     gc.set_threshold(50_000)  # as the joiner CLI
     app = faust.App("streamrec-naive-joiner", broker=f"kafka://{args.bootstrap}", store="memory://",
@@ -49,6 +51,9 @@ def main() -> int:
     @app.agent(source, concurrency=1)
     async def naive(stream):
         async for value in stream:
+            if args.null:
+                n["events"] += 1
+                continue
             message = stream.current_event.message
             out = pipe.process([decode(value)])
             for topic, key, val, headers in output_records(message.partition, out):

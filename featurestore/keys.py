@@ -84,6 +84,8 @@ _U32 = struct.Struct(">I")
 _U64_U8 = struct.Struct(">QB")
 _FAMILY_U64_U8 = struct.Struct(">BQB")
 _FAMILY_U64 = struct.Struct(">BQ")
+_USER_ROWS = (*((Family.USER_SEQUENCE, int(k)) for k in SequenceKind),
+              *((Family.USER_COUNTER, int(c)) for c in CounterKind))
 
 
 def _check(name: str, value: int, hi: int) -> int:
@@ -131,6 +133,18 @@ def user_sequence_key(user_id: int, kind: SequenceKind) -> bytes:
 def user_counter_key(user_id: int, counter: CounterKind) -> bytes:
     return _FAMILY_U64_U8.pack(Family.USER_COUNTER, _check("user_id", user_id, U64_MAX),
                                counter if type(counter) is CounterKind else CounterKind(counter))
+
+
+def user_row_keys(user_id: int) -> list[bytes]:
+    """Every key of one user: the four sequence keys (:class:`SequenceKind` order), then the two
+    counter keys (:class:`CounterKind` order).
+
+    >>> user_row_keys(42) == [*(user_sequence_key(42, k) for k in SequenceKind),
+    ...                       *(user_counter_key(42, c) for c in CounterKind)]
+    True
+    """
+    uid = _check("user_id", user_id, U64_MAX)
+    return [_FAMILY_U64_U8.pack(family, uid, kind) for family, kind in _USER_ROWS]
 
 
 def item_sketch_key(item_id: int) -> bytes:

@@ -136,6 +136,25 @@ class UserSequence:
             return [], [], []
         return ts[start:end].tolist(), self._items[start:end].tolist(), self._cats[start:end].tolist()
 
+    def items_before(self, ts_ms: int, n: int) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
+        """``before(ts_ms, n)`` as ``(newest ts_ms, item_ids, categories)``, tuples oldest first
+        (newest -1 when empty): what a sample snapshot holds.
+
+        >>> seq = UserSequence(capacity=4)
+        >>> for ts in (10, 20, 30):
+        ...     seq.add(item_id=ts // 10, category=-1, ts_ms=ts)
+        >>> seq.items_before(30, n=1), seq.items_before(10, n=5)
+        ((20, (2,), (-1,)), (-1, (), ()))
+        """
+        if n < 0:
+            raise ValueError(f"n={n!r} < 0")
+        ts = self._ts
+        end = bisect_left(ts, ts_ms)
+        if not end or not n:
+            return -1, (), ()
+        start = end - n if end > n else 0
+        return ts[end - 1], tuple(self._items[start:end]), tuple(self._cats[start:end])
+
     def count_before(self, ts_ms: int, n: int, since_ms: int) -> int:
         """How many of ``before(ts_ms, n)`` have ``ts >= since_ms`` (a windowed count over the last
         ``n`` entries, by bisection).

@@ -7,7 +7,7 @@ import importlib
 import pytest
 
 MODULES = ["config", "keys", "codecs", "sequences", "counters", "sketches", "dwellstats",
-           "reader", "store"]
+           "reader", "store", "userrows"]
 
 
 @pytest.mark.parametrize("name", MODULES)

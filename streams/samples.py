@@ -143,6 +143,10 @@ class Snapshot:
         return getattr(self, f"{kind}_items"), getattr(self, f"{kind}_cats")
 
 
+#: the snapshot of a user with no history before the impression (a Snapshot is immutable: shared)
+EMPTY_SNAPSHOT = Snapshot()
+
+
 @dataclass(frozen=True, slots=True)
 class Sample:
     """One labeled impression. ``ndt_weight`` is stored as float32 (rounded on construction)."""

@@ -48,9 +48,9 @@ from streams.joiner.config import DAY_MS, JoinerConfig
 from streams.joiner.join import JoinCore, JoinedImpression, JoinOutput, LateEvent, OrphanEvent
 from streams.joiner.shared import HEADER_STATS, RemoteStats, SharedStatsView
 from streams.joiner.snapshot import UserSnapshots, stage_user, unsettled_entries
-from streams.joiner.stats import FrozenStoreStatistics
-from streams.joiner.validread import RULE_T1, RULE_T2, RULE_T3, encode_labelled, query_statistics
-from streams.samples import FLAG_CLICKED, FLAG_VALID_READ
+from streams.joiner.stats import DeferredItemStats, FrozenStoreStatistics
+from streams.joiner.validread import RULE_T1, RULE_T2, RULE_T3, StatisticsColumns, encode_labelled
+from streams.samples import FLAG_CLICKED, FLAG_VALID_READ, Snapshot
 
 logger = logging.getLogger(__name__)
 
@@ -58,10 +58,6 @@ CORE_META = b"joiner.core"
 COUNTERS_META = b"joiner.counters"
 DEFERRED_META = b"joiner.deferred"
 SHARED_META = b"joiner.shared"
-#: item updates of the statistics epoch being labelled, applied when a later epoch starts
-_DEFERRED = np.dtype([("epoch", "<i8"), ("item_id", "<u8"), ("dwell_ms", "<i8"), ("click_ts_ms", "<i8"),
-                      ("flags", "u1")])
-_F_CLICKED, _F_LIKED, _F_DISLIKED = 1, 2, 4
 
 
 @dataclass(frozen=True)
@@ -149,14 +145,13 @@ class JoinerPipeline:
         self.core = JoinCore(config.joiner) if blob is None else JoinCore.from_bytes(blob, config.joiner)
         raw = self.meta(COUNTERS_META)
         self._n: dict[str, int] = {} if raw is None else json.loads(raw)
-        raw = self.meta(DEFERRED_META)
-        self._deferred: list[tuple[int, int, int, int, int]] = (
-            [] if raw is None else np.frombuffer(raw, dtype=_DEFERRED).tolist())
         # this partition's partial of the global ln(dwell) moments, kept bit-equal to the stored one
         (raw,) = store._get_many([fs_keys.global_dwell_key(partition)])
         dcfg = config.store.dwell
         self._dwell = (DwellStats.from_config(dcfg) if raw is None
                        else DwellStats.from_bytes(raw, dcfg.min_dwell_ms))
+        # the item statistics of the epoch being labelled wait until a later epoch starts
+        self._deferred = DeferredItemStats(partition, self._dwell, self.meta(DEFERRED_META))
         partials = store._dwell_partials()
         partials[partition] = self._dwell
         self._shared = SharedStatsView(partition, remote if config.shared_stats else None, config.stats_epoch_ms,
@@ -237,7 +232,7 @@ class JoinerPipeline:
             tx.set_offset(topic, self.partition, offset)
         _stage_meta(tx, CORE_META, self.core.to_bytes())
         _stage_meta(tx, COUNTERS_META, json.dumps(self._n, sort_keys=True).encode())
-        _stage_meta(tx, DEFERRED_META, np.array(self._deferred, dtype=_DEFERRED).tobytes())
+        _stage_meta(tx, DEFERRED_META, self._deferred.to_bytes())
         if self._shared.enabled:
             _stage_meta(tx, SHARED_META, self._shared.to_bytes())
         for name, value in (meta or {}).items():
@@ -280,60 +275,41 @@ class JoinerPipeline:
         for idx, s in enumerate(joined):
             by_user.setdefault(s.impression.user_id, []).append(idx)
         pending = self.core.pending_records(by_user)
-        # every user key of the call in one multi-get; the transaction keeps them decoded
-        tx.prefetch([k for user in by_user for k in snapshots.user_keys(user)])
+        # every user's rows in one multi-get, every item the call may touch in another
+        users = tx.user_rows(by_user)
+        deferred = self._deferred
+        tx.prefetch(deferred.item_keys(joined))
         shared = self._shared.publisher if self._shared.enabled else None
-        snaps, columns = [], []
+        columns = StatisticsColumns(self.config.joiner)
+        snaps: list[Snapshot] = []
         i, n = 0, len(joined)
         while i < n:
             epoch = joined[i].label_ts_ms // epoch_ms
             j = i + 1
             while j < n and joined[j].label_ts_ms // epoch_ms == epoch:
                 j += 1
-            run = joined[i:j]
-            if self._deferred and self._deferred[0][0] != epoch:
-                self._apply_deferred(tx)
+            if deferred.epoch not in (None, epoch):
+                deferred.apply(tx)
             clicks: dict[tuple[int, int], int] = {}
             for idx in range(i, j):
                 s = joined[idx]
-                snaps.append(snapshots.read(tx, s, clicks, unsettled_entries(joined, idx, by_user, pending)))
-                stage_user(tx, s, snapshots.user_keys(s.impression.user_id))
+                rows = users[s.impression.user_id]
+                snaps.append(snapshots.read(rows, s, clicks, unsettled_entries(joined, idx, by_user, pending)))
+                stage_user(rows, s)
+            run = joined[i:j]
             dwell, provenance = self._shared.freeze(tx, epoch, self._dwell)
             # the run's statistics are read now (its epoch's); the samples are encoded together
-            columns.append(query_statistics(run, FrozenStoreStatistics(tx, dwell, clicks), self.config.joiner))
+            columns.add(run, FrozenStoreStatistics(tx, dwell, clicks))
             header = None if provenance is None else [(HEADER_STATS, provenance)]
             headers += [header if s.clicked else None for s in run]
-            n_clicked = 0
-            for s in run:  # the run's item statistics wait until a later epoch starts
-                flags = s.clicked * _F_CLICKED | s.liked * _F_LIKED | s.disliked * _F_DISLIKED
-                self._deferred.append((epoch, s.impression.item_id, s.dwell_ms, s.click_ts_ms, flags))
-                n_clicked += s.clicked
-                if shared is not None and s.clicked and s.dwell_ms >= 0:
-                    shared.add(epoch, s.impression.item_id, s.dwell_ms, s.click_ts_ms)
-            self._shared.count_samples(n_clicked)
+            deferred.add_run(epoch, run)  # the run's item statistics wait until a later epoch starts
+            if shared is not None:
+                for s in run:
+                    if s.clicked and s.dwell_ms >= 0:
+                        shared.add(epoch, s.impression.item_id, s.dwell_ms, s.click_ts_ms)
+                self._shared.count_samples(sum(s.clicked for s in run))
             i = j
-        stats = columns[0] if len(columns) == 1 else tuple(np.concatenate(c) for c in zip(*columns))
-        return encode_labelled(joined, snaps, stats, self.config.joiner)
-
-    def _apply_deferred(self, tx: StoreBatch) -> None:
-        items = dict.fromkeys(d[1] for d in self._deferred)
-        tx.prefetch([*map(fs_keys.item_counts_key, items), *map(fs_keys.item_sketch_key, items)])
-        counts: dict[int, list[int]] = {}  # item -> [impressions, clicks, likes, dislikes]
-        for _epoch, item, dwell_ms, click_ts_ms, flags in self._deferred:
-            c = counts.get(item)
-            if c is None:
-                c = counts[item] = [0, 0, 0, 0]
-            c[0] += 1
-            c[1] += flags & _F_CLICKED
-            c[2] += (flags & _F_LIKED) >> 1
-            c[3] += (flags & _F_DISLIKED) >> 2
-            if flags & _F_CLICKED and dwell_ms >= 0:
-                tx.add_item_dwell(item, dwell_ms)
-                tx.add_global_dwell(dwell_ms, click_ts_ms, shard=self.partition)
-                self._dwell.update(dwell_ms, click_ts_ms)
-        for item, c in counts.items():
-            tx.add_item_counts(item, c)
-        self._deferred = []
+        return encode_labelled(joined, snaps, columns.columns(), self.config.joiner)
 
     def _count(self, values: list[bytes]) -> None:
         n = self._n

@@ -2,20 +2,19 @@
 
 For each sample, in close order, :class:`UserSnapshots` reads the user's four sequences strictly
 before the impression's ts (the snapshot) and the user's clicks in ``[click ts - window, click
-ts)`` (T2) from the open store transaction, which already holds every earlier sample's updates,
+ts)`` (T2) from the user's rows in the open store transaction
+(:class:`~featurestore.userrows.UserRows`), which already hold every earlier sample's updates,
 merged with the outcomes of the user's impressions shown before the sample's close that close
 after it (:func:`unsettled_entries`); then :func:`stage_user` stages the sample's own entries,
 each at the time it became known (docs/joiner.md, section 4 "snapshot" and section 2 "T2").
 """
 from __future__ import annotations
 
-
 from featurestore import CounterKind, SequenceKind
-from featurestore import keys as fs_keys
-from featurestore.store import StoreBatch
+from featurestore.userrows import UserRows
 from streams.contracts import Click, Event, Feedback, FeedbackKind, Impression
 from streams.joiner.join import JoinedImpression
-from streams.samples import Snapshot
+from streams.samples import EMPTY_SNAPSHOT, Snapshot
 
 #: (entry ts, impression_id, item_id, category) of an outcome not yet in the store
 Entry = tuple[int, int, int, int]
@@ -23,24 +22,32 @@ Entry = tuple[int, int, int, int]
 Pending = dict[int, list[tuple[Impression, int, tuple[Event, ...]]]]
 SEQ_KINDS = ((SequenceKind.CLICK, "click"), (SequenceKind.UNCLICK, "unclick"),
              (SequenceKind.LIKE, "like"), (SequenceKind.DISLIKE, "dislike"))
+_CLICK, _UNCLICK, _LIKE, _DISLIKE = SequenceKind.CLICK, SequenceKind.UNCLICK, SequenceKind.LIKE, SequenceKind.DISLIKE
+_N_CLICK, _N_IMPRESSION = CounterKind.CLICK, CounterKind.IMPRESSION
+_EMPTY_PAIR = ((), ())
 
 
 def unsettled_entries(joined: list[JoinedImpression], idx: int, by_user: dict[int, list[int]],
-                      pending: Pending) -> list[list[Entry]]:
+                      pending: Pending) -> list[list[Entry]] | None:
     """Click, like and dislike entries of the user's impressions that close after ``joined[idx]``
-    but were shown before its close, with entry ts before that close.
+    but were shown before its close, with entry ts before that close; None when there are none.
 
     Those impressions are later in ``joined`` (their outcome is final) or pending in the core.
     Under the lateness bound every event with ts < the sample's close has arrived when the
     sample is emitted, and a pending impression's close can only move to a time >= the
     watermark then; so its outcomes before that close are final too, and the result does not
     depend on how the input was cut into batches. Sorted by ``(ts, impression_id)``.
+    ``by_user``: the user's positions in ``joined``, ascending.
     """
     s = joined[idx]
-    cut = s.label_ts_ms
     user = s.impression.user_id
+    positions = by_user[user]
+    waiting = pending.get(user)
+    if positions[-1] <= idx and not waiting:  # the user's last sample of the call, nothing pending
+        return None
+    cut = s.label_ts_ms
     out: list[list[Entry]] = [[], [], []]  # click, like, dislike
-    for k in by_user[user]:
+    for k in positions:
         if k <= idx:
             continue
         o = joined[k]
@@ -50,7 +57,7 @@ def unsettled_entries(joined: list[JoinedImpression], idx: int, by_user: dict[in
         for lst, t in zip(out, (o.click_ts_ms, o.like_ts_ms, o.dislike_ts_ms)):
             if 0 <= t < cut:
                 lst.append((t, imp.impression_id, imp.item_id, imp.item_category))
-    for imp, _close, events in pending.get(user, ()):
+    for imp, _close, events in waiting or ():
         if imp.ts_ms >= cut:
             continue
         first = [cut, cut, cut]
@@ -69,6 +76,8 @@ def unsettled_entries(joined: list[JoinedImpression], idx: int, by_user: dict[in
         for lst, t in zip(out, first):
             if t < cut:
                 lst.append((t, imp.impression_id, imp.item_id, imp.item_category))
+    if not (out[0] or out[1] or out[2]):
+        return None
     for lst in out:
         lst.sort()
     return out
@@ -80,68 +89,63 @@ class UserSnapshots:
 
     def __init__(self, seq_len: int, max_len: int, t2_window_ms: int) -> None:
         self.seq_len, self.max_len, self.t2_window_ms = seq_len, max_len, t2_window_ms
-        self._keys: dict[int, list[bytes]] = {}
 
-    def user_keys(self, user_id: int) -> list[bytes]:
-        """The user's four sequence keys (in :data:`SEQ_KINDS` order), then its counter keys
-        (CLICK, IMPRESSION): every user key a sample reads or stages."""
-        keys = self._keys.get(user_id)
-        if keys is None:
-            if len(self._keys) > 100_000:
-                self._keys.clear()
-            keys = self._keys[user_id] = [fs_keys.user_sequence_key(user_id, k) for k, _ in SEQ_KINDS]
-            keys += [fs_keys.user_counter_key(user_id, k) for k in (CounterKind.CLICK, CounterKind.IMPRESSION)]
-        return keys
-
-    def read(self, tx: StoreBatch, s: JoinedImpression, clicks: dict[tuple[int, int], int],
-             unsettled: list[list[Entry]]) -> Snapshot:
-        """The snapshot of ``s``; its T2 count (clicked samples) goes to ``clicks[(user, click ts)]``."""
+    def read(self, rows: UserRows, s: JoinedImpression, clicks: dict[tuple[int, int], int],
+             unsettled: list[list[Entry]] | None) -> Snapshot:
+        """The snapshot of ``s`` from its user's ``rows`` (every earlier sample's updates staged);
+        its T2 count (clicked samples) goes to ``clicks[(user, click ts)]``."""
         imp = s.impression
         ts = imp.ts_ms
-        # the four sequences only (user_features would also decode the counters); staged updates seen
-        seqs = tx._load_many(self.user_keys(imp.user_id)[:4], tx._decode_sequence)
+        seqs = rows.sequences()
         t = self.seq_len
         parts: list[tuple[int, ...]] = []
         newest = -1
-        for seq, extra in zip(seqs, (unsettled[0], (), unsettled[1], unsettled[2])):
-            if seq is None:
-                times, items, cats = (), (), ()
-            else:
-                times, items, cats = seq.entries_before(ts, t)
-            more = [e for e in extra if e[0] < ts] if extra else None
-            if more:
-                # stored entries closed before this sample: at equal ts they come first
-                merged = sorted([*zip(times, items, cats), *((e[0], e[2], e[3]) for e in more)],
-                                key=lambda e: e[0])[-t:]
-                times, items, cats = (merged[-1][0],), [e[1] for e in merged], [e[2] for e in merged]
-            if items:
-                parts += (tuple(items), tuple(cats))
-                if times[-1] > newest:
-                    newest = times[-1]
-            else:
-                parts += ((), ())
+        if unsettled is None:
+            for seq in seqs:
+                if seq is None:
+                    parts += _EMPTY_PAIR
+                    continue
+                last, items, cats = seq.items_before(ts, t)
+                parts += (items, cats)
+                if last > newest:
+                    newest = last
+        else:
+            for seq, extra in zip(seqs, (unsettled[0], (), unsettled[1], unsettled[2])):
+                last, items, cats = (-1, (), ()) if seq is None else seq.items_before(ts, t)
+                more = [e for e in extra if e[0] < ts]
+                if more:
+                    # stored entries closed before this sample: at equal ts they come first
+                    stored = zip(*seq.entries_before(ts, t)) if seq is not None else ()
+                    merged = sorted([*stored, *((e[0], e[2], e[3]) for e in more)], key=lambda e: e[0])[-t:]
+                    last, items, cats = merged[-1][0], tuple(e[1] for e in merged), tuple(e[2] for e in merged)
+                parts += (items, cats)
+                if last > newest:
+                    newest = last
         if s.clicked:
             c = s.click_ts_ms
             lo = c - self.t2_window_ms
             n_clicks = 0 if seqs[0] is None else seqs[0].count_before(c, self.max_len, lo)
-            n_clicks += sum(1 for e in unsettled[0] if lo <= e[0] < c)
+            if unsettled is not None:
+                n_clicks += sum(1 for e in unsettled[0] if lo <= e[0] < c)
             clicks[(imp.user_id, c)] = n_clicks
+        if newest < 0:  # every sequence empty (entry times are >= 0)
+            return EMPTY_SNAPSHOT
         return Snapshot.prechecked(parts, newest)   # parts in SEQ_KINDS order = the field order
 
 
-def stage_user(tx: StoreBatch, s: JoinedImpression, keys: list[bytes]) -> None:
+def stage_user(rows: UserRows, s: JoinedImpression) -> None:
     """The sample's own entries, each at the time it became known: a click at the first click,
     an unclick at the close (only then is the impression known to be unclicked), a like or
-    dislike at the first like or dislike. ``keys``: :meth:`UserSnapshots.user_keys` of its user."""
+    dislike at the first like or dislike. ``rows``: the sample's user's."""
     imp = s.impression
-    user, item, cat = imp.user_id, imp.item_id, imp.item_category
-    tx.add_user_event(user, CounterKind.IMPRESSION, imp.ts_ms, key=keys[5])
+    item, cat = imp.item_id, imp.item_category
+    rows.add_user_event(_N_IMPRESSION, imp.ts_ms)
     if s.clicked:
-        tx.add_sequence_event(user, SequenceKind.CLICK, item, cat, s.click_ts_ms, key=keys[0])
-        tx.add_user_event(user, CounterKind.CLICK, s.click_ts_ms, key=keys[4])
+        rows.add_sequence_event(_CLICK, item, cat, s.click_ts_ms)
+        rows.add_user_event(_N_CLICK, s.click_ts_ms)
     else:
-        tx.add_sequence_event(user, SequenceKind.UNCLICK, item, cat, s.label_ts_ms, key=keys[1])
+        rows.add_sequence_event(_UNCLICK, item, cat, s.label_ts_ms)
     if s.liked:
-        tx.add_sequence_event(user, SequenceKind.LIKE, item, cat, s.like_ts_ms, key=keys[2])
+        rows.add_sequence_event(_LIKE, item, cat, s.like_ts_ms)
     if s.disliked:
-        tx.add_sequence_event(user, SequenceKind.DISLIKE, item, cat, s.dislike_ts_ms, key=keys[3])
+        rows.add_sequence_event(_DISLIKE, item, cat, s.dislike_ts_ms)

@@ -1,4 +1,4 @@
-"""The feature store as :class:`~streams.joiner.validread.DwellStatistics` for one labelling run.
+"""The statistics a labelling run is judged on, and the item updates that wait for a later epoch.
 
 :class:`FrozenStoreStatistics` takes the ln(dwell) moments (T1) from the pipeline's partial of the
 global statistics (kept equal, bit for bit, to the one the store holds for the partition's shard)
@@ -6,13 +6,28 @@ and reads the item P10 sketches (T3) on demand from a store view (the open trans
 its own staged updates). The pipeline builds it before it applies anything of the run's epoch, so
 every sample of a run is judged on the statistics as of the start of its statistics epoch. The T2
 counts are computed by the pipeline per sample, in close order, and handed in.
+
+:class:`DeferredItemStats` holds the item updates (counts, dwell sketches) and the partition's
+ln(dwell) partial of the samples labelled in the current epoch until a sample of a later epoch is
+labelled; they are part of the committed state.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
+import numpy as np
+
+from featurestore import keys as fs_keys
+from featurestore.batch import StoreBatch
 from featurestore.dwellstats import DwellStats
 from featurestore.reader import FeatureView
+from streams.joiner.join import JoinedImpression
+
+#: one deferred item update per sample, as stored
+_DEFERRED = np.dtype([("epoch", "<i8"), ("item_id", "<u8"), ("dwell_ms", "<i8"), ("click_ts_ms", "<i8"),
+                      ("flags", "u1")])
+_F_CLICKED, _F_LIKED, _F_DISLIKED = 1, 2, 4
 
 
 class FrozenStoreStatistics:
@@ -40,3 +55,66 @@ class FrozenStoreStatistics:
             return self._clicks[(user_id, ts_ms)]
         except KeyError:
             raise ValueError(f"no T2 count computed for user_id={user_id} ts_ms={ts_ms}") from None
+
+
+class DeferredItemStats:
+    """The item updates of the samples of one statistics epoch, applied when a later one starts.
+
+    ``own``: the partition's ln(dwell) partial, equal to the stored one; :meth:`apply` feeds it and
+    stages it itself (:meth:`StoreBatch.stage_global_dwell`). ``raw``: :meth:`to_bytes` of the
+    last commit.
+    """
+
+    def __init__(self, partition: int, own: DwellStats, raw: bytes | None = None) -> None:
+        self.partition, self.own = partition, own
+        self._records: list[tuple[int, int, int, int, int]] = (
+            [] if raw is None else np.frombuffer(raw, dtype=_DEFERRED).tolist())
+
+    @property
+    def epoch(self) -> int | None:
+        """The epoch of the waiting updates (None: none wait)."""
+        return self._records[0][0] if self._records else None
+
+    def add_run(self, epoch: int, run: Sequence[JoinedImpression]) -> None:
+        """Defer the item updates of ``run``, labelled in ``epoch`` (the epoch of any waiting ones)."""
+        records = self._records
+        for s in run:
+            flags = s.clicked * _F_CLICKED | s.liked * _F_LIKED | s.disliked * _F_DISLIKED
+            records.append((epoch, s.impression.item_id, s.dwell_ms, s.click_ts_ms, flags))
+
+    def item_keys(self, joined: Sequence[JoinedImpression]) -> list[bytes]:
+        """The item keys that applying the waiting updates and those of ``joined`` stages or
+        reads (T3): the counts of every item, the sketches of the clicked ones."""
+        counted = dict.fromkeys(r[1] for r in self._records)
+        clicked = dict.fromkeys(r[1] for r in self._records if r[4] & _F_CLICKED)
+        for s in joined:
+            item = s.impression.item_id
+            counted[item] = None
+            if s.clicked:
+                clicked[item] = None
+        return [*map(fs_keys.item_counts_key, counted), *map(fs_keys.item_sketch_key, clicked)]
+
+    def apply(self, tx: StoreBatch) -> None:
+        """Stage the waiting updates in ``tx`` and feed ``own``; nothing waits afterwards."""
+        counts: dict[int, list[int]] = {}  # item -> [impressions, clicks, likes, dislikes]
+        own, staged = self.own, False
+        for _epoch, item, dwell_ms, click_ts_ms, flags in self._records:
+            c = counts.get(item)
+            if c is None:
+                c = counts[item] = [0, 0, 0, 0]
+            c[0] += 1
+            c[1] += flags & _F_CLICKED
+            c[2] += (flags & _F_LIKED) >> 1
+            c[3] += (flags & _F_DISLIKED) >> 2
+            if flags & _F_CLICKED and dwell_ms >= 0:
+                tx.add_item_dwell(item, dwell_ms)
+                if not staged:  # the clicks' times were seen when their samples were staged
+                    tx.stage_global_dwell(own, shard=self.partition)
+                    staged = True
+                own.update(dwell_ms, click_ts_ms)
+        for item, c in counts.items():
+            tx.add_item_counts(item, c)
+        self._records = []
+
+    def to_bytes(self) -> bytes:
+        return np.array(self._records, dtype=_DEFERRED).tobytes()

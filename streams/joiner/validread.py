@@ -152,24 +152,57 @@ def query_statistics(joined: Sequence[JoinedImpression], stats: DwellStatistics,
                      cfg: JoinerConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """What :func:`label_batch` asks ``stats`` for, per row: ``(x_l_ms, item_p10_ms, user_clicks,
     ndt_weight)``, (B,) each (NaN = unknown). Rows judged on different statistics (e.g. several
-    statistics epochs) can be queried apart and encoded together with :func:`encode_labelled`."""
-    n, vr = len(joined), cfg.valid_read
-    x_l = np.full(n, x_l_ms_from_moments(stats.ln_dwell_ms_moments()) if vr.t1 else math.nan)
-    p10 = np.full(n, math.nan)
-    n_clicks = np.zeros(n, dtype=np.int64)
-    clicked = [i for i, j in enumerate(joined) if j.clicked]
-    for i in clicked:
-        j = joined[i]
-        if vr.t3:
-            q = stats.item_dwell_quantile_ms(j.impression.item_id, vr.t3_quantile)
-            p10[i] = math.nan if q is None else q
-        if vr.t2:
-            n_clicks[i] = stats.user_clicks_7d(j.impression.user_id, j.click_ts_ms)
-    ndt = np.zeros(n, dtype=np.float32)
-    if clicked:
-        dwell = np.fromiter((joined[i].dwell_ms for i in clicked), dtype=np.int64, count=len(clicked))
-        ndt[clicked] = ndt_weight_ms(dwell, ndt_params(cfg, stats))
-    return x_l, p10, n_clicks, ndt
+    statistics epochs) can be queried apart (:class:`StatisticsColumns`) and encoded together
+    with :func:`encode_labelled`."""
+    columns = StatisticsColumns(cfg)
+    columns.add(joined, stats)
+    return columns.columns()
+
+
+class StatisticsColumns:
+    """:func:`query_statistics` over consecutive runs of rows, each run judged on its own
+    statistics: :meth:`add` per run, in row order, then :meth:`columns` builds the (B,) columns
+    in one numpy pass. The NDT weights of all rows whose runs share the parameters are computed
+    in one call (the weight is elementwise, so this equals one call per run)."""
+
+    def __init__(self, cfg: JoinerConfig) -> None:
+        self.cfg = cfg
+        self._x_l: list[float] = []
+        self._p10: list[float] = []
+        self._n_clicks: list[int] = []
+        self._ndt: dict[NdtParams, tuple[list[int], list[int]]] = {}  # params -> (rows, dwell_ms)
+
+    def add(self, run: Sequence[JoinedImpression], stats: DwellStatistics) -> None:
+        """Query ``stats`` for the rows of ``run`` (the next rows)."""
+        vr = self.cfg.valid_read
+        base, n = len(self._x_l), len(run)
+        self._x_l += [x_l_ms_from_moments(stats.ln_dwell_ms_moments()) if vr.t1 else math.nan] * n
+        p10, n_clicks = self._p10, self._n_clicks
+        rows: list[int] = []
+        dwell: list[int] = []
+        for i, j in enumerate(run):
+            if not j.clicked:
+                p10.append(math.nan)
+                n_clicks.append(0)
+                continue
+            imp = j.impression
+            q = stats.item_dwell_quantile_ms(imp.item_id, vr.t3_quantile) if vr.t3 else None
+            p10.append(math.nan if q is None else q)
+            n_clicks.append(stats.user_clicks_7d(imp.user_id, j.click_ts_ms) if vr.t2 else 0)
+            rows.append(base + i)
+            dwell.append(j.dwell_ms)
+        if rows:
+            group = self._ndt.setdefault(ndt_params(self.cfg, stats), ([], []))
+            group[0].extend(rows)
+            group[1].extend(dwell)
+
+    def columns(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``(x_l_ms, item_p10_ms, user_clicks, ndt_weight)`` of every row added, (B,) each."""
+        ndt = np.zeros(len(self._x_l), dtype=np.float32)
+        for params, (rows, dwell) in self._ndt.items():
+            ndt[rows] = ndt_weight_ms(np.array(dwell, dtype=np.int64), params)
+        return (np.array(self._x_l, dtype=np.float64), np.array(self._p10, dtype=np.float64),
+                np.array(self._n_clicks, dtype=np.int64), ndt)
 
 
 def encode_labelled(joined: Sequence[JoinedImpression], snapshots: Sequence[Snapshot],

@@ -273,3 +273,25 @@ def test_ndt_weight_is_never_negative():
 
     w = ndt_weight_ms(np.array([0, 1, 500, 5_000, -1]))
     assert (w >= 0).all() and w[0] == 0.0 and w[-1] == 0.0 and w[3] > 0
+
+
+@pytest.mark.parametrize("derive", [False, True])
+def test_statistics_columns_equal_one_query_per_run(derive):
+    """Runs judged on different statistics, gathered by StatisticsColumns (one NDT call per set of
+    parameters), equal query_statistics run by run, concatenated."""
+    from streams.joiner.validread import StatisticsColumns, query_statistics
+
+    t0 = 100 * DAY_MS
+    cfg = JoinerConfig(ndt=NdtConfig(derive_from_stats=derive))
+    history = [(1 + i % 3, 10 + i % 2, t0 - DAY_MS + i, 2_000 + 3_000 * i) for i in range(12)]
+    runs = [([joined(1, 1, 10, t0, t0 + 5, 60_000), joined(2, 2, 11, t0)], ExactDwellStats([])),
+            ([joined(3, 3, 10, t0, t0 + 5, 7_000)], ExactDwellStats(history[:4])),
+            ([joined(4, 2, 13, t0)], ExactDwellStats(history[:6])),
+            ([joined(5, 1, 11, t0, t0 + 9, 30_000), joined(6, 2, 10, t0, t0 + 2, 3_000)], ExactDwellStats(history))]
+    columns = StatisticsColumns(cfg)
+    for run, stats in runs:
+        columns.add(run, stats)
+    got = columns.columns()
+    want = [np.concatenate(c) for c in zip(*(query_statistics(run, stats, cfg) for run, stats in runs))]
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and g.tobytes() == w.tobytes()

@@ -219,12 +219,13 @@ def encode_sketch(k: int, n: int, n_compactions: Sequence[int],
                   levels: Sequence[np.ndarray]) -> bytes:
     """A :class:`~featurestore.sketches.DwellSketch` state: level ``h`` holds values of weight
     ``2**h``, written in their current order (lossless)."""
-    if len(n_compactions) != len(levels) or not 1 <= len(levels) <= 64:
-        raise CodecError(f"sketch with {len(levels)} levels and {len(n_compactions)} counters")
+    n_levels = len(levels)
+    if len(n_compactions) != n_levels or not 1 <= n_levels <= 64:
+        raise CodecError(f"sketch with {n_levels} levels and {len(n_compactions)} counters")
+    # struct for the small header columns: a numpy array per column cost more than the values
     return b"".join((
-        _SKETCH_HEAD.pack(VERSION, SKETCH_MAGIC, SKETCH_FORMAT, k, n, len(levels)),
-        np.array([len(v) for v in levels], dtype="<u4").tobytes(),
-        np.array(n_compactions, dtype="<u8").tobytes(),
+        _SKETCH_HEAD.pack(VERSION, SKETCH_MAGIC, SKETCH_FORMAT, k, n, n_levels),
+        struct.pack(f"<{n_levels}I{n_levels}Q", *map(len, levels), *n_compactions),
         *(np.asarray(v, dtype="<f4").tobytes() for v in levels),
     ))
 
@@ -248,8 +249,8 @@ def decode_sketch(data: bytes) -> tuple[int, int, list[int], list[np.ndarray]]:
     off = _SKETCH_HEAD.size
     if len(data) < off + 12 * n_levels:
         raise CodecError(f"bad_length: sketch of {n_levels} levels is {len(data)} bytes")
-    lengths = np.frombuffer(data, dtype="<u4", count=n_levels, offset=off).tolist()
-    counts = np.frombuffer(data, dtype="<u8", count=n_levels, offset=off + 4 * n_levels).tolist()
+    columns = struct.unpack_from(f"<{n_levels}I{n_levels}Q", data, off)
+    lengths, counts = list(columns[:n_levels]), list(columns[n_levels:])
     off += 12 * n_levels
     n_values = sum(lengths)
     if len(data) != off + 4 * n_values:

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import functools
 import math
+from array import array
 
 import numpy as np
 
@@ -48,6 +49,12 @@ from featurestore import CodecError, codecs
 _MIN_WIDTH = 8
 _EMPTY = np.empty(0, dtype=np.float32)
 _ZERO = np.float32(0.0)
+_SMALL = 64  # up to this many values a quantile sorts a Python list
+
+
+def _as_f32(values: list[float]) -> list[float]:
+    """``values`` rounded to float32 as ``_pending_level0`` stores them (-0.0 -> +0.0)."""
+    return array("f", [v + 0.0 for v in values]).tolist() if values else []
 
 
 @functools.lru_cache(maxsize=256)
@@ -123,6 +130,11 @@ class DwellSketch:
             raise ValueError(f"q={q!r} must be in [0, 1]")
         if not self._n:
             return math.nan
+        if self._view is None and len(self._levels) == 1 and self._size <= _SMALL:
+            # every value at weight 1: the value of rank ceil(q n), found without numpy (the
+            # joiner asks once per item and epoch, and most sketches hold a few values)
+            values = sorted([*self._levels[0].tolist(), *_as_f32(self._buf)])
+            return values[min(len(values), max(1, math.ceil(q * self._n))) - 1]
         values, cum_weight = self._sorted_view()
         i = int(np.searchsorted(cum_weight, q * self._n, side="left"))
         return float(values[min(i, values.size - 1)])

@@ -231,3 +231,22 @@ def test_bad_bytes_refused():
 def test_old_kll_bytes_refused(data):
     with pytest.raises(CodecError, match="old_format: .*DataSketches KLL.*older store; rebuild"):
         DwellSketch.from_bytes(data)
+
+
+@settings(max_examples=200, deadline=None)
+@given(stored=st.lists(st.floats(0, 1e9, allow_nan=False), max_size=40),
+       buffered=st.lists(st.sampled_from([-0.0, 0.0, 1.0, 16_777_217.0, 0.1, 5_000.5, 3e8 + 1]) | st.floats(0, 1e9),
+                         max_size=30),
+       q=st.floats(0, 1))
+def test_small_quantile_without_numpy_equals_the_sorted_view(stored, buffered, q):
+    """A single-level sketch answers a quantile from a Python sort (up to _SMALL values): the same
+    float as the numpy sorted view, with the unflushed updates rounded to float32 as a flush would."""
+    s = DwellSketch(k=200)
+    s.update_many(np.array(stored))
+    for v in buffered:
+        s.update(v)
+    fast = s.quantile(q)
+    t = DwellSketch.from_bytes(s.to_bytes())
+    t._sorted_view()  # the numpy path
+    assert struct.pack("<d", fast) == struct.pack("<d", t.quantile(q))  # nan when empty, no -0.0
+    assert t.to_bytes() == s.to_bytes()

@@ -153,11 +153,17 @@ def decode_sequence(data: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray, in
 
 def encode_counter(buckets: Sequence[int], counts: Sequence[int], newest_bucket: int,
                    n_dropped: int) -> bytes:
-    if len(buckets) != len(counts):
-        raise CodecError(f"ragged counter columns: {len(buckets)}, {len(counts)}")
-    head = _CNT_HEAD.pack(VERSION, len(buckets), newest_bucket, min(n_dropped, 0xFFFFFFFF))
+    n = len(buckets)
+    if n != len(counts):
+        raise CodecError(f"ragged counter columns: {n}, {len(counts)}")
     if isinstance(buckets, list) and isinstance(counts, list):
-        return b"".join((head, column_bytes(array(I64, buckets)), column_bytes(array(U32, counts))))
+        # one pack for header and columns (the windowed counters' path: lists of a few ints)
+        try:
+            return struct.pack(f"<BHqI{n}q{n}I", VERSION, n, newest_bucket, min(n_dropped, 0xFFFFFFFF),
+                               *buckets, *counts)
+        except struct.error as exc:
+            raise OverflowError(f"counter value out of range: {exc}") from None
+    head = _CNT_HEAD.pack(VERSION, n, newest_bucket, min(n_dropped, 0xFFFFFFFF))
     return b"".join((
         head,
         np.asarray(buckets, dtype="<i8").tobytes(),

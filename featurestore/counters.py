@@ -84,8 +84,7 @@ class WindowedCounter:
     def to_bytes(self) -> bytes:
         keys = sorted(self._buckets)
         newest = -1 if self._newest is None else self._newest
-        buckets = self._buckets
-        return codecs.encode_counter(keys, [buckets[k] for k in keys], newest, self.n_dropped)
+        return codecs.encode_counter(keys, list(map(self._buckets.__getitem__, keys)), newest, self.n_dropped)
 
     @classmethod
     def from_bytes(cls, data: bytes, bucket_ms: int, window_buckets: int,

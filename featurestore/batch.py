@@ -9,6 +9,7 @@ times per transaction.
 from __future__ import annotations
 
 import logging
+import operator
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
@@ -32,6 +33,7 @@ __all__ = ["StoreBatch"]
 
 _I32_MAX = 2**31 - 1
 _ABSENT = object()
+_first = operator.itemgetter(0)
 
 
 class StoreBatch(FeatureView):
@@ -297,7 +299,10 @@ class StoreBatch(FeatureView):
             self._finish(self.COMMITTED)
             return store.commit_info()
         wb = WriteBatch(raw_mode=True)
-        for key, value in changes:
+        # in ascending key order (a stable sort: a repeated key keeps its last value): RocksDB
+        # inserts sorted keys into its memtable about three times faster; one WriteBatch is applied
+        # atomically whatever its order, and ``changes`` (the changelog records) keeps its own
+        for key, value in sorted(changes, key=_first):
             wb.put(key, value)
         for key, value in (local or {}).items():
             wb.put(key, value)

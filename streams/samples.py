@@ -223,13 +223,18 @@ def snapshot_is_point_in_time(sample: Sample, entry_ts_ms: Sequence[int] | None 
 _EMPTY_SEQUENCES = b""
 
 
+_sequences = operator.attrgetter(*_SEQUENCE_FIELDS)  # (click_items, click_cats, unclick_items, ...)
+_counted = operator.attrgetter(*(f"{k}_items" for k in SEQUENCE_KINDS), "newest_ts_ms")
+
+
 def _sequence_bytes(snap: Snapshot) -> bytes:
+    fields = _sequences(snap)
     parts = []
-    for kind in SEQUENCE_KINDS:
-        items, cats = snap.sequence(kind)
+    for j in range(0, len(fields), 2):
+        items = fields[j]
         n = len(items)
         if n:
-            parts.append(struct.pack(f"<{n}q{n}i{4 * (n & 1)}x", *items, *cats))
+            parts.append(struct.pack(f"<{n}q{n}i{4 * (n & 1)}x", *items, *fields[j + 1]))
     return b"".join(parts)
 
 
@@ -258,15 +263,19 @@ def encode_batch(fixed: np.ndarray, snapshots: Sequence[Snapshot]) -> list[bytes
     fixed["magic"], fixed["version"], fixed["type"] = MAGIC, SAMPLE_VERSION, SAMPLE_TYPE
     fixed["reserved0"], fixed["reserved1"] = 0, 0
     seq_bytes = []
+    heads = []  # (n_click, n_unclick, n_like, n_dislike, snapshot_ts_ms, sequence bytes) per row
     for j, snap in enumerate(snapshots):
-        if not isinstance(snap, Snapshot):
+        if type(snap) is not Snapshot and not isinstance(snap, Snapshot):
             raise ValueError(f"row {j}: snapshot={snap!r} is not a Snapshot")
-        seq_bytes.append(_sequence_bytes(snap) if snap.newest_ts_ms >= 0 else _EMPTY_SEQUENCES)
-    for kind in SEQUENCE_KINDS:
-        fixed[f"n_{kind}"] = np.fromiter((len(getattr(s, f"{kind}_items")) for s in snapshots),
-                                         dtype=np.int64, count=len(snapshots))
-    fixed["snapshot_ts_ms"] = np.fromiter((s.newest_ts_ms for s in snapshots), dtype=np.int64, count=len(snapshots))
-    lens = FIXED_BYTES + np.fromiter(map(len, seq_bytes), dtype=np.int64, count=len(seq_bytes))
+        a, b, c, d, newest = _counted(snap)
+        seq = _sequence_bytes(snap) if newest >= 0 else _EMPTY_SEQUENCES
+        seq_bytes.append(seq)
+        heads.append((len(a), len(b), len(c), len(d), newest, len(seq)))
+    cols = np.array(heads, dtype=np.int64).reshape(len(heads), 6)  # (B, 6)
+    for k, kind in enumerate(SEQUENCE_KINDS):
+        fixed[f"n_{kind}"] = cols[:, k]
+    fixed["snapshot_ts_ms"] = cols[:, 4]
+    lens = FIXED_BYTES + cols[:, 5]
     buf = fixed.tobytes()
     values = [buf[i:i + FIXED_BYTES] + seq for i, seq in zip(range(0, len(buf), FIXED_BYTES), seq_bytes)]
     bad = _bad_rows(fixed, lens)

@@ -31,6 +31,7 @@ RULE_X_L_UNKNOWN, RULE_P10_UNKNOWN; :func:`primary_rule` gives the paper's attri
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -60,6 +61,8 @@ _LN_MS_PER_S = math.log(1000.0)
 #: the columns encode_labelled reads from each joined impression (the first ten are sample fields)
 _ROW_COLUMNS = ("impression_id", "ts_ms", "user_id", "item_id", "activeness", "age_group", "item_duration_ms",
                 "item_category", "label_ts_ms", "dwell_ms", "clicked", "liked", "disliked", "early")
+_impression_columns = operator.attrgetter(*_ROW_COLUMNS[:8])  # of JoinedImpression.impression
+_joined_columns = operator.attrgetter(*_ROW_COLUMNS[8:])
 
 
 class DwellStatistics(Protocol):
@@ -213,9 +216,7 @@ def encode_labelled(joined: Sequence[JoinedImpression], snapshots: Sequence[Snap
     x_l, p10, n_clicks, ndt = statistics
     n, vr = len(joined), cfg.valid_read
     # one pass over the rows, then columns: (B, 14) int64
-    rows = np.array([(i.impression_id, i.ts_ms, i.user_id, i.item_id, i.activeness, i.age_group,
-                      i.item_duration_ms, i.item_category, j.label_ts_ms, j.dwell_ms, j.clicked, j.liked,
-                      j.disliked, j.early) for j in joined for i in (j.impression,)],
+    rows = np.array([_impression_columns(j.impression) + _joined_columns(j) for j in joined],
                     dtype=np.int64).reshape(n, len(_ROW_COLUMNS))
     clicked, liked, disliked, early = (rows[:, k] != 0 for k in range(10, 14))
     dwell = rows[:, 9]

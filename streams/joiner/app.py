@@ -203,7 +203,7 @@ class JoinerRuntime:
                 part.flushed = False
                 decoded = decode_batch([m.value for m in msgs], kind_of(topic))
                 reasons = dict(decoded.errors)
-                good = iter(from_records(decoded.records, kind_of(topic)))
+                good = iter(from_records(decoded.records, kind_of(topic), checked=True))
                 for i, m in enumerate(msgs):
                     if i in reasons:
                         entry = Entry(topic, m.offset, None, m, m.key, m.value, reasons[i])

@@ -102,6 +102,8 @@ def test_batch_decode_equals_per_message_decode(kind, data):
             expected_errors.append((i, exc.reason))
     assert batch.errors == expected_errors
     assert from_records(batch.records, kind) == expected_rows
+    # the joiner's unvalidated path gives the same events, field types included (repr shows them)
+    assert [repr(e) for e in from_records(batch.records, kind, checked=True)] == [repr(e) for e in expected_rows]
     assert batch.records.dtype == record_dtype(kind)
     assert sorted(batch.index.tolist() + [i for i, _ in batch.errors]) == list(range(len(values)))
 

@@ -5,8 +5,9 @@ The faust app (agents, RocksDB tables, changelogs) wraps these: decode -> :class
 Semantics and diagrams: docs/joiner.md.
 """
 from streams.joiner.config import JoinerConfig, NdtConfig, ValidReadConfig, user_group_code
-from streams.joiner.join import JoinCore, JoinedImpression, JoinOutput, LateEvent, OrphanEvent
+from streams.joiner.join import JoinCore
 from streams.joiner.ndt import NdtParams, derive_params, gain_beyond, ndt_weight_ms, normalized_dwell_time
+from streams.joiner.records import JoinedImpression, JoinOutput, LateEvent, OrphanEvent
 from streams.joiner.validread import (
     RULE_MIN_DWELL,
     RULE_P10_UNKNOWN,

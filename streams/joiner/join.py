@@ -1,8 +1,9 @@
 """The per-partition join state machine: impressions + clicks, dwell and feedback -> one record each.
 
 Pure and faust-free: :meth:`JoinCore.process` takes events (decoded contracts) in arrival order and
-returns what became final. Every rule is stated in event time, so the output depends only on the
-set of events as long as each arrives no later than the allowed lateness (see docs/joiner.md).
+returns what became final (the records of :mod:`streams.joiner.records`). Every rule is stated in
+event time, so the output depends only on the set of events as long as each arrives no later than
+the allowed lateness (see docs/joiner.md).
 
 * watermark ``W`` = max event time seen - ``allowed_lateness_ms`` (an event with ``ts < W`` when it
   arrives violates the bound);
@@ -30,58 +31,18 @@ import heapq
 import logging
 import struct
 from collections.abc import Collection
-from dataclasses import dataclass, field
 
 from streams.contracts import Click, ContractError, Dwell, Event, FeedbackKind, Impression, decode, encode
 from streams.joiner.config import JoinerConfig
+from streams.joiner.records import JoinedImpression, JoinOutput, LateEvent, OrphanEvent
+
+# the records are defined in streams.joiner.records and still importable from here
+__all__ = ["JoinCore", "JoinOutput", "JoinedImpression", "LateEvent", "OrphanEvent"]
 
 logger = logging.getLogger(__name__)
 
 _INF = 2**63  # a watermark past every event time (flush)
 _NEG_INF = -(2**63)
-
-
-@dataclass(frozen=True, slots=True)
-class JoinedImpression:
-    """An impression with the outcomes that count toward its label (before ``label_ts_ms``).
-
-    ``click_ts_ms`` is the first click's time; ``dwell_ms`` comes from the latest dwell report
-    (by ts, then event_id) and is -1 when none arrived; ``early`` says the close came from the
-    final dwell rather than the label window. ``like_ts_ms`` / ``dislike_ts_ms`` are the first
-    like / dislike times (-1 when none): a feature snapshot may only contain the feedback from
-    that time on, never from the impression's own time.
-    """
-
-    impression: Impression
-    clicked: bool
-    click_ts_ms: int
-    dwell_ms: int
-    dwell_ts_ms: int
-    liked: bool
-    disliked: bool
-    label_ts_ms: int
-    early: bool
-    like_ts_ms: int = -1
-    dislike_ts_ms: int = -1
-
-
-@dataclass(frozen=True, slots=True)
-class LateEvent:
-    event: Event
-    reason: str  # after_emit | after_window | after_close | window_closed
-
-
-@dataclass(frozen=True, slots=True)
-class OrphanEvent:
-    event: Event
-    reason: str  # no_impression | before_impression | no_impression_id | mismatch
-
-
-@dataclass
-class JoinOutput:
-    samples: list[JoinedImpression] = field(default_factory=list)
-    late: list[LateEvent] = field(default_factory=list)
-    orphans: list[OrphanEvent] = field(default_factory=list)
 
 
 class _Pending:

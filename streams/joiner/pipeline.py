@@ -45,7 +45,8 @@ from featurestore import keys as fs_keys
 from featurestore.store import StoreBatch
 from streams.contracts import Event
 from streams.joiner.config import DAY_MS, JoinerConfig
-from streams.joiner.join import JoinCore, JoinedImpression, JoinOutput, LateEvent, OrphanEvent
+from streams.joiner.join import JoinCore
+from streams.joiner.records import JoinedImpression, JoinOutput, LateEvent, OrphanEvent
 from streams.joiner.shared import HEADER_STATS, RemoteStats, SharedStatsView
 from streams.joiner.snapshot import UserSnapshots, stage_user, unsettled_entries
 from streams.joiner.stats import DeferredItemStats, FrozenStoreStatistics

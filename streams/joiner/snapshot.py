@@ -13,7 +13,7 @@ from __future__ import annotations
 from featurestore import CounterKind, SequenceKind
 from featurestore.userrows import UserRows
 from streams.contracts import Click, Event, Feedback, FeedbackKind, Impression
-from streams.joiner.join import JoinedImpression
+from streams.joiner.records import JoinedImpression
 from streams.samples import EMPTY_SNAPSHOT, Snapshot
 
 #: (entry ts, impression_id, item_id, category) of an outcome not yet in the store

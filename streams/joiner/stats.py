@@ -22,7 +22,7 @@ from featurestore import keys as fs_keys
 from featurestore.batch import StoreBatch
 from featurestore.dwellstats import DwellStats
 from featurestore.reader import FeatureView
-from streams.joiner.join import JoinedImpression
+from streams.joiner.records import JoinedImpression
 
 #: one deferred item update per sample, as stored
 _DEFERRED = np.dtype([("epoch", "<i8"), ("item_id", "<u8"), ("dwell_ms", "<i8"), ("click_ts_ms", "<i8"),

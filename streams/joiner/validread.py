@@ -38,8 +38,8 @@ from typing import Protocol
 import numpy as np
 
 from streams.joiner.config import USER_GROUP_FIELDS, JoinerConfig, ValidReadConfig
-from streams.joiner.join import JoinedImpression
 from streams.joiner.ndt import NdtParams, derive_params, ndt_weight_ms
+from streams.joiner.records import JoinedImpression
 from streams.samples import (
     FIXED_DTYPE,
     FLAG_CLICKED,

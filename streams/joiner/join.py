@@ -27,14 +27,14 @@ the allowed lateness (see docs/joiner.md).
 """
 from __future__ import annotations
 
-import heapq
 import logging
 import struct
 from collections.abc import Collection
+from heapq import heappop, heappush
 
 from streams.contracts import Click, ContractError, Dwell, Event, FeedbackKind, Impression, decode, encode
 from streams.joiner.config import JoinerConfig
-from streams.joiner.records import JoinedImpression, JoinOutput, LateEvent, OrphanEvent
+from streams.joiner.records import JoinedImpression, JoinOutput, LateEvent, OrphanEvent, joined_impression
 
 # the records are defined in streams.joiner.records and still importable from here
 __all__ = ["JoinCore", "JoinOutput", "JoinedImpression", "LateEvent", "OrphanEvent"]
@@ -65,6 +65,14 @@ class JoinCore:
 
     def __init__(self, config: JoinerConfig) -> None:
         self.config = config
+        # the config fields the event paths read, as plain attributes (the config is frozen)
+        self._lateness = config.allowed_lateness_ms
+        self._window = config.label_window_ms
+        self._grace = config.grace_ms
+        self._orphan_grace = config.orphan_grace_ms
+        self._retention = config.emitted_retention_ms
+        self._emit_early = config.emit_early_on_final_dwell
+        self._settle = config.final_dwell_settle_ms
         self._max_ts = _NEG_INF
         self._pending: dict[int, _Pending] = {}
         self._buffer: dict[int, list[Event]] = {}  # impression_id -> outcomes waiting for it
@@ -78,26 +86,27 @@ class JoinCore:
     @property
     def watermark_ms(self) -> int | None:
         """Max event time seen minus the allowed lateness; None before the first event."""
-        return None if self._max_ts == _NEG_INF else self._max_ts - self.config.allowed_lateness_ms
+        return None if self._max_ts == _NEG_INF else self._max_ts - self._lateness
 
     def process(self, events: list[Event]) -> JoinOutput:
         """Apply events in arrival order; return the samples, late events and orphans they finalise."""
         out = JoinOutput()
-        lateness = self.config.allowed_lateness_ms
-        n = self._n
+        lateness = self._lateness
+        self._n["events"] += len(events)
         due, orphan_due, forget = self._due, self._orphan_due, self._forget_due
+        on_impression, on_outcome, advance = self._on_impression, self._on_outcome, self._advance
+        max_ts = self._max_ts
         for e in events:
-            n["events"] += 1
             if type(e) is Impression:
-                self._on_impression(e, out)
+                on_impression(e, out)
             else:
-                self._on_outcome(e, out)
-            if e.ts_ms > self._max_ts:
-                self._max_ts = e.ts_ms
-            w = self._max_ts - lateness
+                on_outcome(e, out)
+            if e.ts_ms > max_ts:
+                max_ts = self._max_ts = e.ts_ms
+            w = max_ts - lateness
             # due records: the watermark moved, or an early close fell behind it (late input)
             if (due and due[0][0] <= w) or (orphan_due and orphan_due[0][0] < w) or (forget and forget[0][0] <= w):
-                self._advance(w, out)
+                advance(w, out)
         return out
 
     def advance(self, event_time_ms: int) -> JoinOutput:
@@ -105,7 +114,7 @@ class JoinCore:
         out = JoinOutput()
         if event_time_ms > self._max_ts:
             self._max_ts = event_time_ms
-            self._advance(event_time_ms - self.config.allowed_lateness_ms, out)
+            self._advance(event_time_ms - self._lateness, out)
         return out
 
     def flush(self) -> JoinOutput:
@@ -141,19 +150,21 @@ class JoinCore:
     # -- event paths -----------------------------------------------------------------------
     def _on_impression(self, imp: Impression, out: JoinOutput) -> None:
         k = imp.impression_id
-        if k in self._pending or k in self._emitted:
+        pending = self._pending
+        if k in pending or k in self._emitted:
             self._n["duplicate"] += 1  # the same event again, or a reused impression_id: first wins
             return
-        close = imp.ts_ms + self.config.label_window_ms
-        if close <= self._max_ts - self.config.allowed_lateness_ms:
+        close = imp.ts_ms + self._window
+        if close <= self._max_ts - self._lateness:
             for e in [imp, *self._buffer.pop(k, ())]:  # waiting outcomes share its fate
                 self._late(out, e, "window_closed")
             return
         self._n["impressions"] += 1
-        p = self._pending[k] = _Pending(imp, close)
-        heapq.heappush(self._due, (close, k))
-        for e in self._buffer.pop(k, ()):
-            self._attach(p, e, out)
+        p = pending[k] = _Pending(imp, close)
+        heappush(self._due, (close, k))
+        if k in self._buffer:
+            for e in self._buffer.pop(k):
+                self._attach(p, e, out)
 
     def _on_outcome(self, e: Event, out: JoinOutput) -> None:
         k = e.impression_id
@@ -181,37 +192,36 @@ class JoinCore:
             self._n["duplicate"] += 1
             return
         waiting.append(e)
-        heapq.heappush(self._orphan_due, (e.ts_ms + self.config.orphan_grace_ms, k, e.event_id))
+        heappush(self._orphan_due, (e.ts_ms + self._orphan_grace, k, e.event_id))
 
     def _attach(self, p: _Pending, e: Event, out: JoinOutput) -> None:
-        cfg = self.config
         imp = p.impression
-        ts_i = imp.ts_ms
+        ts, ts_i = e.ts_ms, imp.ts_ms
         p.ids.add(e.event_id)
         if e.user_id != imp.user_id or e.item_id != imp.item_id:
             self._n["orphan"] += 1
             out.orphans.append(OrphanEvent(e, "mismatch"))  # names another user's or item's impression
             return
-        if e.ts_ms < ts_i - cfg.grace_ms:
+        if ts < ts_i - self._grace:
             self._n["orphan"] += 1
             out.orphans.append(OrphanEvent(e, "before_impression"))
             return
-        if e.ts_ms >= ts_i + cfg.label_window_ms:
+        if ts >= ts_i + self._window:
             self._late(out, e, "after_window")
             return
         p.events.append(e)
         kind = type(e)
-        if kind is Click and e.ts_ms < p.first_click:
-            p.first_click = e.ts_ms
-        elif kind is Dwell and e.ts_ms < p.first_dwell:
-            p.first_dwell = e.ts_ms
+        if kind is Click and ts < p.first_click:
+            p.first_click = ts
+        elif kind is Dwell and ts < p.first_dwell:
+            p.first_dwell = ts
         else:
             return
-        if cfg.emit_early_on_final_dwell and p.first_click != _INF and p.first_dwell != _INF:
-            early = max(p.first_click, p.first_dwell) + cfg.final_dwell_settle_ms
+        if self._emit_early and p.first_click != _INF and p.first_dwell != _INF:
+            early = max(p.first_click, p.first_dwell) + self._settle
             if early < p.close:
                 p.close = early
-                heapq.heappush(self._due, (early, p.impression.impression_id))
+                heappush(self._due, (early, imp.impression_id))
 
     def _late(self, out: JoinOutput, e: Event, reason: str) -> None:
         self._n["late"] += 1
@@ -219,36 +229,42 @@ class JoinCore:
 
     # -- watermark ---------------------------------------------------------------------------
     def _advance(self, w: int, out: JoinOutput, forget: bool = True) -> None:
-        due, pending = self._due, self._pending
-        while due and due[0][0] <= w:
-            close, k = heapq.heappop(due)
-            p = pending.get(k)
-            if p is not None and p.close == close:
-                del pending[k]
-                out.samples.append(self._emit(p, out))
+        n = self._n
+        due = self._due
+        if due and due[0][0] <= w:
+            pending, emit, samples = self._pending, self._emit, out.samples
+            n_before = len(samples)
+            while due and due[0][0] <= w:
+                close, k = heappop(due)
+                p = pending.get(k)
+                if p is not None and p.close == close:
+                    del pending[k]
+                    samples.append(emit(p, out))
+            n["emitted"] += len(samples) - n_before
         orphan_due, buffer = self._orphan_due, self._buffer
         while orphan_due and orphan_due[0][0] < w:
-            _t, k, event_id = heapq.heappop(orphan_due)
+            _t, k, event_id = heappop(orphan_due)
             waiting = buffer.get(k)
             if waiting:
                 for j, e in enumerate(waiting):
                     if e.event_id == event_id:
                         del waiting[j]
-                        self._n["orphan"] += 1
+                        n["orphan"] += 1
                         out.orphans.append(OrphanEvent(e, "no_impression"))
                         break
                 if not waiting:
                     del buffer[k]
         if not forget:
             return
-        forget, emitted = self._forget_due, self._emitted
-        while forget and forget[0][0] <= w:
-            t, k = heapq.heappop(forget)
+        forget_due, emitted, retention = self._forget_due, self._emitted, self._retention
+        while forget_due and forget_due[0][0] <= w:
+            t, k = heappop(forget_due)
             done = emitted.get(k)
-            if done is not None and done[0] + self.config.emitted_retention_ms == t:
+            if done is not None and done[0] + retention == t:
                 del emitted[k]
 
     def _emit(self, p: _Pending, out: JoinOutput) -> JoinedImpression:
+        """The record of ``p``; files it as emitted (the caller counts it and drops it from pending)."""
         close = p.close
         click_ts, dwell, like_ts, dislike_ts = _INF, None, _INF, _INF
         for e in p.events:
@@ -266,14 +282,15 @@ class JoinCore:
             else:
                 dislike_ts = min(dislike_ts, e.ts_ms)
         imp = p.impression
-        early = close != imp.ts_ms + self.config.label_window_ms
-        self._n["emitted"] += 1
-        self._n["emitted_early"] += early
-        self._emitted[imp.impression_id] = (close, p.ids)
-        heapq.heappush(self._forget_due, (close + self.config.emitted_retention_ms, imp.impression_id))
+        k = imp.impression_id
+        early = close != imp.ts_ms + self._window
+        if early:
+            self._n["emitted_early"] += 1
+        self._emitted[k] = (close, p.ids)
+        heappush(self._forget_due, (close + self._retention, k))
         clicked = click_ts != _INF
         liked, disliked = like_ts != _INF, dislike_ts != _INF
-        return JoinedImpression(
+        return joined_impression(
             imp, clicked, click_ts if clicked else -1, -1 if dwell is None else dwell.dwell_ms,
             -1 if dwell is None else dwell.ts_ms, liked, disliked, close, early,
             like_ts if liked else -1, dislike_ts if disliked else -1)
@@ -323,19 +340,19 @@ class JoinCore:
             events, pos = _unpack_events(view, pos)
             imp = events[0]
             p = self._pending[imp.impression_id] = _Pending(imp, imp.ts_ms + config.label_window_ms)
-            heapq.heappush(self._due, (p.close, imp.impression_id))
+            heappush(self._due, (p.close, imp.impression_id))
             self._restore_attached(p, events[1:])
             p.ids, pos = _unpack_ids(view, pos)
         waiting, pos = _unpack_events(view, pos)
         for e in waiting:
             self._buffer.setdefault(e.impression_id, []).append(e)
-            heapq.heappush(self._orphan_due, (e.ts_ms + config.orphan_grace_ms, e.impression_id, e.event_id))
+            heappush(self._orphan_due, (e.ts_ms + config.orphan_grace_ms, e.impression_id, e.event_id))
         (n_emitted,), pos = struct.unpack_from("<I", view, pos), pos + 4
         for _ in range(n_emitted):
             k, close = struct.unpack_from("<qq", view, pos)
             ids, pos = _unpack_ids(view, pos + 16)
             self._emitted[k] = (close, ids)
-            heapq.heappush(self._forget_due, (close + config.emitted_retention_ms, k))
+            heappush(self._forget_due, (close + config.emitted_retention_ms, k))
         return pos, len(waiting)
 
     def _restore_attached(self, p: _Pending, events: list[Event]) -> None:

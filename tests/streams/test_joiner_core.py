@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 import streams.joiner.config as config_module
 import streams.joiner.join as join_module
+import streams.joiner.records as records_module
 from streams.contracts import Click, Dwell, Feedback, FeedbackKind, Impression
 from streams.joiner import JoinCore, JoinedImpression, JoinerConfig
 
@@ -101,9 +102,20 @@ def run(events, cfg: JoinerConfig, chunk: int | None = None):
 
 
 def test_doctests_run_and_pass():
-    for module in (join_module, config_module):
+    for module in (join_module, records_module, config_module):
         result = doctest.testmod(module)
         assert result.attempted >= 2 and result.failed == 0
+
+
+def test_joined_impression_builds_the_same_frozen_record():
+    imp = Impression(1, 100, 2, 3, 4)
+    values = (imp, True, 5, 6, 7, False, True, 8, True, 9, 10)  # a distinct value per field
+    fast = records_module.joined_impression(*values)
+    assert type(fast) is JoinedImpression and fast == JoinedImpression(*values)
+    assert tuple(getattr(fast, f.name) for f in dataclasses.fields(JoinedImpression)) == values
+    assert hash(fast) == hash(JoinedImpression(*values)) and repr(fast) == repr(JoinedImpression(*values))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fast.clicked = False
 
 
 @pytest.mark.parametrize("cfg", [CFG, EARLY], ids=["window", "early"])
@@ -263,6 +275,31 @@ def test_emitted_impressions_are_forgotten_after_retention():
     assert core.counters()["retained"] == 1
     core.advance(110_000 + 20_000 + 1_000)
     assert core.counters()["retained"] == 0
+
+
+# state version 1 of one pending record (click, dwell, like attached), one waiting click and one
+# emitted record: stores and changelogs written before keep restoring to the same state
+STATE_V1 = bytes.fromhex(
+    "53524a0001f4330000000000000600000000000000020000000000000001000000000000000000000000000000000000"
+    "0000000000000000000000000000000000000000000100000003000000355a01010300000000000000c8320000000000"
+    "0005000000000000000800000000000000470000000000000000ff00000000ffffffff2f5a010304000000000000002c"
+    "33000000000000470000000000000005000000000000000800000000000000840300002c5a0104050000000000000090"
+    "330000000000000500000000000000080000000000000001470000000000000003000000030000000000000004000000"
+    "000000000500000000000000010000002b5a01020600000000000000f433000000000000630000000000000005000000"
+    "000000000900000000000000010000004600000000000000f82a00000000000002000000010000000000000002000000"
+    "00000000"
+)
+
+
+def test_state_format_version_1_is_kept():
+    core = JoinCore(CFG)
+    core.process([Impression(1, 1_000, 5, 6, 70), Click(2, 1_500, 70, 5, 6), Impression(3, 13_000, 5, 8, 71),
+                  Dwell(4, 13_100, 71, 5, 8, 900), Feedback(5, 13_200, 5, 8, FeedbackKind.LIKE, 71),
+                  Click(6, 13_300, 99, 5, 9)])
+    assert core.to_bytes() == STATE_V1
+    restored = JoinCore.from_bytes(STATE_V1, CFG)
+    assert restored.to_bytes() == STATE_V1 and restored.counters() == core.counters()
+    assert restored.flush() == core.flush()
 
 
 def test_corrupt_state_is_rejected():

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 import random
 import time
 from dataclasses import dataclass, field
@@ -106,6 +107,11 @@ class JoinerRuntime:
     in the topic from that offset (used once per partition on assignment); ``caught_up(topic,
     partition, next_offset)`` says the consumer holds everything the broker has. ``remote``: the
     other partitions' statistics (``joiner.dwell``), ``extra_counters()`` the feed's counters.
+
+    The synchronous work of a batch (decode, alignment, join, store prepare and commit) runs on
+    one pipeline thread, always under ``lock``: a batch of 10K events is a few tenths of a second
+    of CPU, and on the event loop it starved faust's web server (``/counters`` unanswered for a
+    whole run) and timers; with the GIL switching every 5 ms the loop now answers in between.
     """
 
     def __init__(self, config: JoinerAppConfig, *, send, read_back, caught_up, assigned=None, seek=None,
@@ -122,6 +128,7 @@ class JoinerRuntime:
         self.lock = asyncio.Lock()
         self.closed_counters: dict[int, dict[str, int]] = {}
         self._last_log_s = time.monotonic()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="joiner-pipeline")
 
     # -- assignment ---------------------------------------------------------------------------
     async def _open(self, p: int) -> _Partition:
@@ -184,6 +191,7 @@ class JoinerRuntime:
 
     def close(self) -> None:
         self.revoke(list(self.partitions))
+        self._pool.shutdown(wait=True)
 
     # -- the hot path ---------------------------------------------------------------------------
     async def handle(self, messages: list[Any]) -> list[Any]:
@@ -201,19 +209,10 @@ class JoinerRuntime:
                 part = await self._open(p)
                 part.last_event_s = time.monotonic()
                 part.flushed = False
-                decoded = decode_batch([m.value for m in msgs], kind_of(topic))
-                reasons = dict(decoded.errors)
-                good = iter(from_records(decoded.records, kind_of(topic), checked=True))
-                for i, m in enumerate(msgs):
-                    if i in reasons:
-                        entry = Entry(topic, m.offset, None, m, m.key, m.value, reasons[i])
-                    else:
-                        entry = Entry(topic, m.offset, next(good), m)
-                    status = part.aligner.add(entry)
-                    if status == TopicAligner.SEEN:
-                        acks.append(m)
-                    elif status == TopicAligner.GAP:
-                        gaps[(topic, p)] = part.aligner.next_received(topic)
+                seen, gap = await self._run(self._ingest, part, topic, msgs)
+                acks += seen
+                if gap is not None:
+                    gaps[(topic, p)] = gap
                 touched.add(p)
             for (topic, p), offset in sorted(gaps.items()):
                 # e.g. local state lost while the group committed further: rebuild from the log
@@ -224,6 +223,30 @@ class JoinerRuntime:
             for p in sorted(touched):
                 acks += await self._step(p)
             return acks
+
+    async def _run(self, fn, *args):
+        """``fn(*args)`` on the pipeline thread (see the class docstring)."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    @staticmethod
+    def _ingest(part: _Partition, topic: str, msgs: list[Any]) -> tuple[list[Any], int | None]:
+        """Decode one topic's records into the partition's aligner; returns the records already
+        seen (to ack) and, on a gap, the offset to seek back to."""
+        decoded = decode_batch([m.value for m in msgs], kind_of(topic))
+        reasons = dict(decoded.errors)
+        good = iter(from_records(decoded.records, kind_of(topic), checked=True))
+        seen, gap, add = [], None, part.aligner.add
+        for i, m in enumerate(msgs):
+            if i in reasons:
+                entry = Entry(topic, m.offset, None, m, m.key, m.value, reasons[i])
+            else:
+                entry = Entry(topic, m.offset, next(good), m)
+            status = add(entry)
+            if status == TopicAligner.SEEN:
+                seen.append(m)
+            elif status == TopicAligner.GAP:
+                gap = part.aligner.next_received(topic)
+        return seen, gap
 
     async def tick(self) -> list[Any]:
         """Release what became releasable without new events; flush idle partitions."""
@@ -246,9 +269,28 @@ class JoinerRuntime:
 
     async def _step(self, p: int, flush: bool = False) -> list[Any]:
         part = self.partitions[p]
-        entries = part.aligner.release(lambda t, nxt: self._caught_up(t, p, nxt), force=flush)
+        entries, outputs = await self._run(self._join, p, part, flush)
         if not entries and not flush:
             return []
+        pipe = part.pipeline
+        await produce(self._send, p, part.ledger, outputs, self._send_many)
+        if self._restore is None:
+            await self._run(pipe.commit, part.aligner.next_offsets(), part.ledger.meta())
+        else:  # the changelog first: it is never behind the store
+            seq, changes = await self._run(pipe.prepare, part.aligner.next_offsets(), part.ledger.meta())
+            local = None
+            if changes:
+                nxt = await produce_changelog(self._send, p, make_tag(part.writer_id, seq), changes,
+                                            self._send_many)
+                local = {CHANGELOG_NEXT_META: str(nxt).encode()}
+            await self._run(pipe.commit_prepared, local)
+        return [e.handle for e in entries]
+
+    def _join(self, p: int, part: _Partition, flush: bool) -> tuple[list[Entry], list[Record]]:
+        """Release what the aligner can, join it and build the output records (pipeline thread)."""
+        entries = part.aligner.release(lambda t, nxt: self._caught_up(t, p, nxt), force=flush)
+        if not entries and not flush:
+            return entries, []
         pipe = part.pipeline
         outputs: list[Record] = []
         events = []
@@ -267,18 +309,7 @@ class JoinerRuntime:
             for value in out.stats:
                 self._remote.add(value)
         outputs += output_records(p, out)
-        await produce(self._send, p, part.ledger, outputs, self._send_many)
-        if self._restore is None:
-            pipe.commit(part.aligner.next_offsets(), part.ledger.meta())
-        else:  # the changelog first: it is never behind the store
-            seq, changes = pipe.prepare(part.aligner.next_offsets(), part.ledger.meta())
-            local = None
-            if changes:
-                nxt = await produce_changelog(self._send, p, make_tag(part.writer_id, seq), changes,
-                                            self._send_many)
-                local = {CHANGELOG_NEXT_META: str(nxt).encode()}
-            pipe.commit_prepared(local)
-        return [e.handle for e in entries]
+        return entries, outputs
 
     def counters(self) -> dict[str, int]:
         """Counters summed over the partitions this worker holds or held."""

@@ -242,7 +242,7 @@ class JoinerRuntime:
             else:
                 entry = Entry(topic, m.offset, next(good), m)
             status = add(entry)
-            if status == TopicAligner.SEEN:
+            if status == TopicAligner.SEEN:  # HELD (a copy still queued) is acked on release
                 seen.append(m)
             elif status == TopicAligner.GAP:
                 gap = part.aligner.next_received(topic)

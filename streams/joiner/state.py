@@ -49,14 +49,17 @@ class TopicAligner:
         self._queues: dict[str, deque[Entry]] = {t: deque() for t in self.topics}
         self._next = {t: next_offsets.get(t, 0) for t in self.topics}  # next offset to receive
 
-    ADDED, SEEN, GAP = "added", "seen", "gap"
+    ADDED, SEEN, HELD, GAP = "added", "seen", "held", "gap"
 
     def add(self, entry: Entry) -> str:
-        """Queue ``entry`` (ADDED). SEEN: its offset was already received or applied (ack, drop).
+        """Queue ``entry`` (ADDED). SEEN: its offset was released already (its state is committed:
+        ack it, drop it). HELD: another copy of an entry still queued (e.g. fetched again after a
+        seek): drop it without an ack, since the queued copy is acked when it is released.
         GAP: it lies past the next expected offset (the consumer must seek back; drop it)."""
         nxt = self._next[entry.topic]
         if entry.offset < nxt:
-            return self.SEEN
+            q = self._queues[entry.topic]
+            return self.HELD if q and entry.offset >= q[0].offset else self.SEEN
         if entry.offset > nxt:
             return self.GAP
         self._queues[entry.topic].append(entry)

@@ -29,7 +29,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from streams.broker import EmbeddedBroker
 from streams.broker.config import BrokerConfig
-from streams.contracts import Click, Impression, encode, key_for
+from streams.contracts import EVENT_TOPICS, Click, Impression, encode, key_for
 from streams.joiner.app import free_port
 from streams.joiner.pipeline import PipelineConfig
 from streams.joiner.worker import build_samples, shared_contributions
@@ -253,6 +253,7 @@ def test_worker_without_the_store_restores_it_from_the_changelog(broker, tmp_pat
         stop_worker(proc, log)
     n_before = len(samples.poll())
     assert n_before < len(expected), "the first worker reached the end of the stream"
+    group = committed_offsets(broker.bootstrap, "streamrec-joiner")  # what the first worker committed
     shutil.rmtree(tmp_path / "host-a")
     port = free_port("127.0.0.1")
     proc, log = start_worker(broker.bootstrap, tmp_path / "host-b", tmp_path / "worker-b.log", web_port=port,
@@ -273,6 +274,11 @@ def test_worker_without_the_store_restores_it_from_the_changelog(broker, tmp_pat
     assert restored and sorted(opened) == list(range(N_PARTITIONS)), lines
     for p, line in opened.items():  # a restored store resumes where it was, not from offset 0
         assert ("{'impressions': 0, 'clicks': 0, 'dwell': 0, 'feedback': 0}" in line) == (p not in restored), line
+    # the group's committed offsets never pass the store's (= the changelog's): acks follow commits
+    for p in restored:
+        for topic in EVENT_TOPICS:
+            store_offset = int(re.search(rf"'{topic}': (\d+)", opened[p]).group(1))
+            assert group.get((topic, p), 0) <= store_offset, (topic, p, group.get((topic, p)), opened[p])
     # A restored partition resumes at its restored offsets: the gap path (events past the next
     # expected offset, e.g. after a fetch dropped in a rebalance) may seek it back to them, never
     # below. A partition that had not committed may meet events past offset 0 (the group moved on
@@ -332,6 +338,16 @@ def test_one_worker_and_two_workers_agree_up_to_the_staleness_bound(broker, tmp_
     assert sum(one[k].value != local[k] for k in one) > 100
     print(f"differing={len(differing)} explained={[r.n_explained for r in reports]} "
           f"with_header={[r.n_headers for r in reports]} counters={[{k: v for k, v in c.items() if 'stats' in k} for c in counters]}")
+
+
+def committed_offsets(bootstrap: str, group: str) -> dict[tuple[str, int], int]:
+    """The group's committed offsets, ``(topic, partition) -> offset``."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    try:  # an offset fetch: the consumer never joins the group
+        found = {(t, p): consumer.committed(TopicPartition(t, p)) for t in EVENT_TOPICS for p in range(N_PARTITIONS)}
+        return {k: v for k, v in found.items() if v is not None}
+    finally:
+        consumer.close()
 
 
 def partition_of(line: str) -> int:

@@ -72,15 +72,8 @@ class UserRows:
         if not -1 <= category <= _I32_MAX or type(item_id) is not int or not 0 <= item_id <= U64_MAX:
             tx._check_entry(item_id, category, ts_ms)  # raises with the transaction's message
         self._saw(tx, ts_ms)
-        i = kind - 1
-        if self._staged >> i & 1:
-            seq = self._rows[i]
-            tx.n_updates += 1
-        else:
-            seq = self._rows[i] = tx._for_update(self._keys[i], tx._decode_sequence, tx._new_sequence,
-                                                 _encode_sequence)
-            self._staged |= 1 << i
-        seq.add(item_id, category, ts_ms)
+        self._for_update(tx, kind - 1, tx._decode_sequence, tx._new_sequence, _encode_sequence).add(
+            item_id, category, ts_ms)
 
     def add_user_event(self, counter: CounterKind, ts_ms: int, n: int = 1) -> None:
         """:meth:`StoreBatch.add_user_event` for this user (the same checks)."""
@@ -88,15 +81,17 @@ class UserRows:
         if n < 0:
             raise ValueError(f"n={n!r} < 0")
         self._saw(tx, ts_ms)
-        i = _COUNTER_ROW[counter]
+        self._for_update(tx, _COUNTER_ROW[counter], tx._decode_counter, tx._new_counter, _encode_counter).add(
+            ts_ms, n)
+
+    def _for_update(self, tx, i: int, decode, new, encode):
+        """Row ``i``, staged in ``tx`` on its first change (the transaction's read-modify-write)."""
         if self._staged >> i & 1:
-            cnt = self._rows[i]
             tx.n_updates += 1
-        else:
-            cnt = self._rows[i] = tx._for_update(self._keys[i], tx._decode_counter, tx._new_counter,
-                                                 _encode_counter)
-            self._staged |= 1 << i
-        cnt.add(ts_ms, n)
+            return self._rows[i]
+        row = self._rows[i] = tx._for_update(self._keys[i], decode, new, encode)
+        self._staged |= 1 << i
+        return row
 
     @staticmethod
     def _saw(tx: StoreBatch, ts_ms: int) -> None:

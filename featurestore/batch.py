@@ -22,7 +22,7 @@ from featurestore.keys import CounterKind, ItemCountField, SequenceKind
 from featurestore.reader import CommitInfo, FeatureView
 from featurestore.sequences import UserSequence
 from featurestore.sketches import DwellSketch
-from featurestore.userrows import UserRows
+from featurestore.userrows import N_SEQUENCES, UserRows
 
 if TYPE_CHECKING:
     from featurestore.store import RocksFeatureStore
@@ -31,7 +31,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["StoreBatch"]
 
-_I32_MAX = 2**31 - 1
 _ABSENT = object()
 _first = operator.itemgetter(0)
 
@@ -140,8 +139,8 @@ class StoreBatch(FeatureView):
 
     def _check_entry(self, item_id: int, category: int, ts_ms: int) -> None:
         """The checks of a sequence entry, before anything is staged."""
-        if not -1 <= category <= _I32_MAX:
-            raise ValueError(f"category={category!r} out of range [-1, {_I32_MAX}]")
+        if not -1 <= category <= keys.I32_MAX:
+            raise ValueError(f"category={category!r} out of range [-1, {keys.I32_MAX}]")
         if type(item_id) is not int or not 0 <= item_id <= keys.U64_MAX:
             keys.item_sketch_key(item_id)  # validates item_id like every other key field
         self._check_time(ts_ms)
@@ -153,7 +152,7 @@ class StoreBatch(FeatureView):
         self._check_open()
         users = sorted(set(user_ids))
         row_keys = [keys.user_row_keys(u) for u in users]
-        n = len(SequenceKind)
+        n = N_SEQUENCES
         seq_keys = [k for ks in row_keys for k in ks[:n]]
         # the sequence keys, then the counter keys: ascending key order, which the multi-get
         # serves faster (about 0.9 us a key instead of 1.4 on a memtable of 100K keys)

@@ -156,19 +156,11 @@ def encode_counter(buckets: Sequence[int], counts: Sequence[int], newest_bucket:
     n = len(buckets)
     if n != len(counts):
         raise CodecError(f"ragged counter columns: {n}, {len(counts)}")
-    if isinstance(buckets, list) and isinstance(counts, list):
-        # one pack for header and columns (the windowed counters' path: lists of a few ints)
-        try:
-            return struct.pack(f"<BHqI{n}q{n}I", VERSION, n, newest_bucket, min(n_dropped, 0xFFFFFFFF),
-                               *buckets, *counts)
-        except struct.error as exc:
-            raise OverflowError(f"counter value out of range: {exc}") from None
-    head = _CNT_HEAD.pack(VERSION, n, newest_bucket, min(n_dropped, 0xFFFFFFFF))
-    return b"".join((
-        head,
-        np.asarray(buckets, dtype="<i8").tobytes(),
-        np.asarray(counts, dtype="<u4").tobytes(),
-    ))
+    try:  # one pack for header and columns (a windowed counter holds a few ints)
+        return struct.pack(f"<BHqI{n}q{n}I", VERSION, n, newest_bucket, min(n_dropped, 0xFFFFFFFF),
+                           *buckets, *counts)
+    except struct.error as exc:
+        raise OverflowError(f"counter value out of range: {exc}") from None
 
 
 def counter_header(data: bytes) -> tuple[int, int, int]:

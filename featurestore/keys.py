@@ -77,6 +77,7 @@ class ItemCountField(IntEnum):
 
 U64_MAX = 2**64 - 1
 U32_MAX = 2**32 - 1
+I32_MAX = 2**31 - 1
 COMMIT_META = b"commit"
 _TOPIC_RE = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 _U64 = struct.Struct(">Q")

@@ -29,7 +29,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from featurestore.counters import WindowedCounter
-from featurestore.keys import U64_MAX, CounterKind, SequenceKind
+from featurestore.keys import I32_MAX, U64_MAX, CounterKind, SequenceKind
 from featurestore.sequences import UserSequence
 
 if TYPE_CHECKING:
@@ -38,8 +38,6 @@ if TYPE_CHECKING:
 #: rows 0-3: the sequences in SequenceKind order; rows 4-5: the counters in CounterKind order
 N_SEQUENCES = len(SequenceKind)
 _COUNTER_ROW = {c: N_SEQUENCES + i for i, c in enumerate(CounterKind)}
-_I32_MAX = 2**31 - 1
-_OPEN = "open"  # StoreBatch.OPEN
 _encode_sequence, _encode_counter = UserSequence.to_bytes, WindowedCounter.to_bytes
 
 
@@ -58,7 +56,7 @@ class UserRows:
         self.user_id = user_id
         self._tx = tx
         self._keys = row_keys  # keys.user_row_keys(user_id)
-        self._rows: list = [*sequences, None, None]  # counters are decoded on their first change
+        self._rows: list = [*sequences, *[None] * len(CounterKind)]  # counters are decoded on their first change
         self._staged = 0  # bit i: row i is staged in the transaction
 
     def sequences(self) -> list[UserSequence | None]:
@@ -69,7 +67,7 @@ class UserRows:
     def add_sequence_event(self, kind: SequenceKind, item_id: int, category: int, ts_ms: int) -> None:
         """:meth:`StoreBatch.add_sequence_event` for this user (the same checks)."""
         tx = self._tx
-        if not -1 <= category <= _I32_MAX or type(item_id) is not int or not 0 <= item_id <= U64_MAX:
+        if not -1 <= category <= I32_MAX or type(item_id) is not int or not 0 <= item_id <= U64_MAX:
             tx._check_entry(item_id, category, ts_ms)  # raises with the transaction's message
         self._saw(tx, ts_ms)
         self._for_update(tx, kind - 1, tx._decode_sequence, tx._new_sequence, _encode_sequence).add(
@@ -100,5 +98,5 @@ class UserRows:
             raise ValueError(f"ts_ms={ts_ms!r} < 0")
         if ts_ms > tx._max_event_ts_ms:
             tx._max_event_ts_ms = ts_ms
-        if tx.state != _OPEN:
+        if tx.state != tx.OPEN:
             tx._check_open()

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from featurestore import DwellStats, FeatureStoreConfig, ItemCountField, RocksFeatureStore
+from featurestore import DwellStats, FeatureStoreConfig, RocksFeatureStore
 from featurestore import keys as fs_keys
 from featurestore.store import StoreBatch
 from streams.contracts import Event
@@ -279,7 +279,7 @@ class JoinerPipeline:
         # every user's rows in one multi-get, every item the call may touch in another
         users = tx.user_rows(by_user)
         deferred = self._deferred
-        tx.prefetch(deferred.item_keys(joined))
+        tx.prefetch(deferred.item_keys(joined, epoch_ms))
         shared = self._shared.publisher if self._shared.enabled else None
         columns = StatisticsColumns(self.config.joiner)
         snaps: list[Snapshot] = []

@@ -82,17 +82,21 @@ class DeferredItemStats:
             flags = s.clicked * _F_CLICKED | s.liked * _F_LIKED | s.disliked * _F_DISLIKED
             records.append((epoch, s.impression.item_id, s.dwell_ms, s.click_ts_ms, flags))
 
-    def item_keys(self, joined: Sequence[JoinedImpression]) -> list[bytes]:
-        """The item keys that applying the waiting updates and those of ``joined`` stages or
-        reads (T3): the counts of every item, the sketches of the clicked ones."""
+    def item_keys(self, joined: Sequence[JoinedImpression], epoch_ms: int) -> list[bytes]:
+        """The item keys a labelling call over ``joined`` reads or stages: the sketches of the
+        clicked items (T3) and, only when the call crosses an epoch (so :meth:`apply` runs), those
+        that applying the waiting updates and those of ``joined`` stages (counts of every item,
+        sketches of the clicked ones). Ascending key order (sketches, then counts; by item), which
+        a multi-get serves faster."""
+        epochs = {s.label_ts_ms // epoch_ms for s in joined}
+        if self._records:
+            epochs.add(self.epoch)
+        clicked = dict.fromkeys(s.impression.item_id for s in joined if s.clicked)
+        if len(epochs) < 2:  # nothing is applied in this call: only the T3 reads
+            return list(map(fs_keys.item_sketch_key, sorted(clicked)))
         counted = dict.fromkeys(r[1] for r in self._records)
-        clicked = dict.fromkeys(r[1] for r in self._records if r[4] & _F_CLICKED)
-        for s in joined:
-            item = s.impression.item_id
-            counted[item] = None
-            if s.clicked:
-                clicked[item] = None
-        # ascending key order (sketches, then counts; by item), which a multi-get serves faster
+        counted.update(dict.fromkeys(s.impression.item_id for s in joined))
+        clicked.update(dict.fromkeys(r[1] for r in self._records if r[4] & _F_CLICKED))
         return [*map(fs_keys.item_sketch_key, sorted(clicked)), *map(fs_keys.item_counts_key, sorted(counted))]
 
     def apply(self, tx: StoreBatch) -> None:

@@ -265,7 +265,7 @@ def encode_batch(fixed: np.ndarray, snapshots: Sequence[Snapshot]) -> list[bytes
     seq_bytes = []
     heads = []  # (n_click, n_unclick, n_like, n_dislike, snapshot_ts_ms, sequence bytes) per row
     for j, snap in enumerate(snapshots):
-        if type(snap) is not Snapshot and not isinstance(snap, Snapshot):
+        if not isinstance(snap, Snapshot):
             raise ValueError(f"row {j}: snapshot={snap!r} is not a Snapshot")
         a, b, c, d, newest = _counted(snap)
         seq = _sequence_bytes(snap) if newest >= 0 else _EMPTY_SEQUENCES

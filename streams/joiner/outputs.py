@@ -98,8 +98,8 @@ async def produce_changelog(send, p: int, tag: bytes, changes, send_many=None) -
 
 def batch_sender(producer, max_batch_bytes: int):
     """``send_many`` over an aiokafka producer: one topic partition's records appended to record
-    batches of up to ``max_batch_bytes`` (a record larger than that gets a batch of its own), each
-    submitted with one call; returns ``[(ack future, n records)]``, the ack carrying the batch's
+    batches of up to ``max_batch_bytes`` (an empty batch takes any record, so a larger record goes
+    alone in one), each submitted with one call; returns ``[(ack future, n records)]``, the ack carrying the batch's
     base offset."""
     from aiokafka.producer.message_accumulator import BatchBuilder
 
@@ -116,11 +116,6 @@ def batch_sender(producer, max_batch_bytes: int):
                 key, value, headers = records[i]
                 if builder.append(timestamp=None, key=key, value=value, headers=headers or []) is None:
                     break
-                i += 1
-            if i == start:  # larger than a batch: alone in one of its own size
-                key, value, headers = records[i]
-                builder = BatchBuilder(len(value or b"") + len(key or b"") + (1 << 16), compression)
-                builder.append(timestamp=None, key=key, value=value, headers=headers or [])
                 i += 1
             builder.close()
             out.append((await producer.send_batch(builder, topic, partition=partition), i - start))

@@ -14,14 +14,16 @@ from featurestore import CounterKind, SequenceKind
 from featurestore.userrows import UserRows
 from streams.contracts import Click, Event, Feedback, FeedbackKind, Impression
 from streams.joiner.records import JoinedImpression
-from streams.samples import EMPTY_SNAPSHOT, Snapshot
+from streams.samples import EMPTY_SNAPSHOT, SEQUENCE_KINDS, Snapshot
 
 #: (entry ts, impression_id, item_id, category) of an outcome not yet in the store
 Entry = tuple[int, int, int, int]
 #: the impressions pending in the core, per user: (impression, close, attached events)
 Pending = dict[int, list[tuple[Impression, int, tuple[Event, ...]]]]
-SEQ_KINDS = ((SequenceKind.CLICK, "click"), (SequenceKind.UNCLICK, "unclick"),
-             (SequenceKind.LIKE, "like"), (SequenceKind.DISLIKE, "dislike"))
+# UserRows.sequences() come in SequenceKind order and Snapshot.prechecked takes the sample
+# contract's order: the same order, checked once here
+if [k.name.lower() for k in SequenceKind] != list(SEQUENCE_KINDS):
+    raise RuntimeError(f"SequenceKind order {list(SequenceKind)} differs from the samples' {SEQUENCE_KINDS}")
 _CLICK, _UNCLICK, _LIKE, _DISLIKE = SequenceKind.CLICK, SequenceKind.UNCLICK, SequenceKind.LIKE, SequenceKind.DISLIKE
 _N_CLICK, _N_IMPRESSION = CounterKind.CLICK, CounterKind.IMPRESSION
 _EMPTY_PAIR = ((), ())
@@ -130,7 +132,7 @@ class UserSnapshots:
             clicks[(imp.user_id, c)] = n_clicks
         if newest < 0:  # every sequence empty (entry times are >= 0)
             return EMPTY_SNAPSHOT
-        return Snapshot.prechecked(parts, newest)   # parts in SEQ_KINDS order = the field order
+        return Snapshot.prechecked(parts, newest)   # parts in SequenceKind order = the field order
 
 
 def stage_user(rows: UserRows, s: JoinedImpression) -> None:

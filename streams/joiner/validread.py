@@ -212,7 +212,8 @@ def encode_labelled(joined: Sequence[JoinedImpression], snapshots: Sequence[Snap
                     statistics: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
                     cfg: JoinerConfig) -> list[bytes]:
     """Encoded samples from the joined impressions, their snapshots and the per-row statistics of
-    :func:`query_statistics` (concatenated when several queries)."""
+    :func:`query_statistics` or ``StatisticsColumns.columns()`` (x_l, P10, clicks in the T2
+    window, NDT weight; one entry per row)."""
     x_l, p10, n_clicks, ndt = statistics
     n, vr = len(joined), cfg.valid_read
     # one pass over the rows, then columns: (B, 14) int64

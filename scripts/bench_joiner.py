@@ -21,9 +21,10 @@ Phases, each on its own embedded broker with one partition per topic:
    timestamp of the source record whose event time moved the watermark past the sample's close
    (p50 / p99). Samples flushed at the end of the stream (no such record) are left out.
 
-``--phases pipeline`` runs the first phase only, ``--phases latency`` the latency phases only; ``--repeat N`` runs it N times on fresh stores and
-reports the median; ``--profile PATH`` runs it once more under cProfile and writes the stats to
-PATH (printing the top functions by own time).
+``--phases pipeline`` runs the first phase only, ``--phases latency`` the latency phase only;
+``--repeat N`` runs the pipeline phase N times on fresh stores and reports the median;
+``--profile PATH`` runs it once more under cProfile and writes the stats to PATH (printing the top
+functions by own time).
 
     python scripts/bench_joiner.py --scale 4
     python scripts/bench_joiner.py --scale 2 --phases pipeline --repeat 5 --profile /tmp/joiner.prof
@@ -259,20 +260,22 @@ def worker_phases(tmp: Path, events: list, naive_events: int, cpu: int | None) -
     """The worker (batch delivery), the same worker on faust's stream path, and the naive agent,
     on pre-produced events."""
     results = {}
-    for phase, delivery, batch_max, evs in (("worker", "batch", 10_000, events),
-                                            ("stream", "stream", 10_000, events),
-                                            ("naive", None, 1, events[:naive_events]),
-                                            ("null", "null", 1, events)):
+    # phase: (program, option, events): streamrec joiner --delivery OPTION, or naive_joiner.py (--null)
+    for phase, (program, option, evs) in {"worker": ("joiner", "batch", events),
+                                          "stream": ("joiner", "stream", events),
+                                          "naive": ("naive", False, events[:naive_events]),
+                                          "null": ("naive", True, events)}.items():
         with EmbeddedBroker(BrokerConfig(data_dir=tmp / f"broker-{phase}", port=0)) as b:
             create_topics(b.bootstrap)
             produce(b.bootstrap, evs)
             port = free_port("127.0.0.1")
-            if delivery in (None, "null"):
-                proc = start_naive(b.bootstrap, tmp / f"joiner-{phase}", port, cpu, tmp / f"{phase}.log",
-                                   null=delivery == "null")
+            data_dir, log = tmp / f"joiner-{phase}", tmp / f"{phase}.log"
+            if program == "joiner":
+                proc = start_worker(b.bootstrap, data_dir, port, 10_000, cpu, log, option)
+                what = f"--delivery {option} --batch-max 10000"
             else:
-                proc = start_worker(b.bootstrap, tmp / f"joiner-{phase}", port, batch_max, cpu,
-                                    tmp / f"{phase}.log", delivery)
+                proc = start_naive(b.bootstrap, data_dir, port, cpu, log, null=option)
+                what = "scripts/naive_joiner.py" + (" --null" if option else "")
             try:
                 rate, c = rate_between(port, len(evs), proc, 600)
             except RuntimeError:
@@ -281,8 +284,6 @@ def worker_phases(tmp: Path, events: list, naive_events: int, cpu: int | None) -
             finally:
                 stop(proc)
             results[phase] = rate
-            what = ("scripts/naive_joiner.py" if delivery is None else "scripts/naive_joiner.py --null"
-                    if delivery == "null" else f"--delivery {delivery} --batch-max {batch_max}")
             print(f"{phase} (faust, {what}, pinned cpu={cpu}): events={len(evs)} "
                   f"events_per_s={rate:.0f} samples={c.get('samples')} late={c.get('late')} orphan={c.get('orphan')}")
     print(f"ratio worker/naive: {results['worker'] / results['naive']:.1f}x; "
@@ -290,20 +291,19 @@ def worker_phases(tmp: Path, events: list, naive_events: int, cpu: int | None) -
           f"worker/null faust agent: {results['worker'] / results['null']:.2f}x")
 
 
-def latency_phase(tmp: Path, events: list, paced_events: int, paced_rate: float, cpu: int | None,
-                  delivery: str) -> None:
+def latency_phase(tmp: Path, events: list, paced_events: int, paced_rate: float, cpu: int | None) -> None:
     """Phase 3: a fresh worker, then events produced at ``paced_rate``; window close -> sample."""
-    with EmbeddedBroker(BrokerConfig(data_dir=tmp / f"broker-latency-{delivery}", port=0)) as b:
+    with EmbeddedBroker(BrokerConfig(data_dir=tmp / "broker-latency", port=0)) as b:
         create_topics(b.bootstrap)
         port = free_port("127.0.0.1")
-        proc = start_worker(b.bootstrap, tmp / f"joiner-latency-{delivery}", port, 10_000, cpu,
-                            tmp / f"latency-{delivery}.log", delivery)
+        proc = start_worker(b.bootstrap, tmp / "joiner-latency", port, 10_000, cpu, tmp / "latency.log")
         try:
             # steady state: produce once the worker holds its partition (assigned, store open)
             t_start, deadline = time.monotonic(), time.monotonic() + 60
             while not counters(port, "partitions") and time.monotonic() < deadline:
                 time.sleep(0.1)
-            print(f"latency phase ({delivery}): worker holds its partition {time.monotonic() - t_start:.1f} s after start")
+            print("latency phase: worker holds its partition "
+                  f"{time.monotonic() - t_start:.1f} s after start")
             paced = events[:paced_events]
             producer = threading.Thread(target=produce, args=(b.bootstrap, paced, paced_rate))
             producer.start()
@@ -315,7 +315,7 @@ def latency_phase(tmp: Path, events: list, paced_events: int, paced_rate: float,
         finally:
             stop(proc)
         lat = latencies(b.bootstrap, PipelineConfig().joiner.allowed_lateness_ms)
-        print(f"latency ({delivery} delivery) window close -> sample emitted (paced {paced_rate:.0f} events/s, "
+        print(f"latency window close -> sample emitted (paced {paced_rate:.0f} events/s, "
               f"{len(lat)} samples closed by the watermark): p50_ms={np.percentile(lat, 50):.0f} "
               f"p99_ms={np.percentile(lat, 99):.0f} max_ms={lat.max()}")
 
@@ -328,7 +328,7 @@ def main() -> int:
     ap.add_argument("--naive-events", type=int, default=4000, help="events for the naive agent")
     ap.add_argument("--cpu", type=int, default=1, help="CPU the worker is pinned to (-1: not pinned)")
     ap.add_argument("--phases", choices=("all", "pipeline", "latency"), default="all",
-                    help="all phases (default), the in-process pipeline only, or the latency phases only")
+                    help="all phases (default), the in-process pipeline only, or the latency phase only")
     ap.add_argument("--worker-arg", action="append", default=[],
                     help="extra `streamrec joiner` argument for the workers, e.g. --worker-arg=--batch-within-s=0.05")
     ap.add_argument("--repeat", type=int, default=1, help="runs of the pipeline phase (median reported)")
@@ -352,7 +352,7 @@ def main() -> int:
             return 0
         if args.phases == "all":
             worker_phases(tmp, events, args.naive_events, cpu)
-        latency_phase(tmp, events, args.paced_events, args.paced_rate, cpu, "batch")
+        latency_phase(tmp, events, args.paced_events, args.paced_rate, cpu)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"load average at the end: {load_average():.2f}")

@@ -7,8 +7,8 @@ one-event list), its outputs produced with one awaited ``send`` per record and t
 on. It has no event-time alignment across the topics (events are joined in arrival order), no
 changelog and no dead-letter routing, so its samples are not the worker's: it measures the cost of
 the per-event path only. ``--null`` only counts the events (faust's per-record delivery and acks,
-nothing else: the ceiling of any agent iterating a faust stream). ``/counters`` serves ``{"total": {"events": N, "samples": M}}`` like the
-worker, for the benchmark's rate reading.
+nothing else: the ceiling of any agent iterating a faust stream). ``/counters`` serves
+``{"total": {"events": N, "samples": M}}`` like the worker, for the benchmark's rate reading.
 
     python scripts/naive_joiner.py --bootstrap HOST:PORT --data-dir DIR --web-port N [--null]
 """

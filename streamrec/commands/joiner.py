@@ -35,7 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--idle-flush-s", type=float, default=None,
                    help="a partition without events this long is treated as ended: pending impressions "
                         "are emitted (default: never; use for replays)")
-    p.add_argument("--batch-max", type=int, default=None, help="most records handled in one batch (one store commit; default 10000)")
+    p.add_argument("--batch-max", type=int, default=None,
+                   help="most records handled in one batch (one store commit; default 10000)")
     p.add_argument("--fetch-max-wait-ms", type=int, default=None,
                    help="longest a fetch long-polls the brokers (default 100)")
     p.add_argument("--delivery", choices=("batch", "stream"), default=None,

@@ -11,8 +11,9 @@ Topology (docs/joiner.md, "Running the joiner")::
 
 faust's consumer hands each fetch of the four topics to the joiner's task as one list
 (``streams.joiner.delivery.BatchDrain``: faust's per-record stream path is bypassed, measured
-there); the task is thin: it hands the records to :class:`JoinerRuntime.handle`, which decodes, aligns, runs the pipelines, produces the outputs (to the source's partition), then
-commits each pipeline (state + core blob + source offsets + output end offsets: one WriteBatch)
+there); the task is thin: it hands the records to :class:`JoinerRuntime.handle`, which decodes,
+aligns, runs the pipelines, produces the outputs (to the source's partition), then commits each
+pipeline (state + core blob + source offsets + output end offsets: one WriteBatch)
 and only then returns the consumed records to ack, so the group's committed offsets never pass the
 store's. A timer releases aligned events when topics catch up, flushes partitions idle for
 ``idle_flush_s`` and logs the counters; ``/counters`` on the web port returns them as JSON.
@@ -22,9 +23,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from concurrent.futures import ThreadPoolExecutor
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,11 +35,11 @@ import faust
 from featurestore import keys as fs_keys
 from streams.contracts import EVENT_TOPICS, decode_batch, from_records, kind_of
 from streams.joiner.changelog import CHANGELOG_NEXT_META, make_tag, read_changelog
+from streams.joiner.delivery import BatchDrain
+from streams.joiner.fetch import cap_fetch_wait
 from streams.joiner.outputs import (TOPIC_ORPHANS, Record, batch_sender, dead_letter_record,  # noqa: F401
                                     late_topic, output_reader, output_records, output_topics, produce,
                                     produce_changelog)
-from streams.joiner.delivery import BatchDrain
-from streams.joiner.fetch import cap_fetch_wait
 from streams.joiner.pipeline import JoinerPipeline, PipelineConfig, PipelineOutput, open_pipeline
 from streams.joiner.shared import RemoteStats
 from streams.joiner.state import Entry, OutputLedger, TopicAligner
@@ -387,21 +388,21 @@ def make_app(config: JoinerAppConfig) -> tuple[faust.App, JoinerRuntime]:
                                                     **(feed.counters() if feed else {})},
                             restore=lambda p, start, apply: read_changelog(config.bootstrap, p, start, apply),
                             send_many=send_many)
+    def ack_all(records) -> None:  # their state is committed: faust may commit their offsets
+        ack = app.consumer.ack
+        for m in records:
+            ack(m)
+
     if drain is not None:
         @app.task
         async def join():
             while True:
-                records = await drain.get(config.batch_max)
-                ack = app.consumer.ack
-                for m in await runtime.handle(records):
-                    ack(m)
+                ack_all(await runtime.handle(await drain.get(config.batch_max)))
     else:  # faust's own per-record path (a comparison in scripts/bench_joiner.py)
         @app.agent(source, concurrency=1)
         async def join_stream(stream):
-            ack = app.consumer.ack
             async for events in stream.noack_take(config.batch_max, within=0.1):
-                for m in await runtime.handle([ev.message for ev in events]):
-                    ack(m)
+                ack_all(await runtime.handle([ev.message for ev in events]))
 
     positioned: set[int] = set()
 
@@ -421,9 +422,7 @@ def make_app(config: JoinerAppConfig) -> tuple[faust.App, JoinerRuntime]:
                     await app.consumer.seek(TP(topic, p), offset)
                 positioned.add(p)
                 logger.info("partition_positioned partition=%d", p)
-        ack = app.consumer.ack
-        for m in await runtime.tick():
-            ack(m)
+        ack_all(await runtime.tick())
 
     @app.on_partitions_revoked.connect
     async def on_revoked(app_, revoked, **kwargs):

@@ -89,13 +89,14 @@ class TopicAligner:
                 v = known[t] = caught_up(t, self._next[t])
             return v
 
-        # a merge of the queues' heads: (key, position, topic) per non-empty queue
-        rank, heads = _RANK, []
+        def head(i: int, t: str) -> tuple:  # (merge key, position, topic) of topic t's first entry
+            e = queues[t][0]
+            return (-1 if e.event is None else e.event.ts_ms, _RANK.get(t, 9), e.offset), i, t
+
+        heads = []
         for i, t in enumerate(self.topics):
-            q = queues[t]
-            if q:
-                e = q[0]
-                heads.append(((-1 if e.event is None else e.event.ts_ms, rank.get(t, 9), e.offset), i, t))
+            if queues[t]:
+                heads.append(head(i, t))
             elif not done(t):
                 return out
         heapq.heapify(heads)
@@ -104,8 +105,7 @@ class TopicAligner:
             q = queues[t]
             out.append(q.popleft())
             if q:
-                e = q[0]
-                heapq.heapreplace(heads, ((-1 if e.event is None else e.event.ts_ms, rank.get(t, 9), e.offset), i, t))
+                heapq.heapreplace(heads, head(i, t))
             else:
                 heapq.heappop(heads)
                 if not done(t):

@@ -24,6 +24,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import faust  # noqa: E402
 
+from streams import faustfix  # noqa: E402
 from streams.contracts import EVENT_TOPICS, decode  # noqa: E402
 from streams.joiner.fetch import cap_fetch_wait  # noqa: E402
 from streams.joiner.outputs import output_records  # noqa: E402
@@ -38,6 +39,7 @@ def main() -> int:
     ap.add_argument("--null", action="store_true", help="count the events, do nothing else")
     args = ap.parse_args()
     gc.set_threshold(50_000)  # as the joiner CLI
+    faustfix.install()
     app = faust.App("streamrec-naive-joiner", broker=f"kafka://{args.bootstrap}", store="memory://",
                     datadir=str(Path(args.data_dir) / "faust"), autodiscover=False, topic_replication_factor=1,
                     consumer_auto_offset_reset="earliest", stream_wait_empty=False,

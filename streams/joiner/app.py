@@ -33,6 +33,7 @@ from typing import Any
 import faust
 
 from featurestore import keys as fs_keys
+from streams import faustfix
 from streams.contracts import EVENT_TOPICS, decode_batch, from_records, kind_of
 from streams.joiner.changelog import CHANGELOG_NEXT_META, make_tag, read_changelog
 from streams.joiner.delivery import BatchDrain
@@ -324,6 +325,7 @@ class JoinerRuntime:
 
 def make_app(config: JoinerAppConfig) -> tuple[faust.App, JoinerRuntime]:
     """The faust app and the runtime its agent drives (the caller runs the app, e.g. faust.Worker)."""
+    faustfix.install()  # faust's recovery could lose input records fetched while it seeks
     web = {"web_enabled": False}
     if config.web_port is not None:
         port = config.web_port or free_port(config.web_host)  # faust refuses port 0

@@ -5,6 +5,13 @@ into ``tmp_path``; the test produces input with kafka-python, reads the output t
 changelog, then stops the worker with SIGTERM. A second worker run checks that the committed
 offsets and the changelog carry over: it recovers the table and counts on from where the first
 one stopped, without re-processing what was committed, after its local rocksdb state is wiped.
+
+The app installs ``streams.faustfix`` (faust's recovery could lose or repeat input records
+fetched while it sought to the committed offsets: faust-streaming issue #596).
+``test_restart_with_a_backlog_loses_and_repeats_nothing`` widens that window on purpose: each
+committed-offset request of the worker waits, and each event takes a while, so records of the
+backlog are fetched while faust seeks. Without the fix that test lost or stalled records in each
+of three runs; with it, none.
 """
 from __future__ import annotations
 
@@ -32,7 +39,25 @@ APP_SOURCE = textwrap.dedent(
     """Counts clicks per user in a rocksdb-backed table and emits the running count."""
     import os
 
+    import asyncio
+
+    import aiokafka
     import faust
+
+    from streams import faustfix
+
+    faustfix.install()
+
+    COMMITTED_DELAY_S = float(os.environ.get("FAUST_TEST_COMMITTED_DELAY_S", "0"))
+    EVENT_DELAY_S = float(os.environ.get("FAUST_TEST_EVENT_DELAY_S", "0"))
+    if COMMITTED_DELAY_S:  # a slow broker: faust's seek to the committed offsets takes a while
+        _committed = aiokafka.AIOKafkaConsumer.committed
+
+        async def _slow_committed(self, tp):
+            await asyncio.sleep(COMMITTED_DELAY_S)
+            return await _committed(self, tp)
+
+        aiokafka.AIOKafkaConsumer.committed = _slow_committed
 
     app = faust.App(
         "clickcount",
@@ -56,6 +81,8 @@ APP_SOURCE = textwrap.dedent(
         async for key, _value in stream.items():
             user = key.decode()
             counts[user] += 1
+            if EVENT_DELAY_S:
+                await asyncio.sleep(EVENT_DELAY_S)
             await click_counts.send(key=key, value=str(counts[user]).encode())
     '''
 )
@@ -97,7 +124,7 @@ class TopicReader:
         self._consumer.close()
 
 
-def start_worker(tmp_path: Path, bootstrap: str, run: int) -> tuple[subprocess.Popen, Path]:
+def start_worker(tmp_path: Path, bootstrap: str, run: int, **env_extra: str) -> tuple[subprocess.Popen, Path]:
     app_dir = tmp_path / "app"
     app_dir.mkdir(exist_ok=True)
     (app_dir / "clickcount_app.py").write_text(APP_SOURCE)
@@ -105,11 +132,14 @@ def start_worker(tmp_path: Path, bootstrap: str, run: int) -> tuple[subprocess.P
     env.update(
         FAUST_TEST_BOOTSTRAP=bootstrap,
         FAUST_TEST_DATADIR=str(tmp_path / "faust-data"),
+        PYTHONUNBUFFERED="1",  # the log tail shown on a failure must be complete
         PYTHONPATH=os.pathsep.join([str(app_dir), str(REPO_ROOT)]),
+        **env_extra,
     )
     log = tmp_path / f"worker-{run}.log"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "faust", "-A", "clickcount_app", "worker", "-l", "info"],
+        # --without-web: faust's worker command would otherwise serve on 0.0.0.0:6066
+        [sys.executable, "-m", "faust", "-A", "clickcount_app", "worker", "--without-web", "-l", "info"],
         cwd=app_dir, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
     )
     return proc, log
@@ -167,10 +197,7 @@ def test_faust_agent_counts_into_table_and_output_topic(broker, tmp_path):
     assert_clean_exit(proc, log)
     outputs = out.poll()
     assert len(outputs) == len(first)
-    per_user: dict[bytes, list[int]] = {}
-    for key, value in outputs:
-        per_user.setdefault(key, []).append(int(value))
-    assert per_user == {u.encode(): list(range(1, n + 1)) for u, n in expected.items()}
+    assert running_counts(outputs) == {u.encode(): list(range(1, n + 1)) for u, n in expected.items()}
     table = {json.loads(k): json.loads(v) for k, v in latest_by_key(changelog.poll()).items()}
     assert table == dict(expected)
     assert group_offsets(bootstrap) == committed_clicks_per_partition(bootstrap)
@@ -197,6 +224,53 @@ def test_faust_agent_counts_into_table_and_output_topic(broker, tmp_path):
     assert table == dict(expected)
     out.close()
     changelog.close()
+
+
+@pytest.mark.timeout(240)
+def test_restart_with_a_backlog_loses_and_repeats_nothing(broker, tmp_path):
+    """A worker restarts onto 150 waiting clicks while its seek to the committed offsets is slow."""
+    bootstrap = broker.bootstrap
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    admin.create_topics([NewTopic("clicks", num_partitions=N_PARTITIONS, replication_factor=1)])
+    admin.close()
+    first = [f"u{i % 7}" for i in range(20)]
+    produce_clicks(bootstrap, first)
+    out = TopicReader(bootstrap, "click-counts")
+    proc, log = start_worker(tmp_path, bootstrap, run=1)
+    try:
+        wait_until(lambda: len(out.poll()) >= len(first), 120, "the first run's output", proc, log)
+        wait_until(lambda: sum(group_offsets(bootstrap).values()) >= len(first), 30, "committed offsets", proc, log)
+    finally:
+        stop_worker(proc, log)
+    assert_clean_exit(proc, log)
+
+    shutil.rmtree(tmp_path / "faust-data")
+    backlog = [f"u{i % 11}" for i in range(150)]
+    produce_clicks(bootstrap, backlog)
+    total = len(first) + len(backlog)
+    # 0.3 s per committed-offset request: faust's seek over the 7 assigned partitions takes ~2 s,
+    # while the backlog's records are fetched; 20 ms per event keeps some of them queued
+    proc, log = start_worker(tmp_path, bootstrap, run=2,
+                             FAUST_TEST_COMMITTED_DELAY_S="0.3", FAUST_TEST_EVENT_DELAY_S="0.02")
+    try:
+        wait_until(lambda: len(out.poll()) >= total and sum(group_offsets(bootstrap).values()) >= total, 120,
+                   "every click processed and committed", proc, log,
+                   extra=lambda: f"outputs={len(out.records)} of {total} clicks committed={group_offsets(bootstrap)}")
+    finally:
+        stop_worker(proc, log)
+    assert_clean_exit(proc, log)
+    expected = Counter(first + backlog)
+    assert running_counts(out.poll()) == {u.encode(): list(range(1, n + 1)) for u, n in expected.items()}
+    assert group_offsets(bootstrap) == committed_clicks_per_partition(bootstrap)
+    out.close()
+
+
+def running_counts(outputs: list[tuple[bytes, bytes]]) -> dict[bytes, list[int]]:
+    """Per user, the counts the agent emitted, in order."""
+    per_user: dict[bytes, list[int]] = {}
+    for key, value in outputs:
+        per_user.setdefault(key, []).append(int(value))
+    return per_user
 
 
 def group_offsets(bootstrap: str) -> dict[int, int]:

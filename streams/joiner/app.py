@@ -108,7 +108,13 @@ class JoinerRuntime:
     (``streams.joiner.outputs.produce``); ``read_back(topic, partition, from_offset)`` returns the values
     in the topic from that offset (used once per partition on assignment); ``caught_up(topic,
     partition, next_offset)`` says the consumer holds everything the broker has. ``remote``: the
-    other partitions' statistics (``joiner.dwell``), ``extra_counters()`` the feed's counters.
+    other partitions' statistics (``joiner.dwell``), ``extra_counters()`` the feed's counters;
+    ``reread()`` (async) empties ``remote`` and reads the topic again.
+
+    The table is pruned on every tick: per source partition q, the epochs below what every held
+    partition's committed state still needs (all complete ones when this worker holds no other
+    partition). A partition assigned later whose committed state needs pruned epochs makes the
+    worker ``reread`` first (logged as ``stats_reread``; counter ``stats_feed_rewinds``).
 
     The synchronous work of a batch (decode, alignment, join, store prepare and commit) runs on
     one pipeline thread, always under ``lock``: a batch of 10K events is a few tenths of a second
@@ -117,8 +123,10 @@ class JoinerRuntime:
     """
 
     def __init__(self, config: JoinerAppConfig, *, send, read_back, caught_up, assigned=None, seek=None,
-                 remote: RemoteStats | None = None, extra_counters=None, restore=None, send_many=None) -> None:
+                 remote: RemoteStats | None = None, extra_counters=None, restore=None, send_many=None,
+                 reread=None) -> None:
         self.config = config
+        self._reread = reread
         self._send_many = send_many
         self._restore = restore if config.changelog else None
         self._remote = remote
@@ -149,6 +157,13 @@ class JoinerRuntime:
                 if "lock" not in str(exc).lower() or time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(0.2)
+        remote = self._remote
+        if remote is not None and any(remote.pruned_before(q) > a for q, a in pipe.shared_needs_committed.items()):
+            logger.info("stats_reread partition=%d (its state needs statistics epochs pruned here)", p)
+            if self._reread is None:
+                pipe.close()
+                raise RuntimeError(f"partition {p} needs pruned joiner.dwell epochs and there is no feed to re-read")
+            await self._reread()
         offsets = {t: pipe.committed_offset(t) or 0 for t in EVENT_TOPICS}
         ledger = OutputLedger()
         found = []
@@ -264,10 +279,19 @@ class JoinerRuntime:
                 if flush:
                     part.flushed = True
                     logger.info("partition_idle_flush partition=%d idle_s=%.1f", p, now - part.last_event_s)
+            self._prune_remote()
             if now - self._last_log_s >= self.config.log_every_s:
                 self._last_log_s = now
                 logger.info("joiner_counters %s", summary_line(self.counters()))
             return acks
+
+    def _prune_remote(self) -> None:
+        remote = self._remote
+        if remote is None:
+            return
+        for q in range(remote.n_sources):
+            needs = [part.pipeline.shared_needs_committed.get(q, 0) for p, part in self.partitions.items() if p != q]
+            remote.prune(q, min(needs) if needs else remote.complete_before(q))
 
     async def _step(self, p: int, flush: bool = False) -> list[Any]:
         part = self.partitions[p]
@@ -378,6 +402,12 @@ def make_app(config: JoinerAppConfig) -> tuple[faust.App, JoinerRuntime]:
             return
         await app.consumer.seek(tp, offset)
 
+    async def reread() -> None:
+        ticket = feed.rewind()
+        if not await asyncio.get_running_loop().run_in_executor(None, feed.wait_rewound, ticket,
+                                                                config.store_lock_wait_s):
+            raise RuntimeError(f"joiner.dwell was not read again within {config.store_lock_wait_s}s")
+
     feed = None
     if config.pipeline.shared_stats:
         from streams.joiner.statsfeed import StatsFeed
@@ -389,7 +419,7 @@ def make_app(config: JoinerAppConfig) -> tuple[faust.App, JoinerRuntime]:
                             extra_counters=lambda: {**(drain.counters() if drain else {}),
                                                     **(feed.counters() if feed else {})},
                             restore=lambda p, start, apply: read_changelog(config.bootstrap, p, start, apply),
-                            send_many=send_many)
+                            send_many=send_many, reread=None if feed is None else reread)
     def ack_all(records) -> None:  # their state is committed: faust may commit their offsets
         ack = app.consumer.ack
         for m in records:

@@ -157,6 +157,9 @@ class JoinerPipeline:
         partials[partition] = self._dwell
         self._shared = SharedStatsView(partition, remote if config.shared_stats else None, config.stats_epoch_ms,
                                        partials, self._n, self.meta(SHARED_META))
+        #: what the committed state still needs of the other partitions' statistics (pruning bound)
+        self.shared_needs_committed = self._shared.needs()
+        self._shared_needs_staged: dict[int, int] = {}
         self._snapshots = UserSnapshots(config.joiner.seq_len, config.store.sequences.max_len, config.t2_window_ms)
         self._tx: StoreBatch | None = None
         logger.info("pipeline_open partition=%d restored=%s watermark_ms=%s samples=%d", partition,
@@ -221,6 +224,7 @@ class JoinerPipeline:
         """Write the prepared WriteBatch plus ``local`` metadata (not state: not changelogged)."""
         self._tx.commit({fs_keys.meta_key(k): v for k, v in (local or {}).items()})
         self._tx = None
+        self.shared_needs_committed = self._shared_needs_staged
 
     def note_restore(self, n_commits: int, n_records: int) -> None:
         """Count a restore of this store from its changelog (persisted with the next commit)."""
@@ -236,6 +240,7 @@ class JoinerPipeline:
         _stage_meta(tx, DEFERRED_META, self._deferred.to_bytes())
         if self._shared.enabled:
             _stage_meta(tx, SHARED_META, self._shared.to_bytes())
+        self._shared_needs_staged = self._shared.needs()
         for name, value in (meta or {}).items():
             _stage_meta(tx, name, value)
         return tx

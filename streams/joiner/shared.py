@@ -111,6 +111,9 @@ class RemoteStats:
     """Every source's published contributions (thread-safe: a feed thread adds, pipelines take).
 
     ``complete_before(q)``: the contributions of source ``q``'s epochs below it are all here.
+    ``prune(q, before)`` drops source ``q``'s epochs below ``before`` (a worker prunes what every
+    partition it holds has committed, so the table stays bounded); ``take`` then refuses to go
+    below that epoch, and ``reset`` empties the table for a re-read of the topic.
     """
 
     def __init__(self, n_sources: int) -> None:
@@ -118,10 +121,34 @@ class RemoteStats:
             raise ValueError(f"n_sources={n_sources!r} must be >= 1")
         self.n_sources = n_sources
         self._lock = threading.Lock()
-        self._before = [_NO_EPOCH] * n_sources
-        self._epochs: list[list[int]] = [[] for _ in range(n_sources)]
-        self._chunks: list[list[np.ndarray]] = [[] for _ in range(n_sources)]
-        self.n_messages = self.n_records = 0
+        self.n_messages = self.n_records = self.n_pruned = 0
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything (the counters stay): the caller reads the topic again from its start."""
+        with self._lock:
+            self._before = [_NO_EPOCH] * self.n_sources
+            self._pruned = [_NO_EPOCH] * self.n_sources
+            self._epochs: list[list[int]] = [[] for _ in range(self.n_sources)]
+            self._chunks: list[list[np.ndarray]] = [[] for _ in range(self.n_sources)]
+
+    def prune(self, source: int, before: int) -> int:
+        """Drop ``source``'s contributions of epochs below ``before``; returns how many."""
+        with self._lock:
+            if before <= self._pruned[source]:
+                return 0
+            epochs, chunks = self._epochs[source], self._chunks[source]
+            k = bisect_left(epochs, before)
+            dropped = sum(len(c) for c in chunks[:k])
+            del epochs[:k], chunks[:k]
+            self._pruned[source] = before
+            self.n_pruned += dropped
+            return dropped
+
+    def pruned_before(self, source: int) -> int:
+        """The epoch below which ``source``'s contributions were pruned (a very small number if none)."""
+        with self._lock:
+            return self._pruned[source]
 
     def add(self, value: bytes) -> bool:
         """Take one message; False when it held nothing new (a re-publication after a restart)."""
@@ -154,6 +181,9 @@ class RemoteStats:
     def take(self, source: int, lo: int, hi: int) -> np.ndarray:
         """Contributions of ``source`` with ``lo <= epoch < hi``, in epoch order."""
         with self._lock:
+            if lo < self._pruned[source]:
+                raise SharedStatsError(f"source {source}: epochs below {self._pruned[source]} were pruned, "
+                                       f"asked from {lo} (the table must be read again)")
             epochs, chunks = self._epochs[source], self._chunks[source]
             parts = chunks[bisect_left(epochs, lo):bisect_left(epochs, hi)]
         return np.concatenate(parts) if parts else np.zeros(0, dtype=CONTRIB)
@@ -236,6 +266,12 @@ class SharedStatsView:
         n["stats_epochs"] = n.get("stats_epochs", 0) + 1
         n["stats_epochs_incomplete"] = n.get("stats_epochs_incomplete", 0) + (not complete)
         n["stats_remote_applied"] = n.get("stats_remote_applied", 0) + n_applied
+
+    def needs(self) -> dict[int, int]:
+        """Per other source, the first epoch this partition has not applied yet ({} if not shared)."""
+        if self.remote is None:
+            return {}
+        return {q: self.applied.get(q, 0) for q in range(self.remote.n_sources) if q != self.partition}
 
     def count_samples(self, n_clicked: int) -> None:
         """Clicked samples labelled on the current (frozen) epoch's statistics."""

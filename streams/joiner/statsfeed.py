@@ -4,6 +4,8 @@ Not a group member: every worker needs every partition's contributions (any user
 item), so the consumer assigns all partitions of the topic itself and commits nothing. It runs
 in a daemon thread; pipelines read the :class:`~streams.joiner.shared.RemoteStats` table under
 its lock. A message that cannot be decoded is counted (``stats_feed_bad``) and logged, not applied.
+The worker prunes the table; ``rewind`` reads the topic again from its start (a partition moved
+here needs epochs pruned before, see ``JoinerRuntime``).
 """
 from __future__ import annotations
 
@@ -42,6 +44,8 @@ class StatsFeed:
         self.caught_up = threading.Event()
         self._stop = threading.Event()
         self.n_bad = 0
+        self._rewinds_asked = self._rewinds_done = 0
+        self._rewind_lock = threading.Lock()
         self.error: BaseException | None = None  # the worker crashes on it (stale statistics otherwise)
         self._thread = threading.Thread(target=self._run, name="joiner-stats-feed", daemon=True)
 
@@ -53,9 +57,28 @@ class StatsFeed:
         """Wait until everything published before the feed started has been read."""
         return self.caught_up.wait(timeout_s)
 
+    def rewind(self) -> int:
+        """Ask the feed thread to empty the table and read the topic again; returns a ticket for
+        :meth:`wait_rewound`."""
+        with self._rewind_lock:
+            self._rewinds_asked += 1
+            return self._rewinds_asked
+
+    def wait_rewound(self, ticket: int, timeout_s: float) -> bool:
+        """Wait until the re-read asked for by ``ticket`` has caught up (False on timeout)."""
+        deadline = time.monotonic() + timeout_s
+        while not (self._rewinds_done >= ticket and self.caught_up.is_set()):
+            if self.error is not None:
+                raise RuntimeError(f"joiner.dwell feed failed: {self.error!r}")
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+        return True
+
     def counters(self) -> dict[str, int]:
         return {"stats_feed_messages": self.table.n_messages, "stats_feed_records": self.table.n_records,
-                "stats_feed_bad": self.n_bad}
+                "stats_feed_bad": self.n_bad, "stats_feed_pruned": self.table.n_pruned,
+                "stats_feed_rewinds": self._rewinds_done}
 
     def stop(self) -> None:
         self._stop.set()
@@ -66,6 +89,14 @@ class StatsFeed:
         consumer = self._consumer
         try:
             while not self._stop.is_set():
+                if self._rewinds_done < self._rewinds_asked:
+                    ticket = self._rewinds_asked
+                    self.caught_up.clear()
+                    self.table.reset()
+                    consumer.seek_to_beginning()
+                    self._start_ends = consumer.end_offsets(self._tps)
+                    self._rewinds_done = ticket  # after the clear: caught_up is now the re-read's
+                    logger.info("stats_feed_rewind topic=%s", self.topic)
                 for recs in consumer.poll(timeout_ms=self._poll_ms).values():
                     for r in recs:
                         try:

@@ -334,6 +334,7 @@ def test_one_worker_and_two_workers_agree_up_to_the_staleness_bound(broker, tmp_
     # from those of per-partition statistics
     for c in counters:
         assert c.get("stats_remote_applied", 0) > 0 and c.get("stats_feed_messages", 0) > 0, c
+        assert c.get("stats_feed_pruned", 0) > 0, c  # the table does not keep what was applied
     assert sum(expected[k] != local[k] for k in expected) > 100
     assert sum(one[k].value != local[k] for k in one) > 100
     print(f"differing={len(differing)} explained={[r.n_explained for r in reports]} "

@@ -97,3 +97,130 @@ def test_pipeline_uses_what_has_arrived_and_marks_incomplete_samples(events, tmp
     build_samples(events, tmp_path / "two.bin", tmp_path / "w2", cfg, n_partitions=2)
     offline = {decode(v).impression_id: v for v in read_samples(tmp_path / "two.bin")}
     assert all(offline[decode(v).impression_id] == v for v in full.samples)
+
+
+def _table_with_epochs(n_epochs: int, source: int = 1) -> tuple[RemoteStats, list[bytes]]:
+    pub = StatsPublisher(source, epoch_ms=10)
+    for epoch in range(n_epochs):
+        pub.add(epoch, item_id=epoch, dwell_ms=1000 + epoch, click_ts_ms=epoch * 10)
+    msgs = [pub.publish(10 * e + 9) for e in range(n_epochs)]
+    table = RemoteStats(2)
+    for m in msgs:
+        table.add(m)
+    return table, msgs
+
+
+def test_a_pruned_table_refuses_pruned_epochs_until_reset():
+    table, msgs = _table_with_epochs(6)
+    assert table.prune(1, 3) == 3 and table.prune(1, 2) == 0 and table.n_pruned == 3
+    assert table.pruned_before(1) == 3 and table.pruned_before(0) < 0
+    assert table.take(1, 3, 6)["epoch"].tolist() == [3, 4, 5]
+    with pytest.raises(SharedStatsError, match="pruned"):
+        table.take(1, 2, 6)
+    table.reset()
+    assert table.complete_before(1) < 0 and table.pruned_before(1) < 0
+    assert [table.add(m) for m in msgs] == [True] * 6
+    assert table.take(1, 0, 6)["epoch"].tolist() == list(range(6))
+
+
+def test_pipeline_reports_what_its_committed_state_needs(events, tmp_path):
+    """The pruning bound follows commits only: what was applied but not committed may be redone."""
+    cfg = PipelineConfig()
+    mine = [e for e in events if partition_for(e.user_id, 2) == 0]
+    remote = shared_contributions(events, cfg, 2)
+    pipe = open_pipeline(tmp_path / "p0", 0, cfg, remote)
+    assert pipe.shared_needs_committed == {1: 0}
+    half = len(mine) // 2
+    pipe.process(mine[:half])
+    pipe.commit()
+    committed = pipe.shared_needs_committed
+    assert committed[1] > 0
+    pipe.process(mine[half:])
+    assert pipe.shared_needs_committed == committed  # applied more, committed nothing
+    pipe.close()
+    reopened = open_pipeline(tmp_path / "p0", 0, cfg, remote)
+    assert reopened.shared_needs_committed == committed
+    reopened.close()
+
+
+def test_stats_feed_rewind_reads_the_topic_again(broker):
+    from kafka import KafkaAdminClient, KafkaProducer
+    from kafka.admin import NewTopic
+
+    from streams.joiner.shared import TOPIC_DWELL_STATS
+    from streams.joiner.statsfeed import StatsFeed
+
+    admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
+    admin.create_topics([NewTopic(TOPIC_DWELL_STATS, num_partitions=2, replication_factor=1)])
+    admin.close()
+    _, msgs = _table_with_epochs(6)
+    producer = KafkaProducer(bootstrap_servers=broker.bootstrap)
+    for m in msgs:
+        producer.send(TOPIC_DWELL_STATS, key=b"1", value=m, partition=1)
+    producer.flush()
+    producer.close()
+    feed = StatsFeed(broker.bootstrap).start()
+    try:
+        assert feed.wait_caught_up(30)
+        assert feed.table.complete_before(1) == 6
+        assert feed.table.prune(1, 4) == 4
+        ticket = feed.rewind()
+        assert feed.wait_rewound(ticket, 30)
+        assert feed.table.take(1, 0, 6)["epoch"].tolist() == list(range(6))
+        assert feed.counters()["stats_feed_rewinds"] == 1 and feed.counters()["stats_feed_pruned"] == 4
+    finally:
+        feed.stop()
+
+
+def test_runtime_prunes_what_its_partitions_committed_and_rereads_for_a_newcomer(events, tmp_path, monkeypatch):
+    """Partition 0 is held and has committed; the table is pruned to what it still needs (all of
+    partition 0's own contributions: no other held partition needs them). Partition 1, whose
+    committed state needs older epochs of partition 0, is then assigned: the worker reads the
+    table again before opening it, and it labels the rest of its events."""
+    import asyncio
+
+    from streams.joiner.app import JoinerAppConfig, JoinerRuntime
+    from streams.joiner.worker import store_path
+
+    cfg = PipelineConfig()
+    msgs: list[bytes] = []
+    add = RemoteStats.add
+    monkeypatch.setattr(RemoteStats, "add", lambda self, value: (msgs.append(value), add(self, value))[1])
+    remote = shared_contributions(events, cfg, 2)
+    monkeypatch.undo()
+    by_p = {p: [e for e in events if partition_for(e.user_id, 2) == p] for p in (0, 1)}
+    pipe1 = open_pipeline(store_path(tmp_path, 1), 1, cfg, remote)  # a store a moved partition brings along
+    pipe1.process(by_p[1][:len(by_p[1]) // 3])
+    pipe1.commit()
+    needs1 = pipe1.shared_needs_committed[0]
+    pipe1.close()
+
+    rereads = []
+
+    async def reread():
+        rereads.append(len(msgs))
+        remote.reset()
+        for m in msgs:
+            remote.add(m)
+        remote.seal()
+
+    async def scenario():
+        rt = JoinerRuntime(JoinerAppConfig(data_dir=tmp_path, changelog=False, pipeline=cfg), send=None,
+                           read_back=lambda topic, p, start: [], caught_up=lambda *a: True, remote=remote,
+                           reread=reread)
+        try:
+            await rt.position(0)
+            pipe0 = rt.partitions[0].pipeline
+            pipe0.process(by_p[0])
+            pipe0.commit()
+            rt._prune_remote()
+            assert remote.pruned_before(1) == pipe0.shared_needs_committed[1] > 0
+            assert remote.pruned_before(0) > needs1 and remote.n_pruned > 0 and not rereads
+            await rt.position(1)
+            assert rereads and remote.pruned_before(0) < 0
+            out = rt.partitions[1].pipeline.process(by_p[1][len(by_p[1]) // 3:])
+            assert out.samples
+        finally:
+            rt.close()
+
+    asyncio.run(scenario())

@@ -19,29 +19,43 @@ pass through) and resumes them once it has sought and cleared, for the same cons
 only and only those still assigned. Records of paused partitions are not handed to the streams
 (faust asks the fetcher for active partitions only, and a seek discards what was buffered), so
 the first record a stream sees is the one at the committed offset. The hold is a context
-variable: it covers the recovery task running the method, not a rebalance handled meanwhile.
+variable naming the task that runs the method: tasks started from inside it (faust's fetcher)
+inherit the variable but not the hold. If a new rebalance began meanwhile (faust counts them in
+``app.rebalancing_count``), the held partitions stay paused: that rebalance resumes its own.
+
+Holding the inputs makes faust's set of active partitions empty while it seeks (the changelog
+partitions are paused once read), which exposed a second fault: faust hands that *live* set to
+aiokafka's ``fetched_records``, which reads an empty set as "every partition", so a fetch already
+waiting returned the input records fetched after the seek, and faust dropped them (not active)
+with aiokafka's position past them: a restarted worker sat idle (1 run in 5 of the faust test).
+``install()`` therefore also makes each fetch ask for a snapshot of the set taken when it starts
+(faust only starts one when the set is not empty).
 """
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import functools
 import logging
 from typing import Any, Awaitable, Callable, Iterable
 
 from faust.tables.recovery import Recovery
-from faust.transport.consumer import Consumer
+from faust.transport.consumer import Consumer, ThreadDelegateConsumer
 
 logger = logging.getLogger(__name__)
 
 _MARK = "_streamrec_faustfix"
-_HELD: contextvars.ContextVar[set | None] = contextvars.ContextVar("streamrec_held_input_partitions", default=None)
+#: (the task running a wrapped recovery method, the input partitions it asked to resume)
+_HELD: contextvars.ContextVar[tuple[asyncio.Task | None, set] | None] = contextvars.ContextVar(
+    "streamrec_held_input_partitions", default=None)
 
 
 def _holding_resume(resume: Callable[[Consumer, Iterable], None]) -> Callable[[Consumer, Iterable], None]:
     @functools.wraps(resume)
     def resume_partitions(self: Consumer, tps: Iterable) -> None:
-        held = _HELD.get()
-        if held is not None:
+        hold = _HELD.get()
+        if hold is not None and hold[0] is asyncio.current_task():
+            held = hold[1]
             tps = set(tps)
             inputs = {tp for tp in tps if not self._is_changelog_tp(tp)}
             held.update(inputs)
@@ -55,14 +69,15 @@ def _resume_inputs_after(method: Callable[..., Awaitable[None]]) -> Callable[...
     @functools.wraps(method)
     async def wrapper(self: Recovery, generation_id: int = 0, *args: Any, **kwargs: Any) -> None:
         held: set = set()
-        token = _HELD.set(held)
+        rebalances = self.app.rebalancing_count
+        token = _HELD.set((asyncio.current_task(), held))
         try:
             await method(self, generation_id, *args, **kwargs)
         finally:
             _HELD.reset(token)
         if not held:
             return  # the method returned early (a newer rebalance) and resumed nothing
-        if self.app.consumer_generation_id != generation_id:
+        if self.app.consumer_generation_id != generation_id or self.app.rebalancing_count != rebalances:
             logger.info("recovery of generation %d superseded; %d input partitions stay paused",
                         generation_id, len(held))
             return
@@ -72,10 +87,20 @@ def _resume_inputs_after(method: Callable[..., Awaitable[None]]) -> Callable[...
     return wrapper
 
 
+def _snapshot_partitions(getmany: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    @functools.wraps(getmany)
+    async def _getmany(self: ThreadDelegateConsumer, active_partitions, timeout: float):
+        return await getmany(self, None if active_partitions is None else frozenset(active_partitions), timeout)
+    setattr(_getmany, _MARK, True)
+    return _getmany
+
+
 def install() -> None:
-    """Patch faust's ``Consumer.resume_partitions`` and the two recovery methods (idempotent)."""
+    """Patch faust's ``Consumer.resume_partitions``, the fetch and the two recovery methods (idempotent)."""
     if not getattr(Consumer.resume_partitions, _MARK, False):
         Consumer.resume_partitions = _holding_resume(Consumer.resume_partitions)
+    if not getattr(ThreadDelegateConsumer._getmany, _MARK, False):
+        ThreadDelegateConsumer._getmany = _snapshot_partitions(ThreadDelegateConsumer._getmany)
     for name in ("on_recovery_completed", "_resume_streams"):
         method = getattr(Recovery, name)
         if not getattr(method, _MARK, False):

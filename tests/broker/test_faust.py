@@ -161,6 +161,12 @@ def assert_clean_exit(proc: subprocess.Popen, log: Path) -> None:
     assert proc.returncode == 0, f"faust worker exited rc={proc.returncode}:\n{tail(log)}"
 
 
+def create_clicks_topic(bootstrap: str) -> None:
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    admin.create_topics([NewTopic("clicks", num_partitions=N_PARTITIONS, replication_factor=1)])
+    admin.close()
+
+
 def produce_clicks(bootstrap: str, users: list[str]) -> None:
     producer = KafkaProducer(bootstrap_servers=bootstrap)
     for i, user in enumerate(users):
@@ -176,9 +182,7 @@ def latest_by_key(records: list[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
 @pytest.mark.timeout(240)
 def test_faust_agent_counts_into_table_and_output_topic(broker, tmp_path):
     bootstrap = broker.bootstrap
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-    admin.create_topics([NewTopic("clicks", num_partitions=N_PARTITIONS, replication_factor=1)])
-    admin.close()
+    create_clicks_topic(bootstrap)
     first = ["u1", "u2", "u1", "u3", "u1", "u2", "u4", "u5", "u5", "u1"]
     produce_clicks(bootstrap, first)
     expected = Counter(first)
@@ -230,9 +234,7 @@ def test_faust_agent_counts_into_table_and_output_topic(broker, tmp_path):
 def test_restart_with_a_backlog_loses_and_repeats_nothing(broker, tmp_path):
     """A worker restarts onto 150 waiting clicks while its seek to the committed offsets is slow."""
     bootstrap = broker.bootstrap
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-    admin.create_topics([NewTopic("clicks", num_partitions=N_PARTITIONS, replication_factor=1)])
-    admin.close()
+    create_clicks_topic(bootstrap)
     first = [f"u{i % 7}" for i in range(20)]
     produce_clicks(bootstrap, first)
     out = TopicReader(bootstrap, "click-counts")

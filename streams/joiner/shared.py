@@ -253,10 +253,10 @@ class SharedStatsView:
                 part = self.partials.get(q)
                 if part is None:
                     part = self.partials[q] = DwellStats.from_config(tx.config.dwell)
+                tx.stage_global_dwell(part, shard=q)  # the in-memory partial is the stored one
                 for item, dwell_ms, click_ts_ms in zip(recs["item_id"].tolist(), recs["dwell_ms"].tolist(),
                                                        recs["click_ts_ms"].tolist()):
                     tx.add_item_dwell(item, dwell_ms)
-                    tx.add_global_dwell(dwell_ms, click_ts_ms, shard=q)
                     part.update(dwell_ms, click_ts_ms)
                 n_applied += len(recs)
                 self.applied[q] = hi

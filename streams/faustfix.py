@@ -27,7 +27,7 @@ Holding the inputs makes faust's set of active partitions empty while it seeks (
 partitions are paused once read), which exposed a second fault: faust hands that *live* set to
 aiokafka's ``fetched_records``, which reads an empty set as "every partition", so a fetch already
 waiting returned the input records fetched after the seek, and faust dropped them (not active)
-with aiokafka's position past them: a restarted worker sat idle (1 run in 5 of the faust test).
+with aiokafka's position past them: a restarted test worker sat idle (2 runs in about 10).
 ``install()`` therefore also makes each fetch ask for a snapshot of the set taken when it starts
 (faust only starts one when the set is not empty).
 """

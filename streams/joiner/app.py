@@ -410,6 +410,13 @@ def make_app(config: JoinerAppConfig) -> tuple[faust.App, JoinerRuntime]:
             return
         await app.consumer.seek(tp, offset)
 
+    feed = None
+    if config.pipeline.shared_stats:
+        from streams.joiner.statsfeed import StatsFeed
+        feed = StatsFeed(config.bootstrap).start()
+        if not feed.wait_caught_up(config.store_lock_wait_s):
+            logger.warning("stats_feed_slow: starting before joiner.dwell was read to its end")
+
     async def reread() -> None:
         ticket = feed.rewind()
         if not await asyncio.get_running_loop().run_in_executor(None, feed.wait_rewound, ticket,
@@ -418,12 +425,6 @@ def make_app(config: JoinerAppConfig) -> tuple[faust.App, JoinerRuntime]:
             # are marked (the stats.applied header), the feed goes on reading
             logger.warning("stats_reread_slow: joiner.dwell not read again within %.0fs", config.store_lock_wait_s)
 
-    feed = None
-    if config.pipeline.shared_stats:
-        from streams.joiner.statsfeed import StatsFeed
-        feed = StatsFeed(config.bootstrap).start()
-        if not feed.wait_caught_up(config.store_lock_wait_s):
-            logger.warning("stats_feed_slow: starting before joiner.dwell was read to its end")
     runtime = JoinerRuntime(config, send=send, read_back=output_reader(config.bootstrap), caught_up=caught_up,
                             assigned=assigned, seek=seek, remote=None if feed is None else feed.table,
                             extra_counters=lambda: {**(drain.counters() if drain else {}),

@@ -28,8 +28,9 @@ partitions are paused once read), which exposed a second fault: faust hands that
 aiokafka's ``fetched_records``, which reads an empty set as "every partition", so a fetch already
 waiting returned the input records fetched after the seek, and faust dropped them (not active)
 with aiokafka's position past them: a restarted test worker sat idle (2 runs in about 10).
-``install()`` therefore also makes each fetch ask for a snapshot of the set taken when it starts
-(faust only starts one when the set is not empty).
+``install()`` therefore also hands aiokafka a view of faust's live set in which empty means no
+partition. It stays live, as faust meant it: a partition that becomes active while a fetch waits
+(a stream buffer drained below its limit, say) is served by that fetch.
 """
 from __future__ import annotations
 
@@ -87,10 +88,27 @@ def _resume_inputs_after(method: Callable[..., Awaitable[None]]) -> Callable[...
     return wrapper
 
 
-def _snapshot_partitions(getmany: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+class _LivePartitions:
+    """faust's live set of active partitions as aiokafka's ``fetched_records`` reads it (``if
+    partitions and tp not in partitions``), except that an empty set means no partition."""
+
+    __slots__ = ("_tps",)
+
+    def __init__(self, tps) -> None:
+        self._tps = tps
+
+    def __contains__(self, tp) -> bool:
+        return tp in self._tps
+
+    def __bool__(self) -> bool:
+        return True
+
+
+def _never_all(getmany: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
     @functools.wraps(getmany)
     async def _getmany(self: ThreadDelegateConsumer, active_partitions, timeout: float):
-        return await getmany(self, None if active_partitions is None else frozenset(active_partitions), timeout)
+        live = None if active_partitions is None else _LivePartitions(active_partitions)
+        return await getmany(self, live, timeout)
     setattr(_getmany, _MARK, True)
     return _getmany
 
@@ -100,7 +118,7 @@ def install() -> None:
     if not getattr(Consumer.resume_partitions, _MARK, False):
         Consumer.resume_partitions = _holding_resume(Consumer.resume_partitions)
     if not getattr(ThreadDelegateConsumer._getmany, _MARK, False):
-        ThreadDelegateConsumer._getmany = _snapshot_partitions(ThreadDelegateConsumer._getmany)
+        ThreadDelegateConsumer._getmany = _never_all(ThreadDelegateConsumer._getmany)
     for name in ("on_recovery_completed", "_resume_streams"):
         method = getattr(Recovery, name)
         if not getattr(method, _MARK, False):

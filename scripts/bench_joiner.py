@@ -9,9 +9,11 @@ Phases, each on its own embedded broker with one partition per topic:
 1. ``pipeline``: the per-partition pipeline in this process (no Kafka), gc gen-0 threshold 50000
    as in the joiner CLI: events/s.
 2. ``worker``: the events are produced first, then ``streamrec joiner`` (``--batch-max``, default
-   10000) runs as a subprocess pinned to one CPU; events/s from its /counters page, between 10 % and
-   90 % of the events. ``stream``: the same with ``--delivery stream`` (faust's per-record stream
-   path instead of the batch drain, ``streams/joiner/delivery.py``); the ratio batch / stream.
+   10000) runs as a subprocess pinned to one CPU (this process, with the broker, to the others);
+   events/s between the first of its commits at >= 10 % of the events and the first at >= 90 %,
+   timed by the worker itself (its ``/progress`` page). ``stream``: the same with ``--delivery
+   stream`` (faust's per-record stream path instead of the batch drain,
+   ``streams/joiner/delivery.py``); the ratio batch / stream.
 3. ``naive``: a one-event-at-a-time faust agent, ``scripts/naive_joiner.py`` (``async for`` over
    the stream, one join call, awaited sends and a store commit per event; no alignment, no
    changelog) on the first ``--naive-events`` events; the ratio worker / naive. ``null``: the same
@@ -145,35 +147,50 @@ def counters(port: int, part: str = "total") -> dict:
 
 
 def rate_between(port: int, n_events: int, proc, timeout_s: float) -> tuple[float, dict]:
-    """events/s between 10 % and 90 % of ``n_events`` processed, from the worker's counters.
+    """events/s while the worker went from 10 % to 90 % of ``n_events``, by its own clock: from
+    its ``/progress`` page (time and events count after each commit), until it is past 90 %.
 
-    The page is served by the worker's event loop, which answers between batches only (a batch of
-    10K events holds it for a few tenths of a second), so two reads can straddle most of the run:
-    then the start is the last read below 10 % that saw any events."""
-    obs: list[tuple[float, int]] = []  # (time, events) of every read that saw events
+    Reads of ``/counters`` timed on this side were not reliable: the worker's event loop, which
+    shares one CPU with the join thread, can answer late or not at all until the end (one run
+    read 126K events/s, another got no answer between the first events and the last)."""
     deadline = time.monotonic() + timeout_s
-    c = {}
+    steps: list[tuple[float, int]] = []
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"worker exited rc={proc.returncode}")
-        c = counters(port)
-        n = c.get("events", 0)
-        if n:
-            obs.append((time.perf_counter(), n))
-        if n >= 0.9 * n_events:
+        steps = progress(port)
+        if steps and steps[-1][1] >= 0.9 * n_events:
             break
-        time.sleep(0.05)
-    end = next((i for i, (_, n) in enumerate(obs) if n >= 0.9 * n_events), None)
-    if end is None:
-        raise RuntimeError(f"worker did not reach 90% of {n_events} events in {timeout_s}s: {c}")
-    start = next(i for i, (_, n) in enumerate(obs) if n >= 0.1 * n_events)
-    if start == end:
-        start -= 1
-    if start < 0:
-        raise RuntimeError(f"no read of the counters between the first events and 90% of {n_events}: "
-                           "use a longer stream (--scale)")
-    (t1, n1), (t2, n2) = obs[start], obs[end]
-    return (n2 - n1) / (t2 - t1), c
+        time.sleep(0.2)
+    else:
+        raise RuntimeError(f"worker did not commit 90% of {n_events} events in {timeout_s}s: {steps[-1:]}")
+    return rate_from_progress(steps, n_events), counters(port)
+
+
+def progress(port: int) -> list[tuple[float, int]]:
+    """(worker clock, events) after each recent commit, from the worker's ``/progress`` page,
+    summed over its partitions ([] while it does not answer)."""
+    try:
+        steps = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/progress", timeout=5).read())["steps"]
+    except OSError:
+        return []
+    last: dict[int, int] = {}
+    out = []
+    for t, p, n in steps:
+        last[p] = n
+        out.append((t, sum(last.values())))
+    return out
+
+
+def rate_from_progress(steps: list[tuple[float, int]], n_events: int) -> float:
+    """events/s between the first commit at >= 10 % of ``n_events`` and the first at >= 90 %."""
+    lo = next((i for i, (_, n) in enumerate(steps) if n >= 0.1 * n_events), None)
+    hi = next((i for i, (_, n) in enumerate(steps) if n >= 0.9 * n_events), None)
+    if lo is None or hi is None or hi - lo < 2:
+        raise RuntimeError(f"{len(steps)} commits, too few between 10% and 90% of {n_events} events "
+                           "(the progress page keeps the last 1024): use a longer stream (--scale)")
+    (t1, n1), (t2, n2) = steps[lo], steps[hi]
+    return (n2 - n1) / (t2 - t1)
 
 
 def stop(proc) -> None:
@@ -326,7 +343,8 @@ def main() -> int:
     ap.add_argument("--paced-rate", type=float, default=5000.0, help="events/s in the latency phase")
     ap.add_argument("--paced-events", type=int, default=30_000, help="events in the latency phase")
     ap.add_argument("--naive-events", type=int, default=4000, help="events for the naive agent")
-    ap.add_argument("--cpu", type=int, default=1, help="CPU the worker is pinned to (-1: not pinned)")
+    ap.add_argument("--cpu", type=int, default=1,
+                    help="CPU the worker is pinned to, the benchmark itself to the others (-1: not pinned)")
     ap.add_argument("--phases", choices=("all", "pipeline", "latency"), default="all",
                     help="all phases (default), the in-process pipeline only, or the latency phase only")
     ap.add_argument("--worker-arg", action="append", default=[],
@@ -337,6 +355,11 @@ def main() -> int:
     if args.repeat < 1:
         ap.error(f"--repeat={args.repeat} must be >= 1")
     cpu = None if args.cpu < 0 else args.cpu
+    others = set(range(os.cpu_count() or 1)) - {cpu}
+    if cpu is not None and others and hasattr(os, "sched_setaffinity"):
+        # this process (the broker, the producer, the readers) keeps off the worker's CPU, so the
+        # worker has its CPU to itself; set before any thread starts (threads inherit it)
+        os.sched_setaffinity(0, others)
     WORKER_ARGS.extend(args.worker_arg)
     gc.set_threshold(50_000)  # as the joiner CLI does (docs/joiner.md, section 6)
     print(f"machine: {cpu_model()}, {os.cpu_count()} CPUs, load average {load_average():.2f}")

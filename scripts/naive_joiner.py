@@ -8,7 +8,8 @@ on. It has no event-time alignment across the topics (events are joined in arriv
 changelog and no dead-letter routing, so its samples are not the worker's: it measures the cost of
 the per-event path only. ``--null`` only counts the events (faust's per-record delivery and acks,
 nothing else: the ceiling of any agent iterating a faust stream). ``/counters`` serves
-``{"total": {"events": N, "samples": M}}`` like the worker, for the benchmark's rate reading.
+``{"total": {"events": N, "samples": M}}`` and ``/progress`` the time and events count at most
+every 20 ms, like the worker's pages, for the benchmark's rate reading.
 
     python scripts/naive_joiner.py --bootstrap HOST:PORT --data-dir DIR --web-port N [--null]
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import gc
 import sys
+import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -49,12 +51,19 @@ def main() -> int:
     pipe = open_pipeline(Path(args.data_dir) / "store", 0, PipelineConfig())
     offsets: dict[str, int] = {}
     n = {"events": 0, "samples": 0}
+    steps: list[tuple[float, int, int]] = []  # (monotonic_s, partition 0, events), every 20 ms at most
+
+    def count() -> None:
+        n["events"] += 1
+        now = time.monotonic()
+        if not steps or now - steps[-1][0] >= 0.02:
+            steps.append((now, 0, n["events"]))
 
     @app.agent(source, concurrency=1)
     async def naive(stream):
         async for value in stream:
             if args.null:
-                n["events"] += 1
+                count()
                 continue
             message = stream.current_event.message
             out = pipe.process([decode(value)])
@@ -62,12 +71,16 @@ def main() -> int:
                 await (await app.producer.send(topic, key, val, message.partition, None, headers))
             offsets[message.topic] = message.offset + 1
             pipe.commit(offsets)
-            n["events"] += 1
+            count()
             n["samples"] += len(out.samples)
 
     @app.page("/counters")
     async def counters_page(web, request):
         return web.json({"total": dict(n)})
+
+    @app.page("/progress")
+    async def progress_page(web, request):
+        return web.json({"monotonic_s": time.monotonic(), "steps": steps})
 
     @app.on_before_shutdown.connect
     async def on_shutdown(app_, **kwargs):

@@ -16,12 +16,14 @@ aligns, runs the pipelines, produces the outputs (to the source's partition), th
 pipeline (state + core blob + source offsets + output end offsets: one WriteBatch)
 and only then returns the consumed records to ack, so the group's committed offsets never pass the
 store's. A timer releases aligned events when topics catch up, flushes partitions idle for
-``idle_flush_s`` and logs the counters; ``/counters`` on the web port returns them as JSON.
+``idle_flush_s`` and logs the counters; ``/counters`` on the web port returns them as JSON,
+``/progress`` the time and event count after each recent commit (:attr:`JoinerRuntime.progress`).
 Output topics, records and the produce calls live in ``streams.joiner.outputs``.
 """
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import random
 import time
@@ -47,6 +49,8 @@ from streams.joiner.state import Entry, OutputLedger, TopicAligner
 from streams.joiner.worker import merge_counters, store_path, summary_line
 
 logger = logging.getLogger(__name__)
+
+PROGRESS_STEPS = 1024  # commits kept in JoinerRuntime.progress
 
 
 @dataclass(frozen=True)
@@ -139,6 +143,9 @@ class JoinerRuntime:
         self.lock = asyncio.Lock()
         self.closed_counters: dict[int, dict[str, int]] = {}
         self._last_log_s = time.monotonic()
+        #: (monotonic_s, partition, events) after each of the last commits that had entries: the
+        #: partition's events counter when its state was committed (``/progress``)
+        self.progress: collections.deque[tuple[float, int, int]] = collections.deque(maxlen=PROGRESS_STEPS)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="joiner-pipeline")
 
     # -- assignment ---------------------------------------------------------------------------
@@ -318,6 +325,8 @@ class JoinerRuntime:
                                             self._send_many)
                 local = {CHANGELOG_NEXT_META: str(nxt).encode()}
             await self._run(pipe.commit_prepared, local)
+        if entries:
+            self.progress.append((time.monotonic(), p, pipe.core.counters()["events"]))
         return [e.handle for e in entries]
 
     def _join(self, p: int, part: _Partition, flush: bool) -> tuple[list[Entry], list[Record]]:
@@ -485,6 +494,12 @@ def make_app(config: JoinerAppConfig) -> tuple[faust.App, JoinerRuntime]:
     @app.page("/counters")
     async def counters_page(web, request):
         return web.json({"total": runtime.counters(), "partitions": runtime.counters_by_partition()})
+
+    @app.page("/progress")
+    async def progress_page(web, request):
+        # the worker's own record of its pace, read once at any time: [monotonic_s, partition,
+        # events] after each recent commit (a read of /counters can be answered late under load)
+        return web.json({"monotonic_s": time.monotonic(), "steps": list(runtime.progress)})
 
     return app, runtime
 

@@ -157,6 +157,7 @@ def test_worker_emits_the_offline_samples_routes_bad_late_orphan_and_rebuilds_lo
     try:
         wait_until(lambda: len(samples.values()) >= len(imps) and orphans.values(), 90, "every sample", [(proc, log)])
         counters = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/counters", timeout=10).read())
+        progress = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/progress", timeout=10).read())
     finally:
         stop_worker(proc, log)
     assert proc.returncode == 0, tail(log)
@@ -175,6 +176,16 @@ def test_worker_emits_the_offline_samples_routes_bad_late_orphan_and_rebuilds_lo
     assert (total["samples"], total["dead_letter"], total["dead_letter.clicks.bad_magic"]) == (len(imps), 1, 1)
     assert (total["late"], total["orphan"], total["pending"]) == (1, 1, 0)
     assert set(counters["partitions"]) == {"0", "1", "2"}
+    # /progress: per partition, its events count after each commit, non-decreasing in time, and
+    # the last of each is the partition's count
+    steps = progress["steps"]
+    assert steps and all(t <= progress["monotonic_s"] for t, _, _ in steps)
+    assert [t for t, _, _ in steps] == sorted(t for t, _, _ in steps)
+    last = {}
+    for _, p, n in steps:
+        assert n >= last.get(p, 0)
+        last[p] = n
+    assert {str(p): n for p, n in last.items()} == {p: c["events"] for p, c in counters["partitions"].items()}
     assert f"samples={len(imps)}" in tail(log) and "dead_letter=1" in tail(log)
 
     # the stores are lost (a partition moved to a host without them): the worker restores them

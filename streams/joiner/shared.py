@@ -114,6 +114,14 @@ class RemoteStats:
     ``prune(q, before)`` drops source ``q``'s epochs below ``before`` (a worker prunes what every
     partition it holds has committed, so the table stays bounded); ``take`` then refuses to go
     below that epoch, and ``reset`` empties the table for a re-read of the topic.
+
+    A message that starts past ``complete_before(q)`` is held (``n_held``) until the messages
+    before it arrive: a partition that moved to this worker publishes directly into the table
+    (``JoinerRuntime``) while its previous owner's last messages may still be on their way
+    through the feed, and taking the new one would mark the epochs in between complete without
+    their contributions (the late messages would then be ignored as seen). The first message of
+    a source after a ``reset`` is taken wherever it starts (the topic's retention may have
+    removed the ones before it).
     """
 
     def __init__(self, n_sources: int) -> None:
@@ -121,7 +129,7 @@ class RemoteStats:
             raise ValueError(f"n_sources={n_sources!r} must be >= 1")
         self.n_sources = n_sources
         self._lock = threading.Lock()
-        self.n_messages = self.n_records = self.n_pruned = 0
+        self.n_messages = self.n_records = self.n_pruned = self.n_held = 0
         self.reset()
 
     def reset(self) -> None:
@@ -131,6 +139,7 @@ class RemoteStats:
             self._pruned = [_NO_EPOCH] * self.n_sources
             self._epochs: list[list[int]] = [[] for _ in range(self.n_sources)]
             self._chunks: list[list[np.ndarray]] = [[] for _ in range(self.n_sources)]
+            self._held: list[list[tuple[int, int, np.ndarray]]] = [[] for _ in range(self.n_sources)]
 
     def prune(self, source: int, before: int) -> int:
         """Drop ``source``'s contributions of epochs below ``before``; returns how many."""
@@ -151,23 +160,45 @@ class RemoteStats:
             return self._pruned[source]
 
     def add(self, value: bytes) -> bool:
-        """Take one message; False when it held nothing new (a re-publication after a restart)."""
-        source, _lo, hi, recs = decode_message(value)
+        """Take one message; False when it held nothing new (a re-publication after a restart).
+        A message past a gap is held until the gap is filled (see the class docstring)."""
+        source, lo, hi, recs = decode_message(value)
         if not 0 <= source < self.n_sources:
             raise SharedStatsError(f"source={source} outside [0, {self.n_sources})")
         with self._lock:
             seen = self._before[source]
             if hi <= seen:
                 return False
-            new = recs[recs["epoch"] >= seen] if seen != _NO_EPOCH else recs
-            epochs, chunks = self._epochs[source], self._chunks[source]
-            for e in np.unique(new["epoch"]).tolist():
-                epochs.append(e)
-                chunks.append(new[new["epoch"] == e])
-            self._before[source] = hi
-            self.n_messages += 1
-            self.n_records += len(new)
+            if seen != _NO_EPOCH and lo > seen:
+                self._held[source].append((lo, hi, recs))
+                self.n_held += 1
+                logger.info("stats_message_held source=%d epochs=[%d, %d) complete_before=%d", source, lo,
+                            hi, seen)
+                return True
+            self._apply(source, hi, recs)
+            held = self._held[source]
+            while held:  # what the message made contiguous, in order
+                ready = [m for m in held if m[0] <= self._before[source]]
+                if not ready:
+                    break
+                nxt = min(ready, key=lambda m: m[0])
+                held.remove(nxt)
+                if nxt[1] > self._before[source]:
+                    self._apply(source, nxt[1], nxt[2])
             return True
+
+    def _apply(self, source: int, hi: int, recs: np.ndarray) -> None:
+        """Add the epochs of ``recs`` not seen yet and move ``complete_before(source)`` to ``hi``
+        (under the lock)."""
+        seen = self._before[source]
+        new = recs[recs["epoch"] >= seen] if seen != _NO_EPOCH else recs
+        epochs, chunks = self._epochs[source], self._chunks[source]
+        for e in np.unique(new["epoch"]).tolist():
+            epochs.append(e)
+            chunks.append(new[new["epoch"] == e])
+        self._before[source] = hi
+        self.n_messages += 1
+        self.n_records += len(new)
 
     def seal(self) -> None:
         """The input has ended (the offline builder): every source is complete."""

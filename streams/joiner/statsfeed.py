@@ -78,6 +78,7 @@ class StatsFeed:
     def counters(self) -> dict[str, int]:
         return {"stats_feed_messages": self.table.n_messages, "stats_feed_records": self.table.n_records,
                 "stats_feed_bad": self.n_bad, "stats_feed_pruned": self.table.n_pruned,
+                "stats_feed_held": self.table.n_held,
                 "stats_feed_rewinds": self._rewinds_done}
 
     def stop(self) -> None:

@@ -52,6 +52,25 @@ def test_republication_after_a_restart_is_applied_once():
     assert table.take(1, 2, 4)["item_id"].tolist() == [2, 3]
 
 
+def test_a_message_past_a_gap_waits_for_the_ones_before_it():
+    """A partition's new owner publishes straight into its table while the previous owner's last
+    messages may still be in the feed: the epochs between are not complete until they arrive."""
+    table, pub = RemoteStats(2), StatsPublisher(1, epoch_ms=10)
+    for epoch in range(6):
+        pub.add(epoch, item_id=epoch, dwell_ms=1000 + epoch, click_ts_ms=epoch * 10)
+    m02, m23, m35, m56 = pub.publish(19), pub.publish(29), pub.publish(49), pub.publish(59)
+    assert table.add(m02) and table.complete_before(1) == 2
+    assert table.add(m35) and table.add(m56) and table.n_held == 2
+    assert table.complete_before(1) == 2 and table.take(1, 0, 6)["epoch"].tolist() == [0, 1]
+    assert table.add(m23)  # the gap is filled: the held messages follow, in order
+    assert table.complete_before(1) == 6 and table.take(1, 0, 6)["epoch"].tolist() == [0, 1, 2, 3, 4, 5]
+    assert [table.add(m) for m in (m35, m56)] == [False, False]  # the feed's copies: seen
+    # after a reset the first message is taken wherever it starts (retention may have removed the
+    # ones before it)
+    table.reset()
+    assert table.add(m35) and table.complete_before(1) == 5 and table.take(1, 0, 6)["epoch"].tolist() == [3, 4]
+
+
 def test_offline_shared_statistics_equal_those_of_one_partition(events, tmp_path):
     """With every contribution of earlier epochs (the offline builder), three partitions judge T1/T3
     exactly as one partition does; per-partition statistics do not."""

@@ -17,7 +17,7 @@ pipeline (state + core blob + source offsets + output end offsets: one WriteBatc
 and only then returns the consumed records to ack, so the group's committed offsets never pass the
 store's. A timer releases aligned events when topics catch up, flushes partitions idle for
 ``idle_flush_s`` and logs the counters; ``/counters`` on the web port returns them as JSON,
-``/progress`` the time and event count after each recent commit (:attr:`JoinerRuntime.progress`).
+``/progress`` the time and events count after each recent commit (:attr:`JoinerRuntime.progress`).
 Output topics, records and the produce calls live in ``streams.joiner.outputs``.
 """
 from __future__ import annotations
@@ -102,6 +102,7 @@ class _Partition:
         self.writer_id = random.getrandbits(63)  # tags this owner's changelog batches
         self.last_event_s = time.monotonic()
         self.flushed = False
+        self.received = False  # records arrived since the partition was opened here
 
 
 class JoinerRuntime:
@@ -143,8 +144,9 @@ class JoinerRuntime:
         self.lock = asyncio.Lock()
         self.closed_counters: dict[int, dict[str, int]] = {}
         self._last_log_s = time.monotonic()
-        #: (monotonic_s, partition, events) after each of the last commits that had entries: the
-        #: partition's events counter when its state was committed (``/progress``)
+        #: (monotonic_s, partition, events) when a partition's first records arrive and after each
+        #: of the last commits that had entries: the partition's events counter, all of them
+        #: committed (``/progress``)
         self.progress: collections.deque[tuple[float, int, int]] = collections.deque(maxlen=PROGRESS_STEPS)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="joiner-pipeline")
 
@@ -236,6 +238,9 @@ class JoinerRuntime:
                     continue  # in flight from before a rebalance: another worker owns it now
                 part = await self._open(p)
                 part.last_event_s = time.monotonic()
+                if not part.received:  # the start of this owner's progress: nothing new committed yet
+                    part.received = True
+                    self.progress.append((part.last_event_s, p, part.pipeline.core.counters()["events"]))
                 part.flushed = False
                 seen, gap = await self._run(self._ingest, part, topic, msgs)
                 acks += seen

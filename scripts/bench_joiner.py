@@ -12,9 +12,9 @@ Phases, each on its own embedded broker with one partition per topic:
    10000) runs as a subprocess pinned to one CPU (this process, with the broker, is not pinned);
    events/s from the last step of its progress below 10 % of the events (at the latest, when its
    first records arrived) to its first commit at >= 90 %, timed by the worker itself (its
-   ``/progress`` page). ``stream``: the same with ``--delivery
-   stream`` (faust's per-record stream path instead of the batch drain,
-   ``streams/joiner/delivery.py``); the ratio batch / stream.
+   ``/progress`` page). ``stream``: the same with ``--delivery stream`` (faust's per-record
+   stream path instead of the batch drain, ``streams/joiner/delivery.py``); the ratio batch /
+   stream.
 3. ``naive``: a one-event-at-a-time faust agent, ``scripts/naive_joiner.py`` (``async for`` over
    the stream, one join call, awaited sends and a store commit per event; no alignment, no
    changelog) on the first ``--naive-events`` events; the ratio worker / naive. ``null``: the same

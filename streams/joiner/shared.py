@@ -177,14 +177,11 @@ class RemoteStats:
                 return True
             self._apply(source, hi, recs)
             held = self._held[source]
-            while held:  # what the message made contiguous, in order
-                ready = [m for m in held if m[0] <= self._before[source]]
-                if not ready:
-                    break
-                nxt = min(ready, key=lambda m: m[0])
-                held.remove(nxt)
-                if nxt[1] > self._before[source]:
-                    self._apply(source, nxt[1], nxt[2])
+            held.sort(key=lambda m: m[0])
+            while held and held[0][0] <= self._before[source]:  # what the message made contiguous
+                _lo, h, r = held.pop(0)
+                if h > self._before[source]:
+                    self._apply(source, h, r)
             return True
 
     def _apply(self, source: int, hi: int, recs: np.ndarray) -> None:

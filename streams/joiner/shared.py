@@ -121,7 +121,8 @@ class RemoteStats:
     through the feed, and taking the new one would mark the epochs in between complete without
     their contributions (the late messages would then be ignored as seen). The first message of
     a source after a ``reset`` is taken wherever it starts (the topic's retention may have
-    removed the ones before it).
+    removed the ones before it); ``first_epoch(q)`` says where that was, so a reader that needs
+    earlier epochs of q can tell that they are gone (``SharedStatsView`` counts and logs it).
     """
 
     def __init__(self, n_sources: int) -> None:
@@ -136,6 +137,7 @@ class RemoteStats:
         """Forget everything (the counters stay): the caller reads the topic again from its start."""
         with self._lock:
             self._before = [_NO_EPOCH] * self.n_sources
+            self._first = [_NO_EPOCH] * self.n_sources
             self._pruned = [_NO_EPOCH] * self.n_sources
             self._epochs: list[list[int]] = [[] for _ in range(self.n_sources)]
             self._chunks: list[list[np.ndarray]] = [[] for _ in range(self.n_sources)]
@@ -175,6 +177,8 @@ class RemoteStats:
                 logger.info("stats_message_held source=%d epochs=[%d, %d) complete_before=%d", source, lo,
                             hi, seen)
                 return True
+            if seen == _NO_EPOCH:
+                self._first[source] = lo
             self._apply(source, hi, recs)
             held = self._held[source]
             held.sort(key=lambda m: m[0])
@@ -201,6 +205,14 @@ class RemoteStats:
         """The input has ended (the offline builder): every source is complete."""
         with self._lock:
             self._before = [2**62] * self.n_sources
+
+    def first_epoch(self, source: int) -> int:
+        """The first epoch of ``source`` the table was filled from: the ``from_epoch`` of the first
+        message taken since the last reset (0 when it was the source's first message ever; a very
+        small number before any message). Epochs below it were no longer in the topic when it was
+        read, or came from a message taken out of order (neither is in the table)."""
+        with self._lock:
+            return self._first[source]
 
     def complete_before(self, source: int) -> int:
         with self._lock:
@@ -245,6 +257,7 @@ class SharedStatsView:
         self.partials = partials  # shard -> DwellStats, kept bit-equal to the stored ones
         self._n = counters
         self.applied: dict[int, int] = {}
+        self._gaps: dict[int, int] = {}  # source -> the first_epoch of the gap reported for it
         self.frozen_epoch, self.complete, published, unpublished = _NO_EPOCH, True, _NO_EPOCH, []
         if raw is not None:
             self.frozen_epoch, self.complete, published, self.applied, unpublished = _decode_state(raw)
@@ -277,6 +290,15 @@ class SharedStatsView:
             lo = self.applied.get(q, 0)
             hi = min(epoch, remote.complete_before(q))
             if hi > lo:
+                first = remote.first_epoch(q)
+                if lo < first and self._gaps.get(q) != first:
+                    # epochs [lo, first) of q are not in the table: its reading of joiner.dwell
+                    # started past them (the topic's retention removed them): never silently
+                    self._gaps[q] = first
+                    self._n["stats_remote_gaps"] = self._n.get("stats_remote_gaps", 0) + 1
+                    logger.warning("stats_epochs_missing partition=%d source=%d epochs=[%d, %d) (not in "
+                                   "joiner.dwell when it was read: retention?); labelling goes on without "
+                                   "them", self.partition, q, lo, first)
                 recs = remote.take(q, lo, hi)
                 part = self.partials.get(q)
                 if part is None:

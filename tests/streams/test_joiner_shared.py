@@ -67,8 +67,10 @@ def test_a_message_past_a_gap_waits_for_the_ones_before_it():
     assert [table.add(m) for m in (m35, m56)] == [False, False]  # the feed's copies: seen
     # after a reset the first message is taken wherever it starts (retention may have removed the
     # ones before it)
+    assert table.first_epoch(1) == 0 and table.first_epoch(0) < 0
     table.reset()
     assert table.add(m35) and table.complete_before(1) == 5 and table.take(1, 0, 6)["epoch"].tolist() == [3, 4]
+    assert table.first_epoch(1) == 3  # a reader needing epochs 0..2 can tell they are gone
 
 
 def test_offline_shared_statistics_equal_those_of_one_partition(events, tmp_path):
@@ -111,11 +113,43 @@ def test_pipeline_uses_what_has_arrived_and_marks_incomplete_samples(events, tmp
     assert all(h == [(HEADER_STATS, h[0][1])] and h[0][1].endswith(b",0") for h in empty.headers if h)
     assert c_empty["stats_samples_incomplete"] == sum(clicked) and c_empty["stats_remote_applied"] == 0
     assert c_full.get("stats_samples_incomplete", 0) == 0 and c_full["stats_remote_applied"] > 0
+    assert c_full.get("stats_remote_gaps", 0) == 0 and c_empty.get("stats_remote_gaps", 0) == 0
     assert full.headers == [None] * len(full.samples) and full.samples != local.samples
     assert len(full.stats) == 2 and sum(type(e) is Impression for e in mine) == len(full.samples)
     build_samples(events, tmp_path / "two.bin", tmp_path / "w2", cfg, n_partitions=2)
     offline = {decode(v).impression_id: v for v in read_samples(tmp_path / "two.bin")}
     assert all(offline[decode(v).impression_id] == v for v in full.samples)
+
+
+def test_epochs_gone_from_the_topic_are_counted_and_logged_not_silently_skipped(events, tmp_path, caplog):
+    """joiner.dwell read after its retention removed source 1's first messages: partition 0 needs
+    those epochs; it labels with what is there, counts the gap and says which epochs are missing."""
+    cfg = PipelineConfig()
+    mine = [e for e in events if partition_for(e.user_id, 2) == 0]
+    complete = shared_contributions(events, cfg, 2)
+    recs = complete.take(1, 0, 2**62)
+    epochs = np.unique(recs["epoch"])
+    k, end = int(epochs[len(epochs) // 2]), int(epochs[-1]) + 1
+    trimmed = RemoteStats(2)
+    assert trimmed.add(encode_message(1, k, end, recs[recs["epoch"] >= k])) and trimmed.first_epoch(1) == k
+
+    def run(name, remote):
+        pipe = open_pipeline(tmp_path / name, 0, cfg, remote)
+        out = pipe.process(mine)
+        out.extend(pipe.finish())
+        counters = pipe.counters()
+        pipe.close()
+        return out, counters
+
+    caplog.set_level("WARNING", logger="streams.joiner.shared")
+    cut, c_cut = run("trimmed", trimmed)
+    assert c_cut["stats_remote_gaps"] == 1  # once, not once per epoch labelled before k
+    [msg] = [r.getMessage() for r in caplog.records if "stats_epochs_missing" in r.getMessage()]
+    assert f"partition=0 source=1 epochs=[0, {k})" in msg
+    full, c_full = run("full", complete)
+    assert c_full.get("stats_remote_gaps", 0) == 0 and len(cut.samples) == len(full.samples)
+    # everything else was applied: the difference is exactly the missing epochs' contributions
+    assert c_full["stats_remote_applied"] - c_cut["stats_remote_applied"] == int((recs["epoch"] < k).sum()) > 0
 
 
 def _table_with_epochs(n_epochs: int, source: int = 1) -> tuple[RemoteStats, list[bytes]]:
@@ -243,3 +277,32 @@ def test_runtime_prunes_what_its_partitions_committed_and_rereads_for_a_newcomer
             rt.close()
 
     asyncio.run(scenario())
+
+
+def test_stats_feed_after_retention_knows_where_its_table_starts(broker):
+    """Retention removed joiner.dwell's oldest segments: the feed's table starts at the first
+    message left, and says so (first_epoch), so a partition needing older epochs reports the gap."""
+    from kafka import KafkaAdminClient, KafkaProducer
+    from kafka.admin import NewTopic
+
+    from streams.joiner.shared import TOPIC_DWELL_STATS
+    from streams.joiner.statsfeed import StatsFeed
+
+    admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
+    admin.create_topics([NewTopic(TOPIC_DWELL_STATS, num_partitions=2, replication_factor=1,
+                                  topic_configs={"segment.bytes": "1024", "retention.bytes": "1024"})])
+    admin.close()
+    _, msgs = _table_with_epochs(40)
+    producer = KafkaProducer(bootstrap_servers=broker.bootstrap, linger_ms=0)
+    for m in msgs:  # one batch each
+        producer.send(TOPIC_DWELL_STATS, key=b"1", value=m, partition=1).get(10)
+    producer.close()
+    assert broker.enforce_retention() > 0
+    feed = StatsFeed(broker.bootstrap).start()
+    try:
+        assert feed.wait_caught_up(30)
+        first = feed.table.first_epoch(1)
+        assert 0 < first < 39 and feed.table.complete_before(1) == 40
+        assert feed.table.take(1, 0, 40)["epoch"].tolist() == list(range(first, 40))
+    finally:
+        feed.stop()

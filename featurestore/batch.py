@@ -49,6 +49,7 @@ class StoreBatch(FeatureView):
         self._raw: dict[bytes, bytes | None] = {}  # prefetched committed bytes, not decoded yet
         self._encoders: dict[bytes, Callable[[object], bytes]] = {}
         self._offsets: dict[tuple[str, int], int] = {}
+        self._puts: dict[bytes, bytes | None] = {}  # raw values staged by put_raw (None: delete)
         self._max_event_ts_ms = store._max_event_ts_ms
         self._prepared: tuple[CommitInfo, list[tuple[bytes, bytes]]] | None = None
         self.n_updates = 0
@@ -258,20 +259,29 @@ class StoreBatch(FeatureView):
                                         f"< committed {current}")
         self._offsets[(topic, partition)] = offset
 
+    def put_raw(self, key: bytes, value: bytes | None) -> None:
+        """Stage ``value`` as the bytes of ``key`` (None: delete the key) with the commit, for state
+        its owner encodes itself (the joiner's metadata and join core). Not read back by this
+        transaction; the key must not be one the typed updates above also stage."""
+        self._check_open()
+        self._puts[key] = value
+
     @property
     def pending_offsets(self) -> dict[tuple[str, int], int]:
         return dict(self._offsets)
 
     # --- lifecycle ------------------------------------------------------------------------------
-    def prepare(self) -> list[tuple[bytes, bytes]]:
+    def prepare(self) -> list[tuple[bytes, bytes | None]]:
         """Encode the WriteBatch (state, offsets, then the commit record last) and freeze the
-        transaction; returns its ``(key, value)`` pairs ([] when nothing is staged)."""
+        transaction; returns its ``(key, value)`` pairs, value None for a deleted key ([] when
+        nothing is staged)."""
         self._check_open()
         store = self._store
-        changes: list[tuple[bytes, bytes]] = []
-        if self._cache or self._offsets:
+        changes: list[tuple[bytes, bytes | None]] = []
+        if self._cache or self._offsets or self._puts:
             info = CommitInfo(store._commit_seq + 1, self._max_event_ts_ms, store._now_ms())
             changes = [(key, self._encoders[key](obj)) for key, obj in self._cache.items()]
+            changes += self._puts.items()
             changes += [(keys.offset_key(topic, partition), codecs.encode_offset(offset))
                         for (topic, partition), offset in self._offsets.items()]
             changes.append((keys.meta_key(keys.COMMIT_META),
@@ -302,7 +312,10 @@ class StoreBatch(FeatureView):
         # inserts sorted keys into its memtable about three times faster; one WriteBatch is applied
         # atomically whatever its order, and ``changes`` (the changelog records) keeps its own
         for key, value in sorted(changes, key=_first):
-            wb.put(key, value)
+            if value is None:
+                wb.delete(key)
+            else:
+                wb.put(key, value)
         for key, value in (local or {}).items():
             wb.put(key, value)
         try:
@@ -332,6 +345,7 @@ class StoreBatch(FeatureView):
         self._raw.clear()
         self._encoders.clear()
         self._offsets.clear()
+        self._puts.clear()
         self._prepared = None
         if self._store._active is self:
             self._store._active = None

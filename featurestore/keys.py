@@ -14,12 +14,16 @@ USER_COUNTER   0x11    user_id u64 BE | counter u8 (:class:`CounterKind`)   even
 ITEM_SKETCH    0x20    item_id u64 BE                                       dwell quantile sketch
 ITEM_COUNTS    0x21    item_id u64 BE                                       four u64 totals
 GLOBAL_DWELL   0x30    shard u32 BE                                         ln(dwell) moments partial
+JOIN_STATE     0x40    kind u8 (:class:`JoinStateKind`) | impression u64 BE  the joiner's per-record state
 =============  ======  ==================================================  ===========================
 
 Offsets are partition-scoped: one key per ``(topic, partition)``. Kafka topic names use only
 ``[A-Za-z0-9._-]``, so the 0x00 terminator cannot occur inside a topic and all partitions of one
 topic form a prefix range. The global dwell statistics are stored as one partial per writer shard
-and merged on read, so several joiner workers can share one aggregate.
+and merged on read, so several joiner workers can share one aggregate. JOIN_STATE holds the join
+core of the partition that writes the store (``streams.joiner.join``): one key per pending
+impression, per impression id with outcomes waiting for it, per emitted impression still retained,
+and a header (kind 0, id 0), so a commit writes what changed rather than the whole state.
 
 >>> user_sequence_key(42, SequenceKind.CLICK).hex()
 '10000000000000002a01'
@@ -50,6 +54,16 @@ class Family(IntEnum):
     ITEM_SKETCH = 0x20
     ITEM_COUNTS = 0x21
     GLOBAL_DWELL = 0x30
+    JOIN_STATE = 0x40
+
+
+class JoinStateKind(IntEnum):
+    """The records of the join core's state (``streams.joiner.join``)."""
+
+    HEADER = 0
+    PENDING = 1
+    WAITING = 2
+    EMITTED = 3
 
 
 class SequenceKind(IntEnum):
@@ -85,6 +99,8 @@ _U32 = struct.Struct(">I")
 _U64_U8 = struct.Struct(">QB")
 _FAMILY_U64_U8 = struct.Struct(">BQB")
 _FAMILY_U64 = struct.Struct(">BQ")
+_FAMILY_U8_U64 = struct.Struct(">BBQ")
+_U8_U64 = struct.Struct(">BQ")
 _USER_ROWS = (*((Family.USER_SEQUENCE, int(k)) for k in SequenceKind),
               *((Family.USER_COUNTER, int(c)) for c in CounterKind))
 
@@ -160,6 +176,10 @@ def global_dwell_key(shard: int) -> bytes:
     return bytes([Family.GLOBAL_DWELL]) + _U32.pack(_check("shard", shard, U32_MAX))
 
 
+def join_state_key(kind: JoinStateKind, impression_id: int = 0) -> bytes:
+    return _FAMILY_U8_U64.pack(Family.JOIN_STATE, kind, _check("impression_id", impression_id, U64_MAX))
+
+
 def family_prefix(family: Family) -> bytes:
     return bytes([Family(family)])
 
@@ -199,6 +219,9 @@ def decode_key(key: bytes) -> tuple[Family, tuple]:
         if family is Family.USER_COUNTER:
             user_id, counter = _U64_U8.unpack(body)
             return family, (user_id, CounterKind(counter))
+        if family is Family.JOIN_STATE:
+            kind, impression_id = _U8_U64.unpack(body)
+            return family, (JoinStateKind(kind), impression_id)
         if family in (Family.ITEM_SKETCH, Family.ITEM_COUNTS):
             return family, (_U64.unpack(body)[0],)
         return family, (_U32.unpack(body)[0],)

@@ -327,8 +327,12 @@ def latency_phase(tmp: Path, events: list, paced_events: int, paced_rate: float,
                   f"{time.monotonic() - t_start:.1f} s after start")
             paced = events[:paced_events]
             producer = threading.Thread(target=produce, args=(b.bootstrap, paced, paced_rate))
+            t_produce = time.perf_counter()
             producer.start()
             producer.join()
+            achieved = len(paced) / (time.perf_counter() - t_produce)
+            print(f"latency phase: {len(paced)} events produced at {achieved:.0f} events/s "
+                  f"(asked {paced_rate:.0f})")
             deadline = time.monotonic() + 120
             while counters(port).get("events", 0) < len(paced) and time.monotonic() < deadline:
                 time.sleep(0.2)

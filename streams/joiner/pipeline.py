@@ -21,8 +21,9 @@ Per call to :meth:`JoinerPipeline.process` (one ``stream.take`` batch):
    the committed state) until a sample of a later epoch is labelled. Since the core closes
    impressions in ``(close, impression_id)`` order whatever the batching, every sample depends
    only on the partition's event sequence, not on how it was cut into batches or commits.
-4. :meth:`JoinerPipeline.commit` writes all staged state, ``JoinCore.to_bytes()``, the counters,
-   the source offsets and caller metadata in ONE WriteBatch (``featurestore`` transaction).
+4. :meth:`JoinerPipeline.commit` writes all staged state, the join core's changed records
+   (``JoinCore.state_changes``), the counters, the source offsets and caller metadata in ONE
+   WriteBatch (``featurestore`` transaction).
 
 Statistics: T1's moments and T3's sketches are fed by the clicks of this partition's users and,
 when a :class:`~streams.joiner.shared.RemoteStats` table is given, by the other partitions'
@@ -55,7 +56,7 @@ from streams.samples import FLAG_CLICKED, FLAG_VALID_READ, Snapshot
 
 logger = logging.getLogger(__name__)
 
-CORE_META = b"joiner.core"
+CORE_META = b"joiner.core"  # the whole join core in one blob: stores written before JOIN_STATE records
 COUNTERS_META = b"joiner.counters"
 DEFERRED_META = b"joiner.deferred"
 SHARED_META = b"joiner.shared"
@@ -113,20 +114,8 @@ class PipelineOutput:
         self.stats += other.stats
 
 
-class _Blob:
-    __slots__ = ("data",)
-
-    def __init__(self, data: bytes = b"") -> None:
-        self.data = data
-
-    def to_bytes(self) -> bytes:
-        return self.data
-
-
-def _stage_meta(tx: StoreBatch, name: bytes, value: bytes) -> None:
-    # the store stages any key through one read-modify-write path; a blob is its own value
-    blob = tx._for_update(fs_keys.meta_key(name), _Blob, _Blob, _Blob.to_bytes)
-    blob.data = value
+def _stage_meta(tx: StoreBatch, name: bytes, value: bytes | None) -> None:
+    tx.put_raw(fs_keys.meta_key(name), value)
 
 
 class JoinerPipeline:
@@ -142,8 +131,14 @@ class JoinerPipeline:
         self.partition = partition
         self.store = store
         self.config = config
-        blob = self.meta(CORE_META)
-        self.core = JoinCore(config.joiner) if blob is None else JoinCore.from_bytes(blob, config.joiner)
+        core = JoinCore.from_state(store._scan(fs_keys.family_prefix(fs_keys.Family.JOIN_STATE)), config.joiner)
+        blob = None if core is not None else self.meta(CORE_META)
+        self._legacy_core = blob is not None  # rewritten as records (and the blob deleted) at the next commit
+        if blob is not None:
+            core = JoinCore.from_bytes(blob, config.joiner)
+            core.touch_all()
+        self.core = JoinCore(config.joiner) if core is None else core
+        restored = core is not None
         raw = self.meta(COUNTERS_META)
         self._n: dict[str, int] = {} if raw is None else json.loads(raw)
         # this partition's partial of the global ln(dwell) moments, kept bit-equal to the stored one
@@ -163,7 +158,7 @@ class JoinerPipeline:
         self._snapshots = UserSnapshots(config.joiner.seq_len, config.store.sequences.max_len, config.t2_window_ms)
         self._tx: StoreBatch | None = None
         logger.info("pipeline_open partition=%d restored=%s watermark_ms=%s samples=%d", partition,
-                    blob is not None, self.core.watermark_ms, self._n.get("samples", 0))
+                    restored, self.core.watermark_ms, self._n.get("samples", 0))
 
     # -- reads ---------------------------------------------------------------------------------
     def meta(self, name: bytes) -> bytes | None:
@@ -225,6 +220,7 @@ class JoinerPipeline:
         self._tx.commit({fs_keys.meta_key(k): v for k, v in (local or {}).items()})
         self._tx = None
         self.shared_needs_committed = self._shared_needs_staged
+        self._legacy_core = False
 
     def note_restore(self, n_commits: int, n_records: int) -> None:
         """Count a restore of this store from its changelog (persisted with the next commit)."""
@@ -235,7 +231,10 @@ class JoinerPipeline:
         tx = self._open()
         for topic, offset in (source_offsets or {}).items():
             tx.set_offset(topic, self.partition, offset)
-        _stage_meta(tx, CORE_META, self.core.to_bytes())
+        for key, value in self.core.state_changes():
+            tx.put_raw(key, value)
+        if self._legacy_core:
+            _stage_meta(tx, CORE_META, None)
         _stage_meta(tx, COUNTERS_META, json.dumps(self._n, sort_keys=True).encode())
         _stage_meta(tx, DEFERRED_META, self._deferred.to_bytes())
         if self._shared.enabled:

@@ -25,6 +25,8 @@ def test_round_trips(user_id, kind, counter, item_id, shard, topic, partition):
     assert keys.decode_key(keys.item_counts_key(item_id)) == (Family.ITEM_COUNTS, (item_id,))
     assert keys.decode_key(keys.global_dwell_key(shard)) == (Family.GLOBAL_DWELL, (shard,))
     assert keys.decode_key(keys.offset_key(topic, partition)) == (Family.OFFSET, (topic, partition))
+    for kind in keys.JoinStateKind:
+        assert keys.decode_key(keys.join_state_key(kind, item_id)) == (Family.JOIN_STATE, (kind, item_id))
 
 
 @settings(max_examples=200, deadline=None)
@@ -54,7 +56,7 @@ def test_families_do_not_overlap():
     assert len(prefixes) == len(Family)
     built = [keys.meta_key(b"commit"), keys.offset_key("a", 0), keys.user_sequence_key(0, 1),
              keys.user_counter_key(0, 1), keys.item_sketch_key(0), keys.item_counts_key(0),
-             keys.global_dwell_key(0)]
+             keys.global_dwell_key(0), keys.join_state_key(keys.JoinStateKind.HEADER)]
     assert [keys.decode_key(k)[0] for k in built] == list(Family)
 
 

@@ -368,3 +368,53 @@ def test_pending_records_show_the_not_yet_emitted_impressions_of_the_users_asked
     assert core.pending_records({1})[1][0][1] == 102_500  # the early close, before emission
     core.advance(120_000)
     assert core.pending_records({1, 2}) == {}
+
+
+def _held(core: JoinCore):
+    """Everything a core holds, independent of dict insertion order."""
+    pending = {k: (p.impression, tuple(p.events), frozenset(p.ids), p.close, p.first_click, p.first_dwell)
+               for k, p in core._pending.items()}
+    waiting = {k: tuple(v) for k, v in core._buffer.items()}
+    emitted = {k: (close, frozenset(ids)) for k, (close, ids) in core._emitted.items()}
+    return pending, waiting, emitted, core.watermark_ms, core.counters()
+
+
+@pytest.mark.parametrize("cfg", [CFG, EARLY], ids=["window", "early"])
+@settings(max_examples=80, deadline=None)
+@given(data=st.data())
+def test_state_records_applied_after_every_chunk_rebuild_the_core(cfg, data):
+    """state_changes() written into a key-value store after each chunk (None deletes) is the whole
+    state at every point: a core rebuilt from it holds the same and continues identically."""
+    _events, arrivals = data.draw(deliveries(cfg))
+    chunk = data.draw(st.integers(1, 7))
+    core, store = JoinCore(cfg), {}
+    _c, samples, late, orphans = run(arrivals, cfg)
+    outs = []
+    for i in range(0, len(arrivals) + chunk, chunk):
+        outs.append(core.process(arrivals[i:i + chunk]))
+        for key, value in core.state_changes():
+            if value is None:
+                assert key in store  # only what was written is deleted
+                del store[key]
+            else:
+                store[key] = value
+        rebuilt = JoinCore.from_state(sorted(store.items()), cfg)
+        assert _held(rebuilt) == _held(core)
+        if data.draw(st.booleans()):
+            core = rebuilt  # go on from the stored state
+    outs.append(core.flush())
+    assert [s for o in outs for s in o.samples] == samples
+    assert [x for o in outs for x in o.late] == late and [x for o in outs for x in o.orphans] == orphans
+
+
+def test_state_records_reject_corrupt_values():
+    core = JoinCore(CFG)
+    core.process([Impression(1, 100, 2, 3, 4), Click(2, 150, 9, 2, 3)])
+    rows = dict(core.state_changes())
+    assert JoinCore.from_state(sorted(rows.items()), CFG) is not None
+    assert JoinCore.from_state([], CFG) is None
+    header, pending = sorted(rows)[:2]
+    for bad in ({**rows, header: rows[header][:-1]}, {**rows, pending: rows[pending] + b"\x00"},
+                {k: v for k, v in rows.items() if k != header}):
+        with pytest.raises(ValueError, match="joiner state"):
+            JoinCore.from_state(sorted(bad.items()), CFG)

@@ -213,3 +213,57 @@ def test_store_restored_from_its_changelog_continues_like_the_original(events, t
     assert got == ref
     assert {k: v for k, v in pipe.counters().items() if not k.startswith("restored")} == ref_counters
     pipe.close()
+
+
+def test_a_commit_writes_the_join_state_that_changed_not_all_of_it(events, tmp_path):
+    """The join core's state goes to the store as one record per held impression: a small batch's
+    commit writes a few records whatever the state holds."""
+    from featurestore.keys import Family
+
+    pipe = open_pipeline(tmp_path / "p", 0, PipelineConfig())
+    half = len(events) // 2
+    pipe.process(events[:half])
+    pipe.commit()
+    held = pipe.core.counters()
+    _seq, changes = pipe.prepare()  # the next batch: nothing yet
+    state = [(k, v) for k, v in changes if k[0] == Family.JOIN_STATE]
+    assert len(state) == 1  # the header only
+    pipe.commit_prepared()
+    pipe.process(events[half:half + 20])
+    _seq, changes = pipe.prepare()
+    state = [(k, v) for k, v in changes if k[0] == Family.JOIN_STATE]
+    assert held["pending"] + held["retained"] > 300 and 1 < len(state) <= 1 + 3 * 20 + 200
+    assert sum(len(v or b"") for _k, v in state) < len(pipe.core.to_bytes()) / 10
+    pipe.commit_prepared()
+    pipe.close()
+
+
+def test_a_store_holding_the_join_core_as_one_blob_is_read_and_rewritten_as_records(events, tmp_path):
+    """Stores written before the per-record layout keep the whole core under meta ``joiner.core``:
+    it is restored from there, rewritten as records at the next commit and the blob deleted."""
+    from featurestore import keys as fs_keys
+    from streams.joiner.pipeline import CORE_META
+
+    cfg = PipelineConfig()
+    ref_pipe = open_pipeline(tmp_path / "ref", 0, cfg)
+    ref = run_all(ref_pipe, events, 500)
+    ref_pipe.close()
+    path, half = tmp_path / "legacy", (len(events) // 1000) * 500
+    pipe, got = open_pipeline(path, 0, cfg), []
+    for i in range(0, half, 500):
+        got += pipe.process(events[i:i + 500]).samples
+        pipe.commit({"all": i + 500})
+    blob = pipe.core.to_bytes()
+    tx = pipe.store.transaction()  # the old layout: the blob, no records
+    for key, _value in list(pipe.store._scan(fs_keys.family_prefix(fs_keys.Family.JOIN_STATE))):
+        tx.put_raw(key, None)
+    tx.put_raw(fs_keys.meta_key(CORE_META), blob)
+    tx.commit()
+    pipe.close()
+    pipe = open_pipeline(path, 0, cfg)
+    assert pipe.core.to_bytes() == blob
+    got += run_all(pipe, events[half:], 500)
+    assert pipe.meta(CORE_META) is None
+    assert any(True for _ in pipe.store._scan(fs_keys.family_prefix(fs_keys.Family.JOIN_STATE)))
+    pipe.close()
+    assert got == ref

@@ -13,7 +13,7 @@ faust's consumer hands each fetch of the four topics to the joiner's task as one
 (``streams.joiner.delivery.BatchDrain``: faust's per-record stream path is bypassed, measured
 there); the task is thin: it hands the records to :class:`JoinerRuntime.handle`, which decodes,
 aligns, runs the pipelines, produces the outputs (to the source's partition), then commits each
-pipeline (state + core blob + source offsets + output end offsets: one WriteBatch)
+pipeline (state + join-core records + source offsets + output end offsets: one WriteBatch)
 and only then returns the consumed records to ack, so the group's committed offsets never pass the
 store's. A timer releases aligned events when topics catch up, flushes partitions idle for
 ``idle_flush_s`` and logs the counters; ``/counters`` on the web port returns them as JSON,
@@ -386,7 +386,7 @@ def make_app(config: JoinerAppConfig) -> tuple[faust.App, JoinerRuntime]:
         broker_session_timeout=config.session_timeout_s,  # how soon a dead worker's partitions move
         stream_wait_empty=False, broker_max_poll_records=config.batch_max,
         consumer_max_fetch_size=8 << 20,  # the aligner holds unacked events; a rebalance must not wait for them
-        producer_max_request_size=8 << 20,  # a store changelog record holds the whole join-core blob
+        producer_max_request_size=8 << 20,  # a changelog record holds one store value (meta blobs grow with an epoch's clicks)
         **web)
     app.batch_drain = drain
     cap_fetch_wait(config.fetch_max_wait_ms)

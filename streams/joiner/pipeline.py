@@ -162,7 +162,7 @@ class JoinerPipeline:
 
     # -- reads ---------------------------------------------------------------------------------
     def meta(self, name: bytes) -> bytes | None:
-        """A committed metadata value (the core blob, counters, or what a caller stored)."""
+        """A committed metadata value (the counters, or what a caller stored)."""
         (raw,) = self.store._get_many([fs_keys.meta_key(name)])
         return raw
 
@@ -200,7 +200,7 @@ class JoinerPipeline:
 
     def commit(self, source_offsets: dict[str, int] | None = None,
                meta: dict[bytes, bytes] | None = None) -> None:
-        """Write staged state + core blob + counters + ``source_offsets`` + ``meta`` in one WriteBatch.
+        """Write staged state + join-core records + counters + ``source_offsets`` + ``meta`` in one WriteBatch.
 
         ``source_offsets``: topic -> next offset to consume on this partition.
         """

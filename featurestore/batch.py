@@ -51,7 +51,7 @@ class StoreBatch(FeatureView):
         self._offsets: dict[tuple[str, int], int] = {}
         self._puts: dict[bytes, bytes | None] = {}  # raw values staged by put_raw (None: delete)
         self._max_event_ts_ms = store._max_event_ts_ms
-        self._prepared: tuple[CommitInfo, list[tuple[bytes, bytes]]] | None = None
+        self._prepared: tuple[CommitInfo | None, list[tuple[bytes, bytes | None]]] | None = None
         self.n_updates = 0
 
     # --- FeatureView primitives: committed bytes, overlaid with staged objects -----------

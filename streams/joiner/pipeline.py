@@ -132,13 +132,13 @@ class JoinerPipeline:
         self.store = store
         self.config = config
         core = JoinCore.from_state(store._scan(fs_keys.family_prefix(fs_keys.Family.JOIN_STATE)), config.joiner)
-        blob = None if core is not None else self.meta(CORE_META)
-        self._legacy_core = blob is not None  # rewritten as records (and the blob deleted) at the next commit
-        if blob is not None:
+        self._legacy_core = False  # True: the core came from a CORE_META blob, rewritten as records next commit
+        if core is None and (blob := self.meta(CORE_META)) is not None:
             core = JoinCore.from_bytes(blob, config.joiner)
             core.touch_all()
-        self.core = JoinCore(config.joiner) if core is None else core
+            self._legacy_core = True
         restored = core is not None
+        self.core = core if restored else JoinCore(config.joiner)
         raw = self.meta(COUNTERS_META)
         self._n: dict[str, int] = {} if raw is None else json.loads(raw)
         # this partition's partial of the global ln(dwell) moments, kept bit-equal to the stored one

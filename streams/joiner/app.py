@@ -355,7 +355,7 @@ class JoinerRuntime:
             # partitions of this worker see it at once (the feed's copy is then a duplicate): a
             # partition's contributions do not depend on whether its commit survives
             for value in out.stats:
-                self._remote.add(value)
+                self._remote.add(value, local=True)
         outputs += output_records(p, out)
         return entries, outputs
 

@@ -120,9 +120,12 @@ class RemoteStats:
     (``JoinerRuntime``) while its previous owner's last messages may still be on their way
     through the feed, and taking the new one would mark the epochs in between complete without
     their contributions (the late messages would then be ignored as seen). The first message of
-    a source after a ``reset`` is taken wherever it starts (the topic's retention may have
-    removed the ones before it); ``first_epoch(q)`` says where that was, so a reader that needs
-    earlier epochs of q can tell that they are gone (``SharedStatsView`` counts and logs it).
+    a source after a ``reset`` is taken wherever it starts when it comes from the topic (its
+    retention may have removed the ones before it); a local one (``add(..., local=True)``) that
+    starts past epoch 0 is held until the feed brings the source's first message, so a slow feed
+    at startup cannot make the epochs before it look gone. ``first_epoch(q)`` says where the
+    table of q starts, so a reader that needs earlier epochs of q can tell that they are gone
+    (``SharedStatsView`` counts and logs it).
     """
 
     def __init__(self, n_sources: int) -> None:
@@ -161,9 +164,14 @@ class RemoteStats:
         with self._lock:
             return self._pruned[source]
 
-    def add(self, value: bytes) -> bool:
+    def add(self, value: bytes, local: bool = False) -> bool:
         """Take one message; False when it held nothing new (a re-publication after a restart).
-        A message past a gap is held until the gap is filled (see the class docstring)."""
+        A message past a gap is held until the gap is filled (see the class docstring).
+
+        ``local``: the message was published by a partition of this worker, not read from the
+        topic. It never starts a source's table past epoch 0: older messages of the source may
+        still be on their way through the feed, so it is held until the feed's first message of
+        the source (at the latest its own copy) arrives."""
         source, lo, hi, recs = decode_message(value)
         if not 0 <= source < self.n_sources:
             raise SharedStatsError(f"source={source} outside [0, {self.n_sources})")
@@ -171,7 +179,7 @@ class RemoteStats:
             seen = self._before[source]
             if hi <= seen:
                 return False
-            if seen != _NO_EPOCH and lo > seen:
+            if (seen != _NO_EPOCH and lo > seen) or (seen == _NO_EPOCH and local and lo > 0):
                 self._held[source].append((lo, hi, recs))
                 self.n_held += 1
                 logger.info("stats_message_held source=%d epochs=[%d, %d) complete_before=%d", source, lo,

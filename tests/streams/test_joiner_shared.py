@@ -306,3 +306,86 @@ def test_stats_feed_after_retention_knows_where_its_table_starts(broker):
         assert feed.table.take(1, 0, 40)["epoch"].tolist() == list(range(first, 40))
     finally:
         feed.stop()
+
+
+def test_a_local_message_waits_for_the_feed_to_bring_its_source_first():
+    """A restarted partition's first publication reaches its worker's table before a slow feed
+    has read the source's older messages: taken as the source's first, it would make those epochs
+    look gone (the feed's copies then ignored as seen). It is held until the feed's first
+    message of the source arrives; a local message starting at epoch 0 is taken at once."""
+    pub = StatsPublisher(1, epoch_ms=10)
+    for epoch in range(6):
+        pub.add(epoch, item_id=epoch, dwell_ms=1000 + epoch, click_ts_ms=epoch * 10)
+    m02, m24, m46 = pub.publish(19), pub.publish(39), pub.publish(59)
+    table = RemoteStats(2)
+    assert table.add(m46, local=True) and table.n_held == 1
+    assert table.complete_before(1) < 0 and table.first_epoch(1) < 0
+    assert table.add(m02) and table.first_epoch(1) == 0 and table.complete_before(1) == 2
+    assert table.add(m24) and table.complete_before(1) == 6  # the held local message follows
+    assert table.take(1, 0, 6)["epoch"].tolist() == [0, 1, 2, 3, 4, 5]
+    assert not table.add(m46)  # the feed's copy of the local message: seen
+    fresh = RemoteStats(2)
+    assert fresh.add(m02, local=True) and fresh.complete_before(1) == 2 and fresh.n_held == 0
+    # the feed starts with the source's first message left in the topic: taken wherever it starts
+    trimmed = RemoteStats(2)
+    assert trimmed.add(m46, local=True) and trimmed.add(m46) and trimmed.first_epoch(1) == 4
+    assert trimmed.complete_before(1) == 6 and trimmed.n_held == 1
+
+
+def test_runtime_publications_do_not_start_the_table_before_the_feed(events, tmp_path):
+    """Worker startup with a feed that has read nothing yet (``stats_feed_slow``): partition 0,
+    restarted from its store, publishes epochs past 0 straight into the worker's table. They wait
+    there for the feed, and once the feed has brought the messages of the first life the table
+    holds every epoch of source 0, exactly as a table that read the whole topic."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from streams.contracts import encode, key_for, topic_for
+    from streams.joiner.app import JoinerAppConfig, JoinerRuntime
+    from streams.joiner.shared import TOPIC_DWELL_STATS
+
+    cfg = PipelineConfig()
+    mine = [e for e in events if partition_for(e.user_id, 2) == 0]
+    offsets: dict[str, int] = {}
+    msgs = []
+    for e in mine:
+        t = topic_for(e)
+        offsets[t] = offsets.get(t, -1) + 1
+        msgs.append(SimpleNamespace(topic=t, partition=0, offset=offsets[t], key=key_for(e), value=encode(e)))
+    published: list[bytes] = []  # joiner.dwell in topic order
+    n_out = [0]
+
+    async def send(topic, key, value, partition, headers):
+        if topic == TOPIC_DWELL_STATS:
+            published.append(value)
+        n_out[0] += 1
+        fut = asyncio.get_running_loop().create_future()
+        fut.set_result(SimpleNamespace(offset=n_out[0] - 1))
+        return fut
+
+    async def life(remote: RemoteStats, batch: list) -> int:
+        rt = JoinerRuntime(JoinerAppConfig(data_dir=tmp_path, changelog=False, pipeline=cfg), send=send,
+                           read_back=lambda topic, p, start: [], caught_up=lambda *a: True, remote=remote)
+        try:
+            await rt.position(0)
+            for i in range(0, len(batch), 2000):
+                await rt.handle(batch[i:i + 2000])
+            return len(published)
+        finally:
+            rt.close()
+
+    half = len(msgs) // 2
+    n_first = asyncio.run(life(RemoteStats(2), msgs[:half]))
+    restarted = RemoteStats(2)  # the second life's table: its feed has read nothing yet
+    asyncio.run(life(restarted, msgs[half:]))
+    assert n_first > 0 and len(published) > n_first
+    assert decode_message(published[n_first])[1] > 0  # the restart publishes from past epoch 0
+    assert restarted.complete_before(0) < 0 and restarted.first_epoch(0) < 0 and restarted.n_held > 0
+    whole = RemoteStats(2)
+    for m in published:
+        whole.add(m)
+        restarted.add(m)  # the feed catches up
+    end = whole.complete_before(0)
+    assert restarted.first_epoch(0) == 0 and restarted.complete_before(0) == end > 0
+    assert restarted.take(0, 0, end).tolist() == whole.take(0, 0, end).tolist()
+    assert len(whole.take(0, 0, end)) > 0

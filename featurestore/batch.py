@@ -50,6 +50,7 @@ class StoreBatch(FeatureView):
         self._encoders: dict[bytes, Callable[[object], bytes]] = {}
         self._offsets: dict[tuple[str, int], int] = {}
         self._puts: dict[bytes, bytes | None] = {}  # raw values staged by put_raw (None: delete)
+        self._republish: set[bytes] = set()  # keys whose committed bytes go out with the commit
         self._max_event_ts_ms = store._max_event_ts_ms
         self._prepared: tuple[CommitInfo | None, list[tuple[bytes, bytes | None]]] | None = None
         self.n_updates = 0
@@ -266,6 +267,14 @@ class StoreBatch(FeatureView):
         self._check_open()
         self._puts[key] = value
 
+    def republish(self, keys_: Iterable[bytes]) -> None:
+        """Write the committed bytes of ``keys_`` again with the commit (a delete for a key with
+        none), unless the commit writes the key anyway. For a changelog whose last record of a
+        key belongs to a batch that was never committed (``streams.joiner.changelog``): the
+        commit's records then carry the key's committed value past it."""
+        self._check_open()
+        self._republish.update(keys_)
+
     @property
     def pending_offsets(self) -> dict[tuple[str, int], int]:
         return dict(self._offsets)
@@ -278,14 +287,18 @@ class StoreBatch(FeatureView):
         self._check_open()
         store = self._store
         changes: list[tuple[bytes, bytes | None]] = []
-        if self._cache or self._offsets or self._puts:
+        if self._cache or self._offsets or self._puts or self._republish:
             info = CommitInfo(store._commit_seq + 1, self._max_event_ts_ms, store._now_ms())
             changes = [(key, self._encoders[key](obj)) for key, obj in self._cache.items()]
             changes += self._puts.items()
             changes += [(keys.offset_key(topic, partition), codecs.encode_offset(offset))
                         for (topic, partition), offset in self._offsets.items()]
-            changes.append((keys.meta_key(keys.COMMIT_META),
-                            codecs.encode_commit(info.commit_seq, info.max_event_ts_ms, info.wall_ms)))
+            commit_key = keys.meta_key(keys.COMMIT_META)
+            if self._republish:
+                written = {key for key, _ in changes}
+                again = sorted(k for k in self._republish if k not in written and k != commit_key)
+                changes += zip(again, store._get_many(again))
+            changes.append((commit_key, codecs.encode_commit(info.commit_seq, info.max_event_ts_ms, info.wall_ms)))
             self._prepared = (info, changes)
         else:
             self._prepared = (None, changes)
@@ -346,6 +359,7 @@ class StoreBatch(FeatureView):
         self._encoders.clear()
         self._offsets.clear()
         self._puts.clear()
+        self._republish.clear()
         self._prepared = None
         if self._store._active is self:
             self._store._active = None

@@ -189,19 +189,25 @@ class JoinerRuntime:
         ledger.suppress(found)
         part = self.partitions[p] = _Partition(pipe, TopicAligner(offsets), ledger)
         logger.info("partition_assigned partition=%d offsets=%s resend_suppressed=%d", p, offsets, len(found))
+        if pipe.republish_staged:
+            # the changelog ends in a batch that was never committed: commit the keys' committed
+            # values past it now, before compaction can drop them (streams.joiner.changelog)
+            await self._commit(p, part)
+            logger.info("changelog_republished partition=%d (committed)", p)
         return part
 
-    def _restore_store(self, p: int, store) -> tuple[int, int]:
-        """Bring ``store`` up to the end of its changelog partition (blocking: an executor runs it)."""
+    def _restore_store(self, p: int, store) -> tuple[int, int, set[bytes]]:
+        """Bring ``store`` up to the end of its changelog partition (blocking: an executor runs it);
+        returns the batches and records applied and the keys to republish."""
         (raw,) = store._get_many([fs_keys.meta_key(CHANGELOG_NEXT_META)])
         start = 0 if raw is None else int(raw)
-        end, n_commits, n_records = self._restore(p, start, store.apply_changes)
-        if end > start:
-            store.apply_changes([(fs_keys.meta_key(CHANGELOG_NEXT_META), str(end).encode())])
-        if n_commits:
+        res = self._restore(p, start, store.apply_changes)
+        if res.end > start:
+            store.apply_changes([(fs_keys.meta_key(CHANGELOG_NEXT_META), str(res.end).encode())])
+        if res.n_commits:
             logger.info("store_restored partition=%d changelog_from=%d changelog_to=%d batches=%d records=%d",
-                        p, start, end, n_commits, n_records)
-        return n_commits, n_records
+                        p, start, res.end, res.n_commits, res.n_records)
+        return res.n_commits, res.n_records, res.unfinished
 
     async def position(self, p: int) -> dict[str, int]:
         """Open partition ``p`` (if needed) and return where its consumer must read from: per topic,
@@ -320,19 +326,24 @@ class JoinerRuntime:
             return []
         pipe = part.pipeline
         await produce(self._send, p, part.ledger, outputs, self._send_many)
-        if self._restore is None:
-            await self._run(pipe.commit, part.aligner.next_offsets(), part.ledger.meta())
-        else:  # the changelog first: it is never behind the store
-            seq, changes = await self._run(pipe.prepare, part.aligner.next_offsets(), part.ledger.meta())
-            local = None
-            if changes:
-                nxt = await produce_changelog(self._send, p, make_tag(part.writer_id, seq), changes,
-                                            self._send_many)
-                local = {CHANGELOG_NEXT_META: str(nxt).encode()}
-            await self._run(pipe.commit_prepared, local)
+        await self._commit(p, part)
         if entries:
             self.progress.append((time.monotonic(), p, pipe.core.counters()["events"]))
         return [e.handle for e in entries]
+
+    async def _commit(self, p: int, part: _Partition) -> None:
+        """Commit partition ``p``'s staged state (with the changelog on: the changelog first, so it
+        is never behind the store)."""
+        pipe = part.pipeline
+        if self._restore is None:
+            await self._run(pipe.commit, part.aligner.next_offsets(), part.ledger.meta())
+            return
+        seq, changes = await self._run(pipe.prepare, part.aligner.next_offsets(), part.ledger.meta())
+        local = None
+        if changes:
+            nxt = await produce_changelog(self._send, p, make_tag(part.writer_id, seq), changes, self._send_many)
+            local = {CHANGELOG_NEXT_META: str(nxt).encode()}
+        await self._run(pipe.commit_prepared, local)
 
     def _join(self, p: int, part: _Partition, flush: bool) -> tuple[list[Entry], list[Record]]:
         """Release what the aligner can, join it and build the output records (pipeline thread)."""

@@ -4,29 +4,48 @@ restores it instead of re-reading the source topics.
 
 Records: key = the store key, value = its new bytes (None = delete), header ``cl.tag`` = the
 writer's random id (u64) and the commit number (u64). The commit record (the store's ``commit``
-meta key) comes last in each batch, and after it a *marker*, key ``0xFF | tag``, value empty: a
-batch is complete when its marker is there. The marker keys are unique, so compaction (the topic
-is created with ``cleanup.policy=compact``: last value per store key) never removes one, and a
-restore can tell a complete batch from the records of a writer that crashed mid-batch. Our
-embedded broker keeps compacted topics whole, which is correct, only larger.
+meta key) comes last in each batch, and after it the writer's *marker*: key ``0xFF | writer id``,
+value = the tag. A batch is complete when a marker of its writer with a commit number at least
+its own follows it. The topic is created with ``cleanup.policy=compact`` (last value per key):
+
+* a writer's markers share one key, so compaction keeps one per writer (its last, after all its
+  complete batches) and the topic stays bounded by the state plus one record per writer;
+* completion is therefore known only at a writer's last marker, so a restore reads the range
+  twice: first the markers (:class:`ChangelogIndex`), then the records, each applied at once if
+  its batch is complete (no batch is held in memory);
+* a writer never goes on after a batch it could not finish (the worker crashes), so its marker
+  numbers cover exactly its complete batches;
+* the records of a batch left unfinished (its writer died mid-batch) are skipped, but under
+  compaction such a record, the last of its key, removes the key's committed value below it. So
+  the next owner *republishes* the committed value (or a delete) of every key whose last record
+  is unfinished, in its first commit after the restore (``unfinished`` of :func:`read_changelog`,
+  ``StoreBatch.republish``): from then on the last record of every key is a committed one. The
+  window left: compaction of the segment holding the unfinished batch before any owner has opened
+  the partition again, and then a restore without the local store (docs/joiner.md, Changelog).
+
+Changelogs written with a marker per batch (key ``0xFF | tag``, empty value) are still read.
 
 Order per batch: outputs produced and acked -> changelog records and marker produced and acked ->
 the local WriteBatch (with the changelog position after the marker, ``changelog.next``, as local
 bookkeeping). So the changelog is never behind the store; it may be one batch ahead (a crash after
 the changelog acks), which a restore applies: that batch's outputs were acked before it.
 
->>> tag = make_tag(7, 3)
->>> r = ChangelogReplay()
->>> r.add(b"k1", b"v1", tag); r.add(b"k2", b"v2", make_tag(8, 3))   # a second writer's stray record
->>> r.add(marker_key(tag), b"", tag)
->>> r.committed, r.n_commits, len(r.pending)
-([(b'k1', b'v1')], 1, 1)
+>>> log = [(b"k1", b"v1", make_tag(7, 3)), (b"k2", b"v2", make_tag(8, 3)),   # writer 8 died mid-batch
+...        (marker_key(7), make_tag(7, 3), make_tag(7, 3))]
+>>> index = ChangelogIndex()
+>>> for k, v, t in log: index.add(k, v, t)
+>>> replay = ChangelogReplay(index)
+>>> for k, v, t in log: replay.add(k, v, t)
+>>> replay.take(), replay.n_commits, replay.unfinished
+([(b'k1', b'v1')], 1, {b'k2'})
 """
 from __future__ import annotations
 
 import logging
 import struct
 import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 logger = logging.getLogger(__name__)
 
@@ -36,44 +55,125 @@ HEADER_TAG = "cl.tag"
 CHANGELOG_NEXT_META = b"changelog.next"
 _MARKER = b"\xff"
 _TAG = struct.Struct(">QQ")
+_WRITER = struct.Struct(">Q")
 
 
 def make_tag(writer_id: int, commit_seq: int) -> bytes:
     return _TAG.pack(writer_id, commit_seq)
 
 
-def marker_key(tag: bytes) -> bytes:
-    return _MARKER + tag
+def parse_tag(tag: bytes) -> tuple[int, int]:
+    """``(writer id, commit number)`` of a tag."""
+    if len(tag) != _TAG.size:
+        raise ValueError(f"changelog tag of {len(tag)} bytes, expected {_TAG.size}")
+    return _TAG.unpack(tag)
+
+
+def marker_key(writer_id: int) -> bytes:
+    """The key of ``writer_id``'s markers (its value: the tag of the batch it completes)."""
+    return _MARKER + _WRITER.pack(writer_id)
+
+
+class ChangelogIndex:
+    """The first pass of a restore: per writer, the highest commit number a marker completes."""
+
+    def __init__(self) -> None:
+        self.complete_up_to: dict[int, int] = {}
+        self._legacy: set[bytes] = set()  # tags of per-batch markers (older changelogs)
+
+    def add(self, key: bytes, value: bytes | None, tag: bytes | None) -> None:
+        if not key.startswith(_MARKER):
+            return
+        if len(key) == 1 + _TAG.size:  # an older changelog's marker: key 0xFF | tag
+            self._legacy.add(key[1:])
+            return
+        if len(key) != 1 + _WRITER.size or value is None:
+            raise ValueError(f"changelog marker {key!r} -> {value!r} is malformed")
+        writer, seq = parse_tag(value)
+        if writer != _WRITER.unpack_from(key, 1)[0]:
+            raise ValueError(f"changelog marker of writer {_WRITER.unpack_from(key, 1)[0]} names writer {writer}")
+        if seq > self.complete_up_to.get(writer, -1):
+            self.complete_up_to[writer] = seq
+
+    def complete(self, tag: bytes) -> bool:
+        writer, seq = parse_tag(tag)
+        return seq <= self.complete_up_to.get(writer, -1) or tag in self._legacy
 
 
 class ChangelogReplay:
-    """Collects changelog records in order; :attr:`committed` holds those of complete batches."""
+    """The second pass: the records of complete batches in order (:meth:`take`), and the keys
+    whose last record so far belongs to an unfinished batch (:attr:`unfinished`)."""
 
-    def __init__(self) -> None:
-        self.pending: dict[bytes, list[tuple[bytes, bytes | None]]] = {}
+    def __init__(self, index: ChangelogIndex) -> None:
+        self.index = index
         self.committed: list[tuple[bytes, bytes | None]] = []
-        self.n_commits = 0
+        self.unfinished: set[bytes] = set()
+        self.n_skipped = 0
+        self._tags: set[bytes] = set()
+
+    @property
+    def n_commits(self) -> int:
+        """Complete batches with at least one record read (compaction may have emptied others)."""
+        return len(self._tags)
 
     def add(self, key: bytes, value: bytes | None, tag: bytes | None) -> None:
         if key.startswith(_MARKER):
-            batch = self.pending.pop(key[1:], [])
-            self.committed += batch
-            self.n_commits += 1
             return
         if tag is None:
             raise ValueError(f"changelog record {key!r} has no {HEADER_TAG} header")
-        self.pending.setdefault(tag, []).append((key, value))
+        if self.index.complete(tag):
+            self.committed.append((key, value))
+            self.unfinished.discard(key)
+            self._tags.add(tag)
+        else:
+            self.unfinished.add(key)
+            self.n_skipped += 1
 
     def take(self) -> list[tuple[bytes, bytes | None]]:
         out, self.committed = self.committed, []
         return out
 
 
+@dataclass
+class RestoreResult:
+    """What :func:`read_changelog` did: the changelog end it read to, the complete batches and
+    records applied, and the keys whose last record belongs to an unfinished batch (the next
+    commit republishes their committed values)."""
+
+    end: int
+    n_commits: int = 0
+    n_records: int = 0
+    unfinished: set[bytes] = field(default_factory=set)
+
+
+def replay_changelog(read_range: Callable[[], Iterable[list[tuple[bytes, bytes | None, bytes | None]]]],
+                     apply: Callable[[list[tuple[bytes, bytes | None]]], object], end: int,
+                     log_name: str = "changelog") -> RestoreResult:
+    """The two passes of a restore over ``read_range()`` (a fresh iterator of record chunks,
+    ``(key, value, tag)``, each call from the same start): the markers, then the complete
+    batches' records to ``apply`` (a chunk at a time, in order)."""
+    index = ChangelogIndex()
+    for chunk in read_range():
+        for key, value, tag in chunk:
+            index.add(key, value, tag)
+    replay, n_records = ChangelogReplay(index), 0
+    for chunk in read_range():
+        for key, value, tag in chunk:
+            replay.add(key, value, tag)
+        done = replay.take()
+        if done:
+            apply(done)
+            n_records += len(done)
+    if replay.n_skipped:
+        logger.warning("changelog_unfinished %s records=%d keys_to_republish=%d (a writer stopped mid-batch: "
+                       "skipped)", log_name, replay.n_skipped, len(replay.unfinished))
+    return RestoreResult(end, replay.n_commits, n_records, replay.unfinished)
+
+
 def read_changelog(bootstrap: str, partition: int, from_offset: int, apply, topic: str = TOPIC_STORE_CHANGELOG,
-                   timeout_s: float = 120.0) -> tuple[int, int, int]:
-    """Replay ``topic[partition]`` from ``from_offset`` to its current end, passing the records of
-    complete batches to ``apply(changes)`` (in order, a chunk at a time); returns ``(end offset,
-    batches applied, records applied)``. Blocking (kafka-python): run it in an executor."""
+                   timeout_s: float = 120.0) -> RestoreResult:
+    """Replay ``topic[partition]`` from ``from_offset`` to its current end (:func:`replay_changelog`:
+    the range is read twice). Blocking (kafka-python): run it in an executor."""
     from kafka import KafkaConsumer, TopicPartition
 
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
@@ -81,25 +181,18 @@ def read_changelog(bootstrap: str, partition: int, from_offset: int, apply, topi
         tp = TopicPartition(topic, partition)
         end = consumer.end_offsets([tp]).get(tp, 0)
         if end <= from_offset:
-            return end, 0, 0
+            return RestoreResult(end)
         consumer.assign([tp])
-        consumer.seek(tp, from_offset)
-        replay, n_records = ChangelogReplay(), 0
         deadline = time.monotonic() + timeout_s
-        while consumer.position(tp) < end:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"restoring {topic}[{partition}] from {from_offset} to {end}")
-            for recs in consumer.poll(timeout_ms=200, max_records=5000).values():
-                for r in recs:
-                    if r.offset < end:
-                        replay.add(r.key, r.value, dict(r.headers or ()).get(HEADER_TAG))
-            chunk = replay.take()
-            if chunk:
-                apply(chunk)
-                n_records += len(chunk)
-        if replay.pending:
-            logger.warning("changelog_incomplete_batches partition=%d n=%d (a writer stopped mid-batch; ignored)",
-                           partition, len(replay.pending))
-        return end, replay.n_commits, n_records
+
+        def read_range():
+            consumer.seek(tp, from_offset)
+            while consumer.position(tp) < end:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"restoring {topic}[{partition}] from {from_offset} to {end}")
+                for recs in consumer.poll(timeout_ms=200, max_records=5000).values():
+                    yield [(r.key, r.value, dict(r.headers or ()).get(HEADER_TAG)) for r in recs if r.offset < end]
+
+        return replay_changelog(read_range, apply, end, f"partition={partition}")
     finally:
         consumer.close()

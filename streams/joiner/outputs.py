@@ -16,7 +16,7 @@ from typing import Any
 
 from streams.contracts import EVENT_TOPICS, encode, topic_for
 from streams.dlq import dlq_topic
-from streams.joiner.changelog import HEADER_TAG, TOPIC_STORE_CHANGELOG, marker_key
+from streams.joiner.changelog import HEADER_TAG, TOPIC_STORE_CHANGELOG, marker_key, parse_tag
 from streams.joiner.pipeline import PipelineOutput
 from streams.joiner.shared import TOPIC_DWELL_STATS
 from streams.joiner.state import Entry, OutputLedger
@@ -85,7 +85,7 @@ async def produce_changelog(send, p: int, tag: bytes, changes, send_many=None) -
     """Produce one commit's records and its marker; returns the offset after the marker."""
     headers = [(HEADER_TAG, tag)]
     records = [(k, v, headers) for k, v in changes]
-    records.append((marker_key(tag), b"", headers))
+    records.append((marker_key(parse_tag(tag)[0]), tag, headers))
     if send_many is None:
         futures = [(await send(TOPIC_STORE_CHANGELOG, k, v, p, h), 1) for k, v, h in records]
     else:

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -122,7 +123,7 @@ class JoinerPipeline:
     """The joiner of one source partition over its own :class:`RocksFeatureStore`.
 
     The store must be this pipeline's alone (one writer per path). State found in the store (a
-    previous run's commit) is restored: the core from its blob, the counters, the offsets.
+    previous run's commit) is restored: the core from its records, the counters, the offsets.
     ``remote``: the other partitions' published statistics (None: this partition's only).
     """
 
@@ -133,6 +134,7 @@ class JoinerPipeline:
         self.config = config
         core = JoinCore.from_state(store._scan(fs_keys.family_prefix(fs_keys.Family.JOIN_STATE)), config.joiner)
         self._legacy_core = False  # True: the core came from a CORE_META blob, rewritten as records next commit
+        self.republish_staged = False  # True: the open transaction republishes keys (see republish)
         if core is None and (blob := self.meta(CORE_META)) is not None:
             core = JoinCore.from_bytes(blob, config.joiner)
             core.touch_all()
@@ -221,11 +223,23 @@ class JoinerPipeline:
         self._tx = None
         self.shared_needs_committed = self._shared_needs_staged
         self._legacy_core = False
+        self.republish_staged = False
 
     def note_restore(self, n_commits: int, n_records: int) -> None:
         """Count a restore of this store from its changelog (persisted with the next commit)."""
         self._n["restored_from_changelog"] = self._n.get("restored_from_changelog", 0) + 1
         self._n["restored_records"] = self._n.get("restored_records", 0) + n_records
+
+    def republish(self, keys: Iterable[bytes]) -> int:
+        """Stage the committed values of ``keys`` for the next commit (``StoreBatch.republish``:
+        the changelog's last records of these keys belong to a batch that was never committed);
+        returns how many (counter ``changelog_republished``)."""
+        keys = set(keys)
+        if keys:
+            self._open().republish(keys)
+            self._n["changelog_republished"] = self._n.get("changelog_republished", 0) + len(keys)
+            self.republish_staged = True
+        return len(keys)
 
     def _stage_commit(self, source_offsets, meta) -> StoreBatch:
         tx = self._open()
@@ -352,15 +366,19 @@ def open_pipeline(path, partition: int, config: PipelineConfig, remote: RemoteSt
     """A pipeline over the store at ``path`` (created when missing; restored when present).
 
     ``restore(store)``, when given, brings the opened store up to date (from its changelog)
-    before the pipeline reads it; it returns ``(batches, records)`` applied.
+    before the pipeline reads it; it returns ``(batches, records)`` applied, optionally followed
+    by the keys whose last changelog record was never committed (republished by the next commit:
+    :meth:`JoinerPipeline.republish`).
     """
     store = RocksFeatureStore(path, config.store)
     try:
-        restored = restore(store) if restore is not None else (0, 0)
+        n_commits, n_records, *unfinished = restore(store) if restore is not None else (0, 0)
     except BaseException:
         store.close()
         raise
     pipe = JoinerPipeline(partition, store, config, remote)
-    if restored[0]:
-        pipe.note_restore(*restored)
+    if n_commits:
+        pipe.note_restore(n_commits, n_records)
+    if unfinished:
+        pipe.republish(unfinished[0])
     return pipe

@@ -194,3 +194,32 @@ def test_prepared_batches_rebuild_an_equal_store(tmp_path):
     assert a._get_many([b"\x01changelog.next"]) != b._get_many([b"\x01changelog.next"]) == [None]
     a.close()
     b.close()
+
+
+def test_republish_writes_committed_bytes_unless_the_commit_writes_the_key(tmp_path):
+    """republish(keys): the committed bytes of each key (a delete for a key with none) join the
+    commit's pairs, before the commit record; a key the commit writes anyway keeps its new value."""
+    from featurestore import keys
+
+    a = RocksFeatureStore(tmp_path / "a")
+    with a.transaction() as tx:
+        tx.add_sequence_event(user_id=7, kind=SequenceKind.CLICK, item_id=1, category=1, ts_ms=100)
+        tx.add_item_dwell(item_id=3, dwell_ms=1000.0)
+    seq_key, sketch_key = keys.user_sequence_key(7, SequenceKind.CLICK), keys.item_sketch_key(3)
+    absent = keys.item_sketch_key(4)
+    committed = dict(zip([seq_key, sketch_key], a._get_many([seq_key, sketch_key])))
+    tx = a.transaction()
+    tx.add_item_dwell(item_id=3, dwell_ms=2000.0)  # written anyway
+    tx.republish([seq_key, sketch_key, absent])
+    pairs = tx.prepare()
+    assert pairs[-1][0] == keys.meta_key(keys.COMMIT_META)
+    got = dict(pairs)
+    assert got[seq_key] == committed[seq_key] and got[absent] is None
+    assert got[sketch_key] != committed[sketch_key] and [k for k, _ in pairs].count(sketch_key) == 1
+    tx.commit()
+    assert a._get_many([seq_key]) == [committed[seq_key]] and a.commit_info().commit_seq == 2
+    tx = a.transaction()
+    tx.republish([seq_key])  # nothing else staged: still a commit
+    assert [k for k, _ in tx.prepare()] == [seq_key, keys.meta_key(keys.COMMIT_META)]
+    tx.abort()
+    a.close()

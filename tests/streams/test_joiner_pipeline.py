@@ -174,11 +174,34 @@ def test_early_emitted_sample_sees_clicks_and_feedback_of_pending_earlier_impres
         assert got == ref
 
 
+def _compact(log):
+    """What Kafka's log compaction may leave: the last record of each key, in log order, and no
+    tombstones (their delete retention passed)."""
+    last = {k: i for i, (k, _v, _t) in enumerate(log)}
+    return [(k, v, t) for i, (k, v, t) in enumerate(log) if last[k] == i and v is not None]
+
+
+def _restore_from(log):
+    from streams.joiner.changelog import replay_changelog
+
+    def restore(store):
+        res = replay_changelog(lambda: iter([log]), store.apply_changes, len(log))
+        return res.n_commits, res.n_records, res.unfinished
+    return restore
+
+
+def _store_items(pipe):
+    return {k: v for k, v in pipe.store._require_db().items() if not k.endswith(b"changelog.next")}
+
+
+
 def test_store_restored_from_its_changelog_continues_like_the_original(events, tmp_path):
-    """Every prepared WriteBatch is kept as a changelog; a fresh store fed the changelog up to a
-    commit, and the batches of a writer that stopped before its marker, continues exactly as the
-    original: the same samples, the same counters."""
-    from streams.joiner.changelog import ChangelogReplay, make_tag, marker_key
+    """Every prepared WriteBatch is kept as a changelog. A writer dies mid-batch: a fresh store
+    fed the changelog skips the unfinished batch and continues exactly as the original (the same
+    samples, the same counters). Its first commit republishes the committed values of the keys
+    the unfinished batch wrote last: without it, log compaction (last record per key) removes
+    them; with it, a store restored from the compacted changelog equals the restored one."""
+    from streams.joiner.changelog import make_tag, marker_key
 
     cfg = PipelineConfig()
     ref_pipe = open_pipeline(tmp_path / "ref", 0, cfg)
@@ -186,33 +209,120 @@ def test_store_restored_from_its_changelog_continues_like_the_original(events, t
     ref_counters = ref_pipe.counters()
     ref_pipe.close()
     log: list[tuple[bytes, bytes | None, bytes]] = []
+
+    def commit(pipe, writer, offsets):
+        seq, changes = pipe.prepare(offsets)
+        tag = make_tag(writer, seq)
+        log.extend([(k, v, tag) for k, v in changes] + [(marker_key(writer), tag, tag)])
+        pipe.commit_prepared({b"changelog.next": str(len(log)).encode()})
+
     pipe = open_pipeline(tmp_path / "a", 0, cfg)
     got, cut = [], len(events) // 2
     for i in range(0, cut, 500):
         got += pipe.process(events[i:min(i + 500, cut)]).samples
-        seq, changes = pipe.prepare({"all": min(i + 500, cut)})
-        tag = make_tag(1, seq)
-        log += [(k, v, tag) for k, v in changes] + [(marker_key(tag), b"", tag)]
-        pipe.commit_prepared({b"changelog.next": str(len(log)).encode()})
-    pipe.process(events[cut:cut + 500])  # a batch whose writer stopped before its marker
+        commit(pipe, 1, {"all": min(i + 500, cut)})
+    committed = _store_items(pipe)
+    pipe.process(events[cut:cut + 500])  # a batch whose writer dies before its commit record
     seq, changes = pipe.prepare({"all": cut + 500})
-    log += [(k, v, make_tag(1, seq)) for k, v in changes[:5]]
+    log += [(k, v, make_tag(1, seq)) for k, v in changes[:-1]]
     pipe.close()
 
-    replay = ChangelogReplay()
-    for k, v, tag in log:
-        replay.add(k, v, tag)
-    assert len(replay.pending) == 1  # the incomplete batch is not applied
-    pipe = open_pipeline(tmp_path / "b", 0, cfg, restore=lambda store: (replay.n_commits, store.apply_changes(replay.take())))
+    from featurestore import RocksFeatureStore
+    lost = RocksFeatureStore(tmp_path / "lost", cfg.store)
+    _restore_from(_compact(log))(lost)
+    # compaction took the committed values the batch overwrote (the join core's header among them)
+    assert {k: v for k, v in lost._require_db().items()}.items() < committed.items()
+    lost.close()
+    pipe = open_pipeline(tmp_path / "b", 0, cfg, restore=_restore_from(log))
+    assert _store_items(pipe) == committed  # the unfinished batch is not applied
     assert pipe.committed_offset("all") == cut and pipe.counters()["restored_from_changelog"] == 1
+    assert pipe.republish_staged and pipe.counters()["changelog_republished"] > 100
+    commit(pipe, 2, {"all": cut})  # what the worker does right after such a restore
+    again = open_pipeline(tmp_path / "c", 0, cfg, restore=_restore_from(_compact(log)))
+    assert _store_items(again) == _store_items(pipe)
+    assert sum(k.startswith(b"\xff") for k, _v, _t in _compact(log)) == 2  # one marker per writer
+    again.close()
     for i in range(cut, len(events), 500):
         got += pipe.process(events[i:i + 500]).samples
         pipe.commit({"all": i + 500})
     got += pipe.finish().samples
     pipe.commit()
     assert got == ref
-    assert {k: v for k, v in pipe.counters().items() if not k.startswith("restored")} == ref_counters
+    assert {k: v for k, v in pipe.counters().items()
+            if not k.startswith("restored") and k != "changelog_republished"} == ref_counters
     pipe.close()
+
+
+def test_runtime_republishes_after_a_writer_died_mid_changelog_batch(events, tmp_path):
+    """The worker's runtime over an in-memory changelog: the first owner dies while producing a
+    batch to the changelog; a second owner without the store restores it, and commits the
+    republished keys at once, before reading any event; a third owner restoring from the
+    compacted changelog then holds exactly the second's state."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from streams.contracts import encode, key_for, topic_for
+    from streams.joiner.app import JoinerAppConfig, JoinerRuntime
+    from streams.joiner.changelog import HEADER_TAG, TOPIC_STORE_CHANGELOG, replay_changelog
+
+    offsets: dict[str, int] = {}
+    msgs = []
+    for e in events:
+        t = topic_for(e)
+        offsets[t] = offsets.get(t, -1) + 1
+        msgs.append(SimpleNamespace(topic=t, partition=0, offset=offsets[t], key=key_for(e), value=encode(e)))
+    log: list[tuple[bytes, bytes | None, bytes]] = []
+    ends: dict[str, int] = {}
+    fail_after = [None]
+
+    async def send(topic, key, value, partition, headers):
+        if topic == TOPIC_STORE_CHANGELOG:
+            if fail_after[0] is not None:
+                if fail_after[0] == 0:
+                    raise ConnectionError("broker gone")
+                fail_after[0] -= 1
+            log.append((key, value, dict(headers)[HEADER_TAG]))
+        ends[topic] = ends.get(topic, 0) + 1
+        fut = asyncio.get_running_loop().create_future()
+        fut.set_result(SimpleNamespace(offset=ends[topic] - 1))
+        return fut
+
+    def restore(p, start, apply):
+        return replay_changelog(lambda: iter([log[start:]]), apply, len(log))
+
+    def runtime(data_dir):
+        return JoinerRuntime(JoinerAppConfig(data_dir=data_dir, pipeline=PipelineConfig()), send=send,
+                             read_back=lambda topic, p, start: [], caught_up=lambda *a: True, restore=restore)
+
+    async def first_life():
+        rt = runtime(tmp_path / "one")
+        await rt.position(0)
+        half = len(msgs) // 2
+        for i in range(0, half, 1000):
+            await rt.handle(msgs[i:min(i + 1000, half)])
+        fail_after[0] = 200
+        with pytest.raises(ConnectionError):
+            await rt.handle(msgs[half:half + 1000])
+        rt.close()
+
+    async def open_only(data_dir):
+        rt = runtime(data_dir)
+        await rt.position(0)
+        pipe = rt.partitions[0].pipeline
+        items, counters = _store_items(pipe), pipe.counters()
+        rt.close()
+        return items, counters
+
+    asyncio.run(first_life())
+    fail_after[0] = None
+    n_before = len(log)
+    second, counters = asyncio.run(open_only(tmp_path / "two"))
+    assert counters["restored_from_changelog"] == 1 and counters["changelog_republished"] > 0
+    assert len(log) > n_before  # committed at once: the republished values follow the unfinished batch
+    log[:] = _compact(log)
+    third, _ = asyncio.run(open_only(tmp_path / "three"))
+    assert third == second
+
 
 
 def test_a_commit_writes_the_join_state_that_changed_not_all_of_it(events, tmp_path):
@@ -267,3 +377,27 @@ def test_a_store_holding_the_join_core_as_one_blob_is_read_and_rewritten_as_reco
     assert any(True for _ in pipe.store._scan(fs_keys.family_prefix(fs_keys.Family.JOIN_STATE)))
     pipe.close()
     assert got == ref
+
+
+def test_changelog_markers_older_layout_and_malformed():
+    """A marker completes its writer's batches up to its commit number; an older changelog's
+    per-batch markers (key 0xFF | tag, empty value) still complete their batch alone; a marker
+    whose key and value name different writers is rejected."""
+    from streams.joiner.changelog import ChangelogIndex, ChangelogReplay, make_tag, marker_key
+
+    log = [(b"a", b"1", make_tag(5, 1)), (b"b", b"1", make_tag(5, 2)), (marker_key(5), make_tag(5, 2), None),
+           (b"c", b"1", make_tag(5, 3)),  # writer 5 died here
+           (b"d", b"1", make_tag(6, 1)), (b"\xff" + make_tag(6, 1), b"", make_tag(6, 1)),  # older layout
+           (b"e", b"1", make_tag(6, 2)), (b"c", b"2", make_tag(7, 1))]  # writer 7: no marker yet
+    index = ChangelogIndex()
+    for k, v, t in log:
+        index.add(k, v, t)
+    replay = ChangelogReplay(index)
+    for k, v, t in log:
+        replay.add(k, v, t)
+    assert replay.take() == [(b"a", b"1"), (b"b", b"1"), (b"d", b"1")]
+    assert replay.unfinished == {b"c", b"e"} and replay.n_skipped == 3 and replay.n_commits == 3
+    with pytest.raises(ValueError, match="names writer"):
+        ChangelogIndex().add(marker_key(5), make_tag(6, 1), None)
+    with pytest.raises(ValueError, match="malformed"):
+        ChangelogIndex().add(b"\xff\x00", b"", None)

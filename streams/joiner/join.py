@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 _INF = 2**63  # a watermark past every event time (flush)
 _NEG_INF = -(2**63)
+_U64, _I64_MAX = 2**64 - 1, 2**63 - 1
 # the three per-id parts of the state (indexes of JoinCore._touched / _born) and their store kinds
 _PENDING, _WAITING, _EMITTED = 0, 1, 2
 _STORE_KINDS = (JoinStateKind.PENDING, JoinStateKind.WAITING, JoinStateKind.EMITTED)
@@ -181,6 +182,15 @@ class JoinCore:
     def _on_outcome(self, e: Event, out: JoinOutput) -> None:
         k = e.impression_id
         if k is None:
+            # retained like an emitted impression, under a key no impression id takes (ids are >= 0),
+            # so a redelivery is a duplicate, not a second orphan
+            nk = -1 - e.event_id
+            if nk in self._emitted:
+                self._n["duplicate"] += 1
+                return
+            self._emitted[nk] = (e.ts_ms, {e.event_id})
+            self._touch(_EMITTED, nk, created=True)
+            heappush(self._forget_due, (e.ts_ms + self._retention, nk))
             self._n["orphan"] += 1
             out.orphans.append(OrphanEvent(e, "no_impression_id"))
             return
@@ -344,9 +354,9 @@ class JoinCore:
             for k in sorted(touched):
                 v = have.get(k)
                 if v is not None:
-                    out.append((join_state_key(kind, k), pack(v)))
+                    out.append((join_state_key(kind, k & _U64), pack(v)))
                 elif k not in born:
-                    out.append((join_state_key(kind, k), None))
+                    out.append((join_state_key(kind, k & _U64), None))
             touched.clear()
             born.clear()
         return out
@@ -366,6 +376,8 @@ class JoinCore:
             family, (kind, k) = decode_key(key)
             if family is not Family.JOIN_STATE:
                 raise ValueError(f"joiner state: key {key.hex()} is not a join state key")
+            if k > _I64_MAX:  # a retained outcome without an impression (a negative key in the core)
+                k -= 1 << 64
             view = memoryview(value)
             try:
                 if kind is JoinStateKind.HEADER:

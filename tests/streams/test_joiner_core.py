@@ -263,9 +263,22 @@ def test_duplicates_are_idempotent():
     assert core.counters()["duplicate"] == 4 and core.counters()["late"] == 0
 
 
-def test_feedback_without_impression_id_is_an_orphan():
-    out = JoinCore(CFG).process([Feedback(1, 5, 1, 9, FeedbackKind.LIKE, None)])
+def test_feedback_without_impression_id_is_an_orphan_once():
+    """An orphan at once, and a redelivery is a duplicate (its id is retained like an emitted
+    impression's, also across a rebuild from the state records or the older blob) until the
+    watermark passes its retention."""
+    fb = Feedback(1, 5_000, 1, 9, FeedbackKind.LIKE, None)
+    core = JoinCore(CFG)
+    out = core.process([fb, fb])
     assert [(o.event.event_id, o.reason) for o in out.orphans] == [(1, "no_impression_id")]
+    assert core.counters()["duplicate"] == 1 and core.counters()["orphan"] == 1
+    rows = {k: v for k, v in core.state_changes()}
+    for again in (JoinCore.from_state(sorted(rows.items()), CFG), JoinCore.from_bytes(core.to_bytes(), CFG)):
+        assert not again.process([fb]).orphans and again.counters()["duplicate"] == 2
+    core.process([imp(5_000 + 20_000 + 1_000)])  # the watermark passes the retention: forgotten
+    [retained] = [k for k in rows if k != min(rows)]  # min: the header
+    assert (retained, None) in core.state_changes() and core.counters()["retained"] == 0
+    assert len(core.process([fb]).orphans) == 1
 
 
 def test_emitted_impressions_are_forgotten_after_retention():

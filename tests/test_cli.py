@@ -136,3 +136,35 @@ def test_tail_renders_samples_and_reports_malformed_ones():
     record.value = record.value[:-3]
     row = renderer_for("samples")(record)
     assert "error" in row and "value_b64" in row
+
+
+def test_tail_renders_the_joiners_late_orphan_and_dwell_outputs():
+    """Every output topic of the joiner besides samples decodes to fields, not base64: the
+    records are built by the joiner's own output_records."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from streamrec.commands.tail import renderer_for
+    from streams.contracts import Click, Feedback, FeedbackKind
+    from streams.joiner.outputs import output_records
+    from streams.joiner.pipeline import PipelineOutput
+    from streams.joiner.records import LateEvent, OrphanEvent
+    from streams.joiner.shared import CONTRIB, encode_message
+
+    out = PipelineOutput(late=[LateEvent(Click(11, 500, 70, 5, 7), "after_emit")],
+                         orphans=[OrphanEvent(Feedback(12, 600, 5, 8, FeedbackKind.LIKE, None), "no_impression_id")],
+                         stats=[encode_message(2, 3, 5, np.array([(3, 7, 9000, 100)], dtype=CONTRIB))])
+    rows = {}
+    for i, (topic, key, value, headers) in enumerate(output_records(2, out)):
+        record = SimpleNamespace(topic=topic, partition=2, offset=i, key=key, headers=headers or [],
+                                 timestamp=0, value=value)
+        rows[topic] = renderer_for(topic)(record)
+    late, orphan, stats = rows["clicks.late"], rows["joiner.orphans"], rows["joiner.dwell"]
+    assert (late["type"], late["event_id"], late["impression_id"], late["reason"]) == ("click", 11, 70, "after_emit")
+    assert (orphan["type"], orphan["kind"], orphan["impression_id"], orphan["reason"], orphan["source.topic"]) == (
+        "feedback", "like", None, "no_impression_id", "feedback")
+    assert (stats["source"], stats["from_epoch"], stats["to_epoch"], stats["contributions"]) == (2, 3, 5, [[3, 7, 9000, 100]])
+    bad = SimpleNamespace(topic="joiner.orphans", partition=0, offset=0, key=None, headers=[], timestamp=0,
+                          value=b"\x00garbage")
+    assert "error" in renderer_for("joiner.orphans")(bad) and "error" in renderer_for("joiner.dwell")(bad)

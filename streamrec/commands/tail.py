@@ -1,7 +1,9 @@
 """``streamrec tail TOPIC``: print a topic's records, decoded by its contract.
 
-Event topics print their events; ``<topic>.dlq`` topics print the reason, the headers and the
-original bytes (base64); any other topic prints its raw bytes (base64). How a topic is rendered is
+Event topics print their events; ``samples`` its samples; ``<topic>.late`` and ``joiner.orphans``
+the events with the joiner's reason; ``joiner.dwell`` the shared statistics messages;
+``<topic>.dlq`` topics print the reason, the headers and the original bytes (base64); any other
+topic prints its raw bytes (base64). How a topic is rendered is
 looked up in ``RENDERERS`` (exact topic name), so a new contract is one entry there.
 """
 from __future__ import annotations
@@ -90,8 +92,44 @@ def render_sample(record: Any) -> dict[str, Any]:
     return out
 
 
+def render_joiner_event(record: Any) -> dict[str, Any]:
+    """A ``<topic>.late`` or ``joiner.orphans`` record: the event (its type is in its bytes) and
+    the joiner's headers (``reason``, and for orphans ``source.topic``)."""
+    out = _position(record)
+    out.update({k: _text(v) for k, v in (record.headers or [])})
+    try:
+        event = decode(record.value)
+    except ContractError as exc:
+        out.update(error=exc.reason, value_b64=_b64(record.value))
+        return out
+    out["type"] = type(event).__name__.lower()
+    for name, value in dataclasses.asdict(event).items():
+        out[name] = value.name.lower() if isinstance(value, FeedbackKind) else value
+    return out
+
+
+def render_dwell_stats(record: Any) -> dict[str, Any]:
+    """A ``joiner.dwell`` record: the source partition, the statistics epochs it completes and
+    its dwell contributions (epoch, item_id, dwell_ms, click_ts_ms)."""
+    from streams.joiner.shared import SharedStatsError, decode_message
+
+    out = _position(record)
+    try:
+        source, lo, hi, recs = decode_message(record.value)
+    except SharedStatsError as exc:
+        out.update(error=str(exc), value_b64=_b64(record.value))
+        return out
+    out.update(type="dwell_stats", source=source, from_epoch=lo, to_epoch=hi, n=len(recs),
+               contributions=[list(r) for r in recs.tolist()])
+    return out
+
+
 RENDERERS: dict[str, Renderer] = {topic: render_event for topic in EVENT_TOPICS}
 RENDERERS["samples"] = render_sample
+# the joiner's outputs besides samples (names as in streams.joiner.outputs and .shared)
+RENDERERS.update({f"{topic}.late": render_joiner_event for topic in EVENT_TOPICS})
+RENDERERS["joiner.orphans"] = render_joiner_event
+RENDERERS["joiner.dwell"] = render_dwell_stats
 
 
 def renderer_for(topic: str) -> Renderer:

@@ -1,6 +1,7 @@
 """Stream joiner, pure core: event-time join, valid-read rules, normalized dwell time, labelling.
 
-The faust app (agents, RocksDB tables, changelogs) wraps these: decode -> :class:`JoinCore`
+The faust app (``app.py``: a task over each fetch, a rocksdict feature store per partition with
+its changelog) wraps these: decode -> :class:`JoinCore`
 -> :func:`label_samples` with the feature store's statistics and snapshots -> ``samples`` topic.
 Semantics and diagrams: docs/joiner.md.
 """

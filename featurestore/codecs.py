@@ -6,7 +6,7 @@ and the exact length and raises :class:`~featurestore.CodecError` with the reaso
 ==============  ==========================================================================
 value           layout (little-endian)
 ==============  ==========================================================================
-offset          next_offset i64                                                       8 B
+offset          version u8, next_offset i64                                           9 B
 commit          commit_seq u64, max_event_ts_ms i64, wall_ms i64                      25 B
 sequence        n u16, n_dropped u32, then columns ts_ms i64[n], item_id u64[n],
                 category i32[n]                                              7 + 20 n B

@@ -4,7 +4,8 @@ The single place where the join is wired; the faust worker (``streams.joiner.app
 builder (``streamrec build-samples``) both drive a :class:`JoinerPipeline` per partition, so both
 produce the same bytes for the same per-partition event sequence.
 
-Per call to :meth:`JoinerPipeline.process` (one ``stream.take`` batch):
+Per call to :meth:`JoinerPipeline.process` (one batch: the worker's merged fetches, a ``build-samples``
+chunk):
 
 1. ``JoinCore.process`` -> the impressions that closed (in close order), late events, orphans.
 2. Closed impressions are cut into runs of one *statistics epoch* (``label_ts_ms //

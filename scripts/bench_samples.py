@@ -15,7 +15,9 @@ Allocator: each decode_batch call returns fresh (B, T) matrices (tens of MB per 
 With glibc defaults, large blocks are mmap-ed and the heap top is trimmed when they are freed, so
 every batch pays page faults for its output; a consumer process that sets
 ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` (e.g. to 4294967296) keeps that memory
-warm. The machine line shows whether they are set; run the script both ways to compare.
+warm; ``--keep-freed-memory`` applies in-process the setting ``streamrec learner`` and
+``train-offline`` use (``streamrec/alloc.py``). The machine line shows which; run the script both
+ways to compare.
 
 Sequence-length profiles (click, unclick, like, dislike): ``full`` = all T; ``mixed`` = uniform
 0..T, T, uniform 0..10, uniform 0..3 (an active user: the unclick history is always full);
@@ -122,9 +124,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seq-len", type=int, default=100)
     ap.add_argument("--events", type=int, default=200_000, help="events in the join-core stream")
     ap.add_argument("--join-batch", type=int, default=1_000, help="events per JoinCore.process call")
+    ap.add_argument("--keep-freed-memory", action="store_true",
+                    help="apply the allocator setting of `streamrec learner` / `train-offline` first "
+                         "(streamrec/alloc.py)")
     args = ap.parse_args(argv)
 
     malloc = " ".join(f"{k}={v}" for k, v in os.environ.items() if k.startswith("MALLOC_")) or "glibc defaults"
+    if args.keep_freed_memory:
+        from streamrec.alloc import keep_freed_memory
+        malloc = f"streamrec.alloc: {keep_freed_memory()}"
     print(f"machine: {cpu_model()} | {os.cpu_count()} cpus | {pin_one_core()} | python {platform.python_version()}"
           f" | numpy {np.__version__} | malloc: {malloc} | load avg {os.getloadavg()[0]:.1f}")
     env = " ".join(f"{k}={v}" for k, v in os.environ.items() if k.startswith("MALLOC_"))

@@ -96,6 +96,8 @@ def _model_config(name: str, heads: tuple[str, ...], section: dict):
 def run(args: argparse.Namespace) -> int:
     from kafka import KafkaProducer
 
+    from streamrec.alloc import apply_for_decoding
+
     from learner import LearnerError
     from learner.config import CLSDConfig
     from learner.continuous import AuditLog, CheckpointStore, ContinuousLearner, LearnerConfig, VersionPublisher
@@ -105,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
     from learner.trainer import Trainer, TrainerConfig
     from streams.dlq import DeadLetterRouter
 
+    apply_for_decoding()  # batches of decoded samples: keep freed memory warm (streamrec/alloc.py)
     section = dict(load_section(args.config, "learner"))
     stream_section = dict(section.pop("stream", {}) or {})
     trainer_section = dict(section.pop("trainer", {}) or {})

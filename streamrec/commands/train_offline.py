@@ -97,7 +97,9 @@ def run(args: argparse.Namespace) -> int:
     from learner.config import CLSDConfig
     from learner.data import DataConfig, SampleLoader, count_frames
     from learner.trainer import Trainer, TrainerConfig
+    from streamrec.alloc import apply_for_decoding
 
+    apply_for_decoding()  # batches of decoded samples: keep freed memory warm (streamrec/alloc.py)
     section = dict(load_section(args.config, "train_offline"))
     model_section = dict(section.pop("model", {}) or {})
     data_section = {k: section.pop(k) for k in DATA_KEYS if k in section}

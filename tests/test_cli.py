@@ -80,13 +80,14 @@ def test_demo_runs_the_whole_pipeline(tmp_path: Path, capsys):
     e2e = re.search(r"end to end: (\d+) events replayed -> (\d+) samples trained in ([\d.]+)s", out)
     assert e2e and int(e2e.group(2)) == n_imp and float(e2e.group(3)) > 0
     newest = int(re.findall(r"^\s+(\d+)\s+\d+\s+\d\.\d+", out, re.M)[-1])
-    _score_with_the_published_version(tmp_path, newest_version=newest)
+    _score_with_the_published_version(tmp_path, newest_version=newest, n_impressions=n_imp)
 
 
-def _score_with_the_published_version(data_dir: Path, newest_version: int) -> None:
+def _score_with_the_published_version(data_dir: Path, newest_version: int, n_impressions: int) -> None:
     """The serving side of the same run: the demo's broker data reopened, ``streamrec score`` (a
     separate process) follows ``model-updates``, loads the newest version and scores a user of the
-    slice with the joiner's feature store."""
+    slice with the joiner's feature store. First, the ``samples`` topic the whole slice went
+    through holds exactly one sample per impression, each with a point-in-time snapshot."""
     import csv
     import gzip
     import json
@@ -106,6 +107,7 @@ def _score_with_the_published_version(data_dir: Path, newest_version: int) -> No
     items = sorted({int(r["video_id"]) for r in rows[:5]})
     config = build(BrokerConfig, {"data_dir": data_dir / "broker", "port": 0})
     with EmbeddedBroker(config) as broker:
+        _one_point_in_time_sample_per_impression(broker.bootstrap, n_impressions)
         done = subprocess.run(
             [sys.executable, "-m", "streamrec.cli", "--log-level", "WARNING", "score", "--bootstrap", broker.bootstrap,
              "--feature-store", str(data_dir / "joiner"), "--user-id", str(user),
@@ -168,3 +170,25 @@ def test_tail_renders_the_joiners_late_orphan_and_dwell_outputs():
     bad = SimpleNamespace(topic="joiner.orphans", partition=0, offset=0, key=None, headers=[], timestamp=0,
                           value=b"\x00garbage")
     assert "error" in renderer_for("joiner.orphans")(bad) and "error" in renderer_for("joiner.dwell")(bad)
+
+
+def _one_point_in_time_sample_per_impression(bootstrap: str, n_impressions: int) -> None:
+    from kafka import KafkaConsumer, TopicPartition
+
+    from streams.samples import decode, snapshot_is_point_in_time
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    try:
+        tps = [TopicPartition("samples", p) for p in sorted(consumer.partitions_for_topic("samples"))]
+        consumer.assign(tps)
+        consumer.seek_to_beginning()
+        ends = consumer.end_offsets(tps)
+        values = []
+        while any(consumer.position(tp) < ends[tp] for tp in tps):
+            for recs in consumer.poll(timeout_ms=500, max_records=10_000).values():
+                values += [r.value for r in recs]
+    finally:
+        consumer.close()
+    samples = [decode(v) for v in values]
+    assert len(samples) == len({s.impression_id for s in samples}) == n_impressions
+    assert all(snapshot_is_point_in_time(s) for s in samples)

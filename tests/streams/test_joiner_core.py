@@ -20,6 +20,8 @@ from streams.joiner import JoinCore, JoinedImpression, JoinerConfig
 CFG = JoinerConfig(allowed_lateness_ms=1_000, label_window_ms=10_000, grace_ms=2_000, orphan_grace_ms=3_000,
                    final_dwell_settle_ms=500, emitted_retention_ms=20_000)
 EARLY = dataclasses.replace(CFG, emit_early_on_final_dwell=True)
+#: allowed lateness = the grace period: deliveries shuffled within the grace period
+GRACE = dataclasses.replace(CFG, allowed_lateness_ms=CFG.grace_ms)
 
 
 def reference(events, cfg: JoinerConfig) -> dict[int, JoinedImpression]:
@@ -138,7 +140,7 @@ def test_exactly_one_sample_per_impression_matching_reference(cfg, data):
     assert n["pending"] == n["buffered"] == 0
 
 
-@pytest.mark.parametrize("cfg", [CFG, EARLY], ids=["window", "early"])
+@pytest.mark.parametrize("cfg", [CFG, EARLY, GRACE], ids=["window", "early", "lateness_is_grace"])
 @settings(max_examples=80, deadline=None)
 @given(data=st.data())
 def test_shuffle_and_duplicates_within_lateness_do_not_change_output(cfg, data):

@@ -41,18 +41,22 @@ def _position(record: Any) -> dict[str, Any]:
     }
 
 
-def render_event(record: Any) -> dict[str, Any]:
-    """An event topic's record: its fields, or the contract violation and the raw bytes."""
-    out = _position(record)
+def _event_fields(out: dict[str, Any], value: bytes, expected: type | None) -> dict[str, Any]:
+    """``out`` with the event's type and fields, or the contract violation and the raw bytes."""
     try:
-        event = decode(record.value, kind_of(record.topic))
+        event = decode(value, expected)
     except ContractError as exc:
-        out.update(error=exc.reason, value_b64=_b64(record.value))
+        out.update(error=exc.reason, value_b64=_b64(value))
         return out
     out["type"] = type(event).__name__.lower()
-    for name, value in dataclasses.asdict(event).items():
-        out[name] = value.name.lower() if isinstance(value, FeedbackKind) else value
+    for name, field_value in dataclasses.asdict(event).items():
+        out[name] = field_value.name.lower() if isinstance(field_value, FeedbackKind) else field_value
     return out
+
+
+def render_event(record: Any) -> dict[str, Any]:
+    """An event topic's record: its fields, or the contract violation and the raw bytes."""
+    return _event_fields(_position(record), record.value, kind_of(record.topic))
 
 
 def render_dead_letter(record: Any) -> dict[str, Any]:
@@ -97,15 +101,7 @@ def render_joiner_event(record: Any) -> dict[str, Any]:
     the joiner's headers (``reason``, and for orphans ``source.topic``)."""
     out = _position(record)
     out.update({k: _text(v) for k, v in (record.headers or [])})
-    try:
-        event = decode(record.value)
-    except ContractError as exc:
-        out.update(error=exc.reason, value_b64=_b64(record.value))
-        return out
-    out["type"] = type(event).__name__.lower()
-    for name, value in dataclasses.asdict(event).items():
-        out[name] = value.name.lower() if isinstance(value, FeedbackKind) else value
-    return out
+    return _event_fields(out, record.value, None)
 
 
 def render_dwell_stats(record: Any) -> dict[str, Any]:

@@ -259,18 +259,12 @@ def test_runtime_republishes_after_a_writer_died_mid_changelog_batch(events, tmp
     republished keys at once, before reading any event; a third owner restoring from the
     compacted changelog then holds exactly the second's state."""
     import asyncio
-    from types import SimpleNamespace
 
-    from streams.contracts import encode, key_for, topic_for
     from streams.joiner.app import JoinerAppConfig, JoinerRuntime
     from streams.joiner.changelog import HEADER_TAG, TOPIC_STORE_CHANGELOG, replay_changelog
+    from tests.streams.runtime_fakes import acked, consumed
 
-    offsets: dict[str, int] = {}
-    msgs = []
-    for e in events:
-        t = topic_for(e)
-        offsets[t] = offsets.get(t, -1) + 1
-        msgs.append(SimpleNamespace(topic=t, partition=0, offset=offsets[t], key=key_for(e), value=encode(e)))
+    msgs = consumed(events)
     log: list[tuple[bytes, bytes | None, bytes]] = []
     ends: dict[str, int] = {}
     fail_after = [None]
@@ -283,9 +277,7 @@ def test_runtime_republishes_after_a_writer_died_mid_changelog_batch(events, tmp
                 fail_after[0] -= 1
             log.append((key, value, dict(headers)[HEADER_TAG]))
         ends[topic] = ends.get(topic, 0) + 1
-        fut = asyncio.get_running_loop().create_future()
-        fut.set_result(SimpleNamespace(offset=ends[topic] - 1))
-        return fut
+        return acked(ends[topic] - 1)
 
     def restore(p, start, apply):
         return replay_changelog(lambda: iter([log[start:]]), apply, len(log))

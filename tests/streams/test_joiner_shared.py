@@ -338,20 +338,13 @@ def test_runtime_publications_do_not_start_the_table_before_the_feed(events, tmp
     there for the feed, and once the feed has brought the messages of the first life the table
     holds every epoch of source 0, exactly as a table that read the whole topic."""
     import asyncio
-    from types import SimpleNamespace
 
-    from streams.contracts import encode, key_for, topic_for
     from streams.joiner.app import JoinerAppConfig, JoinerRuntime
     from streams.joiner.shared import TOPIC_DWELL_STATS
+    from tests.streams.runtime_fakes import acked, consumed
 
     cfg = PipelineConfig()
-    mine = [e for e in events if partition_for(e.user_id, 2) == 0]
-    offsets: dict[str, int] = {}
-    msgs = []
-    for e in mine:
-        t = topic_for(e)
-        offsets[t] = offsets.get(t, -1) + 1
-        msgs.append(SimpleNamespace(topic=t, partition=0, offset=offsets[t], key=key_for(e), value=encode(e)))
+    msgs = consumed([e for e in events if partition_for(e.user_id, 2) == 0])
     published: list[bytes] = []  # joiner.dwell in topic order
     n_out = [0]
 
@@ -359,9 +352,7 @@ def test_runtime_publications_do_not_start_the_table_before_the_feed(events, tmp
         if topic == TOPIC_DWELL_STATS:
             published.append(value)
         n_out[0] += 1
-        fut = asyncio.get_running_loop().create_future()
-        fut.set_result(SimpleNamespace(offset=n_out[0] - 1))
-        return fut
+        return acked(n_out[0] - 1)
 
     async def life(remote: RemoteStats, batch: list) -> int:
         rt = JoinerRuntime(JoinerAppConfig(data_dir=tmp_path, changelog=False, pipeline=cfg), send=send,

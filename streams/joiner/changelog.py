@@ -109,22 +109,24 @@ class ChangelogReplay:
         self.committed: list[tuple[bytes, bytes | None]] = []
         self.unfinished: set[bytes] = set()
         self.n_skipped = 0
-        self._tags: set[bytes] = set()
+        self._complete: dict[bytes, bool] = {}  # per tag read: is its batch complete
 
     @property
     def n_commits(self) -> int:
         """Complete batches with at least one record read (compaction may have emptied others)."""
-        return len(self._tags)
+        return sum(self._complete.values())
 
     def add(self, key: bytes, value: bytes | None, tag: bytes | None) -> None:
         if key.startswith(_MARKER):
             return
         if tag is None:
             raise ValueError(f"changelog record {key!r} has no {HEADER_TAG} header")
-        if self.index.complete(tag):
+        complete = self._complete.get(tag)
+        if complete is None:  # once per batch, not per record
+            complete = self._complete[tag] = self.index.complete(tag)
+        if complete:
             self.committed.append((key, value))
             self.unfinished.discard(key)
-            self._tags.add(tag)
         else:
             self.unfinished.add(key)
             self.n_skipped += 1

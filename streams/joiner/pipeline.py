@@ -367,19 +367,18 @@ def open_pipeline(path, partition: int, config: PipelineConfig, remote: RemoteSt
     """A pipeline over the store at ``path`` (created when missing; restored when present).
 
     ``restore(store)``, when given, brings the opened store up to date (from its changelog)
-    before the pipeline reads it; it returns ``(batches, records)`` applied, optionally followed
-    by the keys whose last changelog record was never committed (republished by the next commit:
-    :meth:`JoinerPipeline.republish`).
+    before the pipeline reads it; it returns ``(batches, records, unfinished)``: the batches and
+    records applied and the keys whose last changelog record was never committed (republished by
+    the next commit: :meth:`JoinerPipeline.republish`).
     """
     store = RocksFeatureStore(path, config.store)
     try:
-        n_commits, n_records, *unfinished = restore(store) if restore is not None else (0, 0)
+        n_commits, n_records, unfinished = restore(store) if restore is not None else (0, 0, ())
     except BaseException:
         store.close()
         raise
     pipe = JoinerPipeline(partition, store, config, remote)
     if n_commits:
         pipe.note_restore(n_commits, n_records)
-    if unfinished:
-        pipe.republish(unfinished[0])
+    pipe.republish(unfinished)
     return pipe

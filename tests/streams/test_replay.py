@@ -227,6 +227,88 @@ def test_bundled_slice_directory_has_license_and_readme():
         assert needed in readme, needed
 
 
+def _signal_at_every_line(stopper_factory, timeout_s: float = 2.0, first_only: bool = False) -> list[int]:
+    """Deliver the stop signal at each Python line the pacing loop runs, one run per line: the
+    handler runs where a real signal can (between two bytecodes of the main thread). Returns the
+    line numbers after which the loop did not finish within ``timeout_s`` (deadlocked)."""
+    import signal
+    import sys
+    import threading
+
+    def pace(stopper, fire_at: int) -> None:
+        seen = 0
+
+        def tracer(frame, event, arg):
+            nonlocal seen
+            if event == "line":
+                seen += 1
+                if seen == fire_at:
+                    stopper._handle(signal.SIGTERM, frame)
+            return tracer
+
+        sys.settrace(tracer)
+        try:
+            for _ in range(3):
+                if stopper.is_set():
+                    break
+                stopper.sleep(0.001)
+        finally:
+            sys.settrace(None)
+
+    stuck = []
+    for fire_at in range(1, 80):
+        stopper = stopper_factory()
+        thread = threading.Thread(target=pace, args=(stopper, fire_at), daemon=True)
+        thread.start()
+        thread.join(timeout_s)
+        if thread.is_alive():  # left behind, blocked for good (a daemon thread)
+            stuck.append(fire_at)
+            if first_only:
+                break
+    return stuck
+
+
+def test_stop_signal_cannot_deadlock_the_pacing_sleep():
+    """The replay's signal handler runs at any point of the pacing sleep without deadlocking.
+
+    A handler that calls ``threading.Event.set()`` hangs when the signal lands while the pacing
+    ``Event.wait`` holds the event's lock (seen as a replay that ignored SIGTERM); the control
+    below shows this test catches that."""
+    import threading
+
+    from streamrec.commands.replay import _StopOnSignal
+
+    assert _signal_at_every_line(lambda: _StopOnSignal().__enter__()) == []
+
+    class EventStopper:  # the pattern that deadlocked
+        def __init__(self):
+            self.event = threading.Event()
+            self.sleep, self.is_set = self.event.wait, self.event.is_set
+
+        def _handle(self, signum, frame):
+            self.event.set()
+
+    assert _signal_at_every_line(EventStopper, timeout_s=0.5, first_only=True)
+
+
+def test_stop_signal_cuts_the_pacing_sleep_short():
+    import os
+    import signal
+    import threading
+
+    from streamrec.commands.replay import _StopOnSignal
+
+    with _StopOnSignal() as stopper:
+        timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM))
+        timer.start()
+        started = time.monotonic()
+        stopper.sleep(30)
+        assert stopper.is_set() and time.monotonic() - started < 10
+        with pytest.raises(KeyboardInterrupt):  # a second signal interrupts at once
+            stopper._handle(signal.SIGTERM, None)
+    assert signal.getsignal(signal.SIGTERM) is not stopper._handle
+
+
 def test_sigterm_saves_position_and_resume_completes(broker, tmp_path):
     """A real `streamrec replay` process, paced, stopped with SIGTERM part-way, then resumed."""
     import signal

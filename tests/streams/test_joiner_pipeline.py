@@ -2,17 +2,21 @@
 exactly as one that never stopped; uncommitted work is dropped and redone; counters persist."""
 from __future__ import annotations
 
+import dataclasses
 import doctest
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import streams.joiner.worker as worker_module
 from streams.contracts import Click, Dwell, Feedback, FeedbackKind, Impression
 from streams.joiner import RULE_T2, JoinerConfig
-from streams.joiner.pipeline import JoinerPipeline, PipelineConfig, open_pipeline
+from streams.joiner.pipeline import JoinerPipeline, PipelineConfig, PipelineOutput, open_pipeline
 from streams.replay import iter_events
 from streams.samples import decode, snapshot_is_point_in_time
+from tests.streams.test_joiner_core import CFG, GRACE, deliveries
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SLICE = REPO_ROOT / "data" / "kuairand-slice" / "log_standard_slice.csv.gz"
@@ -393,3 +397,41 @@ def test_changelog_markers_older_layout_and_malformed():
         ChangelogIndex().add(marker_key(5), make_tag(6, 1), None)
     with pytest.raises(ValueError, match="malformed"):
         ChangelogIndex().add(b"\xff\x00", b"", None)
+
+
+@pytest.mark.parametrize("lateness_is_grace", [False, True], ids=["lateness", "lateness_is_grace"])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_shuffled_and_duplicated_delivery_within_lateness_gives_the_same_encoded_samples(lateness_is_grace, data):
+    """The whole pipeline, not only the join core: deliveries delayed by at most the allowed
+    lateness (duplicates included), cut into any batches, give the same sample bytes (snapshot
+    sequences, T1/T2/T3 rules, weights), late events and orphans as the in-order stream. Small
+    windows, epochs and T2 look-back so that the draws cross them."""
+    import tempfile
+
+    jcfg = dataclasses.replace(GRACE if lateness_is_grace else CFG, seq_len=3)
+    cfg = PipelineConfig(joiner=jcfg, stats_epoch_ms=5_000, t2_window_ms=20_000)
+    events, arrivals = data.draw(deliveries(jcfg))
+    chunk = data.draw(st.integers(1, 9))
+
+    def run(evs, step):
+        with tempfile.TemporaryDirectory() as tmp:
+            pipe = open_pipeline(Path(tmp) / "s", 0, cfg)
+            out = PipelineOutput()
+            for i in range(0, len(evs), step):
+                out.extend(pipe.process(evs[i:i + step]))
+            out.extend(pipe.finish())
+            counters = pipe.counters()
+            pipe.close()
+        return out, counters
+
+    base, base_n = run(events, max(1, len(events)))
+    got, n = run(arrivals, chunk)
+    assert got.samples == base.samples and got.keys == base.keys and got.headers == base.headers
+    assert len(got.samples) == len({e.impression_id for e in events if type(e) is Impression})
+    assert sorted(x.event.event_id for x in got.late) == sorted(x.event.event_id for x in base.late)
+    assert (sorted((x.event.event_id, x.reason) for x in got.orphans)
+            == sorted((x.event.event_id, x.reason) for x in base.orphans))
+    assert n["duplicate"] - base_n["duplicate"] == len(arrivals) - len(events)
+    for s in map(decode, got.samples):
+        assert snapshot_is_point_in_time(s)

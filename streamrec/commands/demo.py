@@ -159,10 +159,10 @@ def _free_port() -> int:
 
 
 def _spawn(argv: list[str], log_path: Path) -> subprocess.Popen:
-    log = open(log_path, "wb")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "streamrec.cli", *argv], stdout=log, stderr=subprocess.STDOUT,
-                            cwd=REPO_ROOT, env=env)
+    with open(log_path, "wb") as log:  # the child writes through its own copy of the descriptor
+        return subprocess.Popen([sys.executable, "-m", "streamrec.cli", *argv], stdout=log,
+                                stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env)
 
 
 def _stop(proc: subprocess.Popen, timeout_s: float = 30.0) -> int:

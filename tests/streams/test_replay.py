@@ -320,20 +320,21 @@ def test_sigterm_saves_position_and_resume_completes(broker, tmp_path):
     state = tmp_path / "state.json"
     cmd = [sys.executable, "-m", "streamrec.cli", "--log-level", "WARNING", "replay", str(SLICE_LOG),
            "--bootstrap", broker.bootstrap, "--state", str(state), "--no-progress"]
-    proc = subprocess.Popen([*cmd, "--speed", "6000"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 60
-        while not state.exists() or sum(all_ids(broker.bootstrap).values()) < 300:  # well under way
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 130
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    with subprocess.Popen([*cmd, "--speed", "6000"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        try:
+            deadline = time.monotonic() + 60
+            while not state.exists() or sum(all_ids(broker.bootstrap).values()) < 300:  # well under way
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()
+                time.sleep(0.2)
+            proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate(timeout=60)
+            assert proc.returncode == 130, err.decode()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
     (entry,) = json.loads(state.read_text())["replays"].values()
     assert not entry["complete"] and sum(all_ids(broker.bootstrap).values()) == entry["produced"] >= 300
-    assert "interrupted=True" in proc.stdout.read().decode()
+    assert "interrupted=True" in out.decode()
 
     done = subprocess.run([*cmd, "--speed", "max"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

@@ -59,6 +59,7 @@ def test_demo_replays_the_bundled_slice_and_summarises(tmp_path: Path, capsys):
     assert "undecodable=0" in out
 
 
+@pytest.mark.timeout(900)  # --timeout-s bounds each stage; together they exceed the default 300 s
 def test_demo_runs_the_whole_pipeline(tmp_path: Path, capsys):
     """make run's job end to end: replay -> joiner -> samples -> learner -> published versions, with
     the three running at once (``--pipelined``: joiner and learner start before the replay)."""

@@ -149,9 +149,13 @@ def run(args: argparse.Namespace) -> int:
                        "is capped near 6 MB/s")
 
     stop = threading.Event()
+    received: list[int] = []
 
     def on_signal(signum, _frame) -> None:
-        logger.info("signal received signal=%s: final checkpoint, then exit", signal.Signals(signum).name)
+        # No logging here: the handler runs between two bytecodes of the main thread, which may be
+        # in the middle of writing to the same stream. Nothing in the main thread ever holds the
+        # event's lock (it only calls is_set), so set() cannot block on it.
+        received.append(signum)
         stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)
@@ -188,6 +192,9 @@ def run(args: argparse.Namespace) -> int:
                     tcfg.objective, trainer.device, scfg.batch_size, restored, cfg.checkpoint_every_steps,
                     cfg.checkpoint_every_s)
         learner.run(stop)
+        if received:
+            logger.info("signal received signal=%s: stopped after the final checkpoint",
+                        signal.Signals(received[0]).name)
     except LearnerError as exc:
         print(f"streamrec learner: error: {exc}", file=sys.stderr)
         return 1

@@ -179,7 +179,7 @@ def latest_by_key(records: list[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
     return {k: v for k, v in records}  # per key all records sit in one partition, in order
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(480)  # the waits below add up to more than 240 s on a slow machine
 def test_faust_agent_counts_into_table_and_output_topic(broker, tmp_path):
     bootstrap = broker.bootstrap
     create_clicks_topic(bootstrap)
@@ -230,7 +230,7 @@ def test_faust_agent_counts_into_table_and_output_topic(broker, tmp_path):
     changelog.close()
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(480)  # the waits below add up to more than 240 s on a slow machine
 def test_restart_with_a_backlog_loses_and_repeats_nothing(broker, tmp_path):
     """A worker restarts onto 150 waiting clicks while its seek to the committed offsets is slow."""
     bootstrap = broker.bootstrap

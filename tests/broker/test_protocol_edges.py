@@ -112,19 +112,21 @@ def test_long_poll_fetch_returns_early_when_data_arrives(broker, raw_client):
 
     def fetch() -> None:
         t0 = time.monotonic()
-        result["response"] = client.request(_fetch("poll", 0, 2000), 12)
+        result["response"] = client.request(_fetch("poll", 0, 30_000), 12)
         result["elapsed"] = time.monotonic() - t0
 
+    # the producer is connected before the fetch starts, so the wait measured is the broker's alone
+    producer = KafkaProducer(bootstrap_servers=broker.bootstrap, acks=1)
+    producer.partitions_for("poll")
     thread = threading.Thread(target=fetch)
     thread.start()
     wait_for(lambda: broker.broker.n_waiting_fetches == 1, 5, 0.005, "the fetch to start waiting")
-    producer = KafkaProducer(bootstrap_servers=broker.bootstrap, acks=1)
     producer.send("poll", b"wake-up", partition=0).get(timeout=10)
     producer.close()
-    thread.join(10)
+    thread.join(40)
     part = result["response"].responses[0].partitions[0]
     assert part.error_code == 0 and part.high_watermark == 1 and b"wake-up" in bytes(part.records)
-    assert result["elapsed"] < 1.5, f"fetch took {result['elapsed']:.2f}s; max_wait was 2s"
+    assert result["elapsed"] < 15, f"fetch took {result['elapsed']:.2f}s; max_wait was 30s"
 
 
 def test_long_poll_fetch_waits_max_wait_when_nothing_arrives(broker, raw_client):
@@ -135,7 +137,7 @@ def test_long_poll_fetch_waits_max_wait_when_nothing_arrives(broker, raw_client)
     elapsed = time.monotonic() - t0
     part = response.responses[0].partitions[0]
     assert part.error_code == 0 and not part.records and response.session_id == 0
-    assert 0.25 <= elapsed < 2.0
+    assert 0.25 <= elapsed < 10
     out_of_range = client.request(_fetch("idle", 5, 300), 12).responses[0].partitions[0]
     assert out_of_range.error_code == ec.OFFSET_OUT_OF_RANGE
     unknown = client.request(_fetch("no-such-topic", 0, 300), 12).responses[0].partitions[0]

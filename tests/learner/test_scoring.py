@@ -320,7 +320,7 @@ def test_cli_follow_prints_a_line_per_new_version(broker, store, tmp_path):
            "--feature-store", str(tmp_path / "fs"), "--user-id", str(USER), "--items", ",".join(map(str, ITEMS)),
            "--categories", ",".join(map(str, CATS)), "--durations-ms", ",".join(map(str, DURS)),
            "--user-group", "7", "--age-group", "0", "--ts-ms", str(T0), "--seq-len", str(T),
-           "--wait-s", "15", "--follow-s", "30"]
+           "--wait-s", "60", "--follow-s", "90"]
     # the process ends by itself within --wait-s + --follow-s, so a read never blocks for longer
     proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[2], stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -266,7 +266,8 @@ def test_rebalance_checkpoints_before_revoke_and_the_new_member_starts_there(bro
                               session_timeout_ms=10_000)
 
         def poll_other() -> None:
-            for recs in other.poll(timeout_ms=1000).values():
+            # longer than a rebalance with its checkpoint (see tests/broker/test_group_clients.py)
+            for recs in other.poll(timeout_ms=5000).values():
                 other_ids.extend(int.from_bytes(r.value[8:16], "little") for r in recs)   # impression_id
 
         try:
@@ -287,22 +288,26 @@ def test_rebalance_checkpoints_before_revoke_and_the_new_member_starts_there(bro
             other.close()
     finally:
         stop.set()
-        thread.join(timeout=30)
+        thread.join(timeout=60)
         producer.close()
+    assert not thread.is_alive(), "the learner did not stop within 60 s"
     trained = [r[2] for r in audit_rows(tmp_path / "audit.log")]
     assert sorted(trained + other_ids) == list(range(1, n + 121))
     state = load_checkpoint(CheckpointStore(tmp_path / "ckpt").path(1))
     assert state["learner"]["reason"] == "rebalance" and state["samples_seen"] == n
 
 
-def _cli(bootstrap: str, tmp_path: Path, *extra: str) -> subprocess.Popen:
+def _cli(bootstrap: str, tmp_path: Path, log: Path, *extra: str) -> subprocess.Popen:
+    """The learner command; its output goes to ``log`` (a pipe nobody reads while it runs could fill
+    up and stall it)."""
     cfg = tmp_path / "learner.toml"
     cfg.write_text(TINY_TOML)
     cmd = [sys.executable, "-m", "streamrec.cli", "--config", str(cfg), "learner", "--bootstrap", bootstrap,
            "--group", "cli-learners", "--checkpoint-dir", str(tmp_path / "ckpt"), "--batch-size", "16",
            "--audit-log", str(tmp_path / "audit.log"), "--no-progress", *extra]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    with open(log, "wb") as out:
+        return subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
 def _n_audit(tmp_path: Path) -> int:
@@ -314,9 +319,9 @@ def test_kill_9_restart_then_sigterm_trains_every_sample_exactly_once(broker, tm
     bootstrap = broker.bootstrap
     create_topic(bootstrap)
     produce(bootstrap, range(1, 401))
-    proc = _cli(bootstrap, tmp_path, "--checkpoint-every-steps", "3")
+    proc = _cli(bootstrap, tmp_path, tmp_path / "learner-1.log", "--checkpoint-every-steps", "3")
     try:
-        wait_until(lambda: _n_audit(tmp_path) >= 100 and CheckpointStore(tmp_path / "ckpt").versions(), timeout_s=60,
+        wait_until(lambda: _n_audit(tmp_path) >= 100 and CheckpointStore(tmp_path / "ckpt").versions(), timeout_s=120,
                    what="the learner to train and checkpoint")
         proc.kill()                                                    # SIGKILL: no final checkpoint
         proc.wait(timeout=10)
@@ -326,14 +331,17 @@ def test_kill_9_restart_then_sigterm_trains_every_sample_exactly_once(broker, tm
     assert proc.returncode == -signal.SIGKILL
     produce(bootstrap, range(401, 601))
     # no periodic checkpoint after the restart: only SIGTERM's final checkpoint can hold the tail
-    proc = _cli(bootstrap, tmp_path, "--checkpoint-every-steps", "0", "--checkpoint-every-s", "3600")
+    proc = _cli(bootstrap, tmp_path, tmp_path / "learner-2.log", "--checkpoint-every-steps", "0",
+                "--checkpoint-every-s", "3600")
     try:
-        wait_until(lambda: _n_audit(tmp_path) >= 600, timeout_s=60, what="the restarted learner to catch up")
+        # the dead member's 10 s session runs out first, then torch starts up
+        wait_until(lambda: _n_audit(tmp_path) >= 600, timeout_s=150, what="the restarted learner to catch up")
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=30)
+        proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
+    out = (tmp_path / "learner-2.log").read_text()
     assert proc.returncode == 0, out
     assert "signal received signal=SIGTERM" in out and "samples=600" in out
     ids = [r[2] for r in audit_rows(tmp_path / "audit.log")]

@@ -227,7 +227,7 @@ def test_bundled_slice_directory_has_license_and_readme():
         assert needed in readme, needed
 
 
-def _signal_at_every_line(stopper_factory, timeout_s: float = 2.0, first_only: bool = False) -> list[int]:
+def _signal_at_every_line(stopper_factory, timeout_s: float = 10.0, first_only: bool = False) -> list[int]:
     """Deliver the stop signal at each Python line the pacing loop runs, one run per line: the
     handler runs where a real signal can (between two bytecodes of the main thread). Returns the
     line numbers after which the loop did not finish within ``timeout_s`` (deadlocked)."""
@@ -265,6 +265,8 @@ def _signal_at_every_line(stopper_factory, timeout_s: float = 2.0, first_only: b
             stuck.append(fire_at)
             if first_only:
                 break
+        elif hasattr(stopper, "__exit__"):
+            stopper.__exit__(None, None, None)  # the previous handlers back, the pipe closed
     return stuck
 
 
@@ -274,11 +276,14 @@ def test_stop_signal_cannot_deadlock_the_pacing_sleep():
     A handler that calls ``threading.Event.set()`` hangs when the signal lands while the pacing
     ``Event.wait`` holds the event's lock (seen as a replay that ignored SIGTERM); the control
     below shows this test catches that."""
+    import signal
     import threading
 
     from streamrec.commands.replay import _StopOnSignal
 
+    before = signal.getsignal(signal.SIGTERM)
     assert _signal_at_every_line(lambda: _StopOnSignal().__enter__()) == []
+    assert signal.getsignal(signal.SIGTERM) is before
 
     class EventStopper:  # the pattern that deadlocked
         def __init__(self):

@@ -30,7 +30,6 @@ import gc
 import os
 import platform
 import shlex
-import statistics
 import sys
 from pathlib import Path
 

@@ -6,7 +6,6 @@ deep part) over the flattened fields -> (B,) per head. logit_h = wide_h + deep_h
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from learner.batch import SampleBatch

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from kafka.partitioner.default import murmur2
 
-from streams.contracts import Event, key_for
+from streams.contracts import Event
 from streams.joiner.join import JoinCore
 from streams.joiner.pipeline import JoinerPipeline, PipelineConfig, finish_time_ms, open_pipeline
 from streams.joiner.shared import RemoteStats, StatsPublisher

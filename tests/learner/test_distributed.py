@@ -185,8 +185,8 @@ def _launch(bootstrap: str, tmp_path: Path, rank: int, port: int, max_samples: i
            "--dist-init", f"tcp://127.0.0.1:{port}", "--dist-timeout-s", "60",
            "--dist-digest", str(tmp_path / f"digest.{rank}.json")]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
-    log = open(tmp_path / f"rank{rank}.log", "w")
-    return subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    with open(tmp_path / f"rank{rank}.log", "w") as log:
+        return subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
 
 
 def _assignment(tmp_path: Path, rank: int) -> set[int] | None:
@@ -307,7 +307,9 @@ def test_two_ranks_split_the_partitions_keep_one_model_and_resume_exactly_once(b
     # rank 0 published the last checkpoint (cut at the stop, or earlier when nothing was trained
     # after it); its offsets cover every partition
     _, path, state = CheckpointStore(tmp_path / "ckpt").load_newest()
-    assert state["learner"]["reason"] in ("final", "rebalance", "steps") and state["samples_seen"] == len(trained)
+    # ("time": the 10 s checkpoint came after the last minibatch, so the stop had nothing left to cut)
+    assert state["learner"]["reason"] in ("final", "rebalance", "steps", "time")
+    assert state["samples_seen"] == len(trained)
     assert state["learner"]["world_size"] == 2 and len(state["learner"]["audit_bytes_by_rank"]) == 2
     ckpt_offsets = from_source_offsets(TOPIC_SAMPLES, state["source_offsets"])
     assert set(ckpt_offsets) == set(range(N_PARTITIONS))

@@ -420,7 +420,7 @@ class JoinCore:
 
     def _restore_header(self, view: memoryview) -> None:
         if len(view) != _STATE_HEAD.size or bytes(view[:4]) != _STATE_MAGIC:
-            raise ValueError("joiner state: bad magic or size of the header")
+            raise ValueError("joiner state: bad magic or truncated header")
         _magic, version, max_ts, *counts = _STATE_HEAD.unpack_from(view, 0)
         if version != _STATE_VERSION:
             raise ValueError(f"joiner state: version={version} (known: {_STATE_VERSION})")
@@ -432,7 +432,7 @@ class JoinCore:
 
         Stores written before the per-record layout hold this blob (the pipeline reads it once and
         writes records from then on); a committing pipeline uses :meth:`state_changes`."""
-        parts = [_STATE_HEAD.pack(_STATE_MAGIC, _STATE_VERSION, self._max_ts, *(self._n[c] for c in _COUNTERS))]
+        parts = [self._header()]
         parts.append(struct.pack("<I", len(self._pending)))
         for p in self._pending.values():
             parts.append(_pack_events([p.impression, *p.events]))
@@ -449,14 +449,8 @@ class JoinCore:
     def from_bytes(cls, data: bytes, config: JoinerConfig) -> JoinCore:
         """Rebuild a core from :meth:`to_bytes`; it continues exactly as the original would."""
         view = memoryview(data)
-        if len(view) < _STATE_HEAD.size or bytes(view[:4]) != _STATE_MAGIC:
-            raise ValueError("joiner state: bad magic or truncated header")
-        magic, version, max_ts, *counts = _STATE_HEAD.unpack_from(view, 0)
-        if version != _STATE_VERSION:
-            raise ValueError(f"joiner state: version={version} (known: {_STATE_VERSION})")
         core = cls(config)
-        core._max_ts = max_ts
-        core._n = dict(zip(_COUNTERS, counts))
+        core._restore_header(view[:_STATE_HEAD.size])
         try:
             pos, n_waiting = core._restore_body(view, _STATE_HEAD.size)
         except (struct.error, IndexError, ContractError) as exc:

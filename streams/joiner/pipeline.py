@@ -226,8 +226,9 @@ class JoinerPipeline:
         self._legacy_core = False
         self.republish_staged = False
 
-    def note_restore(self, n_commits: int, n_records: int) -> None:
-        """Count a restore of this store from its changelog (persisted with the next commit)."""
+    def note_restore(self, n_records: int) -> None:
+        """Count a restore of this store from its changelog that applied ``n_records`` records
+        (persisted with the next commit)."""
         self._n["restored_from_changelog"] = self._n.get("restored_from_changelog", 0) + 1
         self._n["restored_records"] = self._n.get("restored_records", 0) + n_records
 
@@ -379,6 +380,6 @@ def open_pipeline(path, partition: int, config: PipelineConfig, remote: RemoteSt
         raise
     pipe = JoinerPipeline(partition, store, config, remote)
     if n_commits:
-        pipe.note_restore(n_commits, n_records)
+        pipe.note_restore(n_records)
     pipe.republish(unfinished)
     return pipe

@@ -32,13 +32,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -49,6 +48,13 @@ from learner.trainer import Trainer
 from learner.versions import TOPIC_MODEL_UPDATES, ModelVersion
 
 logger = logging.getLogger(__name__)
+
+
+class StopFlag(Protocol):
+    """What a learner's loop reads to stop: a ``threading.Event`` or ``streamrec.signals.StopOnSignal``."""
+
+    def is_set(self) -> bool: ...
+
 
 @dataclass(frozen=True)
 class LearnerConfig:
@@ -191,7 +197,7 @@ class ContinuousLearner:
 
     # ---- the loop --------------------------------------------------------------------------
 
-    def run(self, stop: threading.Event) -> None:
+    def run(self, stop: StopFlag) -> None:
         self._last_ckpt_t = self.clock()
         self.stream.start()
         clean = False

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import threading
 import time
 from collections import Counter
 from typing import Any
@@ -36,7 +35,7 @@ from typing import Any
 import torch
 
 from learner.checkpoint import CheckpointError
-from learner.continuous import ContinuousLearner
+from learner.continuous import ContinuousLearner, StopFlag
 from learner.dist_comm import Comm, DistConfig, DistributedError
 from learner.dist_ops import (GradientReducer, MemoryWrites, apply_writes, merge_memory_writes, pack_writes,
                               state_digest, stream_index_buffers, tensors_digest)
@@ -116,7 +115,7 @@ class DistributedLearner(ContinuousLearner):
 
     # ---- the loop --------------------------------------------------------------------------
 
-    def run(self, stop: threading.Event) -> None:
+    def run(self, stop: StopFlag) -> None:
         self._last_ckpt_t = self.clock()
         self.stream.start()
         clean = False

@@ -16,9 +16,7 @@ import argparse
 import dataclasses
 import json
 import logging
-import signal
 import sys
-import threading
 
 from streamrec.config import ConfigError, build, load_section
 
@@ -97,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
     from kafka import KafkaProducer
 
     from streamrec.alloc import apply_for_decoding
+    from streamrec.signals import StopOnSignal
 
     from learner import LearnerError
     from learner.config import CLSDConfig
@@ -148,18 +147,9 @@ def run(args: argparse.Namespace) -> int:
         logger.warning("kafka-python checks CRCs in pure Python (no crc32c or aiokafka build): consumption "
                        "is capped near 6 MB/s")
 
-    stop = threading.Event()
-    received: list[int] = []
-
-    def on_signal(signum, _frame) -> None:
-        # No logging here: the handler runs between two bytecodes of the main thread, which may be
-        # in the middle of writing to the same stream. Nothing in the main thread ever holds the
-        # event's lock (it only calls is_set), so set() cannot block on it.
-        received.append(signum)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    # SIGTERM/SIGINT: the current minibatch finishes, then the final checkpoint (a second signal
+    # does not cut that short)
+    stop = StopOnSignal(interrupt_on_second=False).install()
 
     comm = None
     if ranked:
@@ -192,9 +182,8 @@ def run(args: argparse.Namespace) -> int:
                     tcfg.objective, trainer.device, scfg.batch_size, restored, cfg.checkpoint_every_steps,
                     cfg.checkpoint_every_s)
         learner.run(stop)
-        if received:
-            logger.info("signal received signal=%s: stopped after the final checkpoint",
-                        signal.Signals(received[0]).name)
+        if stop.is_set():
+            logger.info("signal received signal=%s: stopped after the final checkpoint", stop.name)
     except LearnerError as exc:
         print(f"streamrec learner: error: {exc}", file=sys.stderr)
         return 1
@@ -205,6 +194,7 @@ def run(args: argparse.Namespace) -> int:
         if comm is not None:
             _write_digest(args.dist_digest, learner)
             comm.close()
+        stop.restore()  # last: a signal during the shutdown above still only asks to stop
     s = learner.snapshot(learner.clock())
     print(f"samples={s['samples']} steps={s['steps']} rejected={s['rejected']} version={s['version']} "
           f"versions_published={s['versions']} window_auc={s['window_auc']:.4f} checkpoint_dir={cfg.checkpoint_dir}")

@@ -9,9 +9,6 @@ where it stopped.
 from __future__ import annotations
 
 import argparse
-import os
-import select
-import signal
 import sys
 
 from streamrec.config import build, load_section
@@ -54,51 +51,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-class _StopOnSignal:
-    """SIGINT/SIGTERM ask the replay to stop after the current event (flush, save the exact position,
-    exit 130); a second signal interrupts at once (the next run then reads back what was in flight).
-
-    The handler takes no lock: it runs in the main thread between two bytecodes, possibly while that
-    thread holds a lock of its own (a ``threading.Event``'s, in the middle of a pacing wait), so
-    ``Event.set()`` there can deadlock. It sets a flag and writes one byte to a pipe; the pacing
-    sleep is a ``select`` on that pipe, which the byte cuts short.
-    """
-
-    def __init__(self) -> None:
-        self.stopped = False
-        self.previous: dict[int, object] = {}
-        self._read_fd, self._write_fd = os.pipe()
-        os.set_blocking(self._write_fd, False)
-
-    def _handle(self, signum: int, frame: object) -> None:
-        if self.stopped:
-            raise KeyboardInterrupt
-        self.stopped = True
-        try:
-            os.write(self._write_fd, b"x")
-        except BlockingIOError:  # pragma: no cover - the pipe already holds a byte
-            pass
-
-    def is_set(self) -> bool:
-        return self.stopped
-
-    def sleep(self, seconds: float) -> None:
-        """Sleep ``seconds``, or less when a stop signal comes in."""
-        if not self.stopped and seconds > 0:
-            select.select([self._read_fd], [], [], seconds)
-
-    def __enter__(self) -> _StopOnSignal:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            self.previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
-        os.close(self._read_fd)
-        os.close(self._write_fd)
-
-
 def run(args: argparse.Namespace) -> int:
     from streams import StreamsError
     from streams.replay import ReplayConfig, run_replay
@@ -112,8 +64,10 @@ def run(args: argparse.Namespace) -> int:
         print("streamrec replay: give at least one PATH (or paths in the [replay] config)", file=sys.stderr)
         return 2
     config = build(ReplayConfig, section, flags)
+    from streamrec.signals import StopOnSignal
+
     try:
-        with _StopOnSignal() as stopper:
+        with StopOnSignal() as stopper:
             # Pacing sleeps on the stop pipe, so a signal also cuts a long wait short.
             stats = run_replay(config, sleep=stopper.sleep, stop=stopper.is_set)
     except StreamsError as exc:

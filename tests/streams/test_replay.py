@@ -279,10 +279,10 @@ def test_stop_signal_cannot_deadlock_the_pacing_sleep():
     import signal
     import threading
 
-    from streamrec.commands.replay import _StopOnSignal
+    from streamrec.signals import StopOnSignal
 
     before = signal.getsignal(signal.SIGTERM)
-    assert _signal_at_every_line(lambda: _StopOnSignal().__enter__()) == []
+    assert _signal_at_every_line(lambda: StopOnSignal().__enter__()) == []
     assert signal.getsignal(signal.SIGTERM) is before
 
     class EventStopper:  # the pattern that deadlocked
@@ -301,9 +301,9 @@ def test_stop_signal_cuts_the_pacing_sleep_short():
     import signal
     import threading
 
-    from streamrec.commands.replay import _StopOnSignal
+    from streamrec.signals import StopOnSignal
 
-    with _StopOnSignal() as stopper:
+    with StopOnSignal() as stopper:
         timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM))
         timer.start()
         started = time.monotonic()
@@ -346,3 +346,19 @@ def test_sigterm_saves_position_and_resume_completes(broker, tmp_path):
     assert f"skipped_resumed={entry['produced']} already_present=0" in done.stdout
     ids = all_ids(broker.bootstrap)
     assert sorted(ids) == sorted(e.event_id for e in iter_events([SLICE_LOG])) and set(ids.values()) == {1}
+
+
+def test_stop_signal_without_interrupt_ignores_a_second_signal_and_doctests():
+    """The learner's use: a second SIGTERM does not cut the final checkpoint short."""
+    import doctest
+    import signal
+
+    import streamrec.signals as signals_module
+    from streamrec.signals import StopOnSignal
+
+    assert doctest.testmod(signals_module).failed == 0
+    with StopOnSignal(interrupt_on_second=False) as stopper:
+        stopper._handle(signal.SIGTERM, None)
+        stopper._handle(signal.SIGINT, None)  # no KeyboardInterrupt
+        assert stopper.is_set() and stopper.name == "SIGTERM"
+        stopper.sleep(30)  # returns at once: the stop came before

@@ -38,6 +38,21 @@ def run_all(pipe: JoinerPipeline, events, batch: int) -> list[bytes]:
     return out
 
 
+def process_all(path, events, config: PipelineConfig, remote=None, batch: int | None = None,
+                partition: int = 0) -> tuple[PipelineOutput, dict]:
+    """A fresh pipeline at ``path`` fed ``events`` (``batch`` at a time, default all at once),
+    then finished and committed: everything it output, and its counters."""
+    pipe = open_pipeline(path, partition, config, remote)
+    out, step = PipelineOutput(), batch or max(1, len(events))
+    for i in range(0, len(events), step):
+        out.extend(pipe.process(events[i:i + step]))
+    out.extend(pipe.finish())
+    pipe.commit()
+    counters = pipe.counters()
+    pipe.close()
+    return out, counters
+
+
 def test_reopen_at_every_commit_point_gives_the_same_samples(events, tmp_path):
     cfg = PipelineConfig()
     ref_pipe = open_pipeline(tmp_path / "ref", 0, cfg)
@@ -414,18 +429,11 @@ def test_shuffled_and_duplicated_delivery_within_lateness_gives_the_same_encoded
     events, arrivals = data.draw(deliveries(jcfg))
     chunk = data.draw(st.integers(1, 9))
 
-    def run(evs, step):
+    def run(evs, step=None):
         with tempfile.TemporaryDirectory() as tmp:
-            pipe = open_pipeline(Path(tmp) / "s", 0, cfg)
-            out = PipelineOutput()
-            for i in range(0, len(evs), step):
-                out.extend(pipe.process(evs[i:i + step]))
-            out.extend(pipe.finish())
-            counters = pipe.counters()
-            pipe.close()
-        return out, counters
+            return process_all(Path(tmp) / "s", evs, cfg, batch=step)
 
-    base, base_n = run(events, max(1, len(events)))
+    base, base_n = run(events)
     got, n = run(arrivals, chunk)
     assert got.samples == base.samples and got.keys == base.keys and got.headers == base.headers
     assert len(got.samples) == len({e.impression_id for e in events if type(e) is Impression})

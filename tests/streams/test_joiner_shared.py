@@ -15,6 +15,7 @@ from streams.joiner.worker import build_samples, partition_for, shared_contribut
 from streams.replay import iter_events
 from streams.samples import decode
 from streams.samples_file import read_samples
+from tests.streams.test_joiner_pipeline import process_all
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SLICE = REPO_ROOT / "data" / "kuairand-slice" / "log_standard_slice.csv.gz"
@@ -96,13 +97,7 @@ def test_pipeline_uses_what_has_arrived_and_marks_incomplete_samples(events, tmp
     complete = shared_contributions(events, cfg, 2)
 
     def run(name, remote, config=cfg):
-        pipe = open_pipeline(tmp_path / name, 0, config, remote)
-        out = pipe.process(mine)
-        out.extend(pipe.finish())
-        pipe.commit()
-        counters = pipe.counters()
-        pipe.close()
-        return out, counters
+        return process_all(tmp_path / name, mine, config, remote)
 
     empty, c_empty = run("empty", RemoteStats(2))
     local, _ = run("local", None, PipelineConfig(shared_stats=False))
@@ -134,12 +129,7 @@ def test_epochs_gone_from_the_topic_are_counted_and_logged_not_silently_skipped(
     assert trimmed.add(encode_message(1, k, end, recs[recs["epoch"] >= k])) and trimmed.first_epoch(1) == k
 
     def run(name, remote):
-        pipe = open_pipeline(tmp_path / name, 0, cfg, remote)
-        out = pipe.process(mine)
-        out.extend(pipe.finish())
-        counters = pipe.counters()
-        pipe.close()
-        return out, counters
+        return process_all(tmp_path / name, mine, cfg, remote)
 
     caplog.set_level("WARNING", logger="streams.joiner.shared")
     cut, c_cut = run("trimmed", trimmed)

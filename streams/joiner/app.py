@@ -37,13 +37,14 @@ import faust
 from featurestore import keys as fs_keys
 from streams import faustfix
 from streams.contracts import EVENT_TOPICS, decode_batch, from_records, kind_of
-from streams.joiner.changelog import CHANGELOG_NEXT_META, make_tag, read_changelog
+from streams.joiner.changelog import CHANGELOG_NEXT_META, TOPIC_STORE_CHANGELOG, make_tag, read_changelog
 from streams.joiner.delivery import BatchDrain
 from streams.joiner.fetch import cap_fetch_wait
 from streams.joiner.outputs import (TOPIC_ORPHANS, Record, batch_sender, dead_letter_record,  # noqa: F401
                                     late_topic, output_reader, output_records, output_topics, produce,
                                     produce_changelog)
 from streams.joiner.pipeline import JoinerPipeline, PipelineConfig, PipelineOutput, open_pipeline
+from streams.joiner.readback import PartitionReader
 from streams.joiner.shared import RemoteStats
 from streams.joiner.state import Entry, OutputLedger, TopicAligner
 from streams.joiner.worker import merge_counters, store_path, summary_line
@@ -450,11 +451,13 @@ def make_app(config: JoinerAppConfig) -> tuple[faust.App, JoinerRuntime]:
             # are marked (the stats.applied header), the feed goes on reading
             logger.warning("stats_reread_slow: joiner.dwell not read again within %.0fs", config.store_lock_wait_s)
 
-    runtime = JoinerRuntime(config, send=send, read_back=output_reader(config.bootstrap), caught_up=caught_up,
+    # one client for every read-back and changelog replay of a partition's open
+    reader = PartitionReader(config.bootstrap, [*output_topics(), TOPIC_STORE_CHANGELOG])
+    runtime = JoinerRuntime(config, send=send, read_back=output_reader(reader), caught_up=caught_up,
                             assigned=assigned, seek=seek, remote=None if feed is None else feed.table,
                             extra_counters=lambda: {**(drain.counters() if drain else {}),
                                                     **(feed.counters() if feed else {})},
-                            restore=lambda p, start, apply: read_changelog(config.bootstrap, p, start, apply),
+                            restore=lambda p, start, apply: read_changelog(reader, p, start, apply),
                             send_many=send_many, reread=None if feed is None else reread)
     def ack_all(records) -> None:  # their state is committed: faust may commit their offsets
         ack = app.consumer.ack
@@ -505,6 +508,7 @@ def make_app(config: JoinerAppConfig) -> tuple[faust.App, JoinerRuntime]:
             runtime.close()
         if feed is not None:
             feed.stop()
+        reader.close()
         print(f"joiner summary: {summary_line(runtime.counters())}", flush=True)
 
     @app.page("/counters")

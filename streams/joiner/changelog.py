@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import logging
 import struct
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -172,29 +171,18 @@ def replay_changelog(read_range: Callable[[], Iterable[list[tuple[bytes, bytes |
     return RestoreResult(end, replay.n_commits, n_records, replay.unfinished)
 
 
-def read_changelog(bootstrap: str, partition: int, from_offset: int, apply, topic: str = TOPIC_STORE_CHANGELOG,
+def read_changelog(reader, partition: int, from_offset: int, apply, topic: str = TOPIC_STORE_CHANGELOG,
                    timeout_s: float = 120.0) -> RestoreResult:
     """Replay ``topic[partition]`` from ``from_offset`` to its current end (:func:`replay_changelog`:
-    the range is read twice). Blocking (kafka-python): run it in an executor."""
-    from kafka import KafkaConsumer, TopicPartition
-
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    try:
-        tp = TopicPartition(topic, partition)
-        end = consumer.end_offsets([tp]).get(tp, 0)
+    the range is read twice, each pass within ``timeout_s``) through ``reader``, a
+    :class:`streams.joiner.readback.PartitionReader`. Blocking (kafka-python): run it in an executor."""
+    with reader.partition(topic, partition) as rng:
+        end = rng.end_offset()
         if end <= from_offset:
             return RestoreResult(end)
-        consumer.assign([tp])
-        deadline = time.monotonic() + timeout_s
 
         def read_range():
-            consumer.seek(tp, from_offset)
-            while consumer.position(tp) < end:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"restoring {topic}[{partition}] from {from_offset} to {end}")
-                for recs in consumer.poll(timeout_ms=200, max_records=5000).values():
-                    yield [(r.key, r.value, dict(r.headers or ()).get(HEADER_TAG)) for r in recs if r.offset < end]
+            for recs in rng.records(from_offset, end, timeout_s):
+                yield [(r.key, r.value, dict(r.headers or ()).get(HEADER_TAG)) for r in recs]
 
         return replay_changelog(read_range, apply, end, f"partition={partition}")
-    finally:
-        consumer.close()

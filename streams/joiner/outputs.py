@@ -11,7 +11,6 @@ carry a ``reason`` header.
 """
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from streams.contracts import EVENT_TOPICS, encode, topic_for
@@ -123,27 +122,10 @@ def batch_sender(producer, max_batch_bytes: int):
     return send_many
 
 
-def output_reader(bootstrap: str):
+def output_reader(reader):
     """``read_back(topic, partition, from_offset)``: the values of an output topic's partition from
-    that offset to its current end (blocking, kafka-python), for the ledger after a restart."""
+    that offset to its current end (blocking, through ``reader``, a
+    :class:`streams.joiner.readback.PartitionReader`), for the ledger after a restart."""
     def read_back(topic: str, partition: int, from_offset: int) -> list[bytes]:
-        from kafka import KafkaConsumer, TopicPartition
-        consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-        try:
-            tp = TopicPartition(topic, partition)
-            end = consumer.end_offsets([tp]).get(tp, 0)
-            if end <= from_offset:
-                return []
-            consumer.assign([tp])
-            consumer.seek(tp, from_offset)
-            values: list[bytes] = []
-            deadline = time.monotonic() + 60
-            while consumer.position(tp) < end:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"reading back {topic}[{partition}] from {from_offset} to {end}")
-                for recs in consumer.poll(timeout_ms=200).values():
-                    values += [r.value for r in recs if r.offset < end]
-            return values
-        finally:
-            consumer.close()
+        return reader.read_values(topic, partition, from_offset)
     return read_back

@@ -40,7 +40,7 @@ from streams.contracts import EVENT_TOPICS, decode_batch, from_records, kind_of
 from streams.joiner.changelog import CHANGELOG_NEXT_META, TOPIC_STORE_CHANGELOG, make_tag, read_changelog
 from streams.joiner.delivery import BatchDrain
 from streams.joiner.fetch import cap_fetch_wait
-from streams.joiner.outputs import (TOPIC_ORPHANS, Record, batch_sender, dead_letter_record,  # noqa: F401
+from streams.joiner.outputs import (SEND_BATCH_BYTES, TOPIC_ORPHANS, Record, batch_sender, dead_letter_record,  # noqa: F401
                                     late_topic, output_reader, output_records, output_topics, produce,
                                     produce_changelog)
 from streams.joiner.pipeline import JoinerPipeline, PipelineConfig, PipelineOutput, open_pipeline
@@ -115,7 +115,11 @@ class JoinerRuntime:
     in the topic from that offset (used once per partition on assignment); ``caught_up(topic,
     partition, next_offset)`` says the consumer holds everything the broker has. ``remote``: the
     other partitions' statistics (``joiner.dwell``), ``extra_counters()`` the feed's counters;
-    ``reread()`` (async) empties ``remote`` and reads the topic again.
+    ``reread()`` (async) empties ``remote`` and reads the topic again. ``first_offset(topic,
+    partition, offset)`` (blocking, optional) is the offset of the first record at or after
+    ``offset`` (``PartitionReader.first_offset``): on an offset gap it tells records the consumer
+    skipped (seek back to them) from offsets that hold none (retention, compaction, transaction
+    markers: skip them, counted in ``source_offsets_skipped``, logged ``source_offsets_missing``).
 
     The table is pruned on every tick: per source partition q, the epochs below what every held
     partition's committed state still needs of q (when q is the only partition held: below the
@@ -131,8 +135,9 @@ class JoinerRuntime:
 
     def __init__(self, config: JoinerAppConfig, *, send, read_back, caught_up, assigned=None, seek=None,
                  remote: RemoteStats | None = None, extra_counters=None, restore=None, send_many=None,
-                 reread=None) -> None:
+                 reread=None, first_offset=None) -> None:
         self.config = config
+        self._first_offset = first_offset
         self._reread = reread
         self._send_many = send_many
         self._restore = restore if config.changelog else None
@@ -210,10 +215,13 @@ class JoinerRuntime:
                         p, start, res.end, res.n_commits, res.n_records)
         return res.n_commits, res.n_records, res.unfinished
 
-    async def position(self, p: int) -> dict[str, int]:
+    async def position(self, p: int) -> dict[str, int] | None:
         """Open partition ``p`` (if needed) and return where its consumer must read from: per topic,
-        the next offset the aligner expects (the store's offsets on a fresh open)."""
+        the next offset the aligner expects (the store's offsets on a fresh open). None when ``p``
+        is no longer assigned (a rebalance while an earlier partition was opened)."""
         async with self.lock:
+            if p not in self.partitions and not self._assigned(p):
+                return None
             part = await self._open(p)
             return {t: part.aligner.next_received(t) for t in EVENT_TOPICS}
 
@@ -255,6 +263,17 @@ class JoinerRuntime:
                     gaps[(topic, p)] = gap
                 touched.add(p)
             for (topic, p), offset in sorted(gaps.items()):
+                if self._first_offset is not None:
+                    first = await asyncio.get_running_loop().run_in_executor(
+                        None, self._first_offset, topic, p, offset)
+                    if first > offset:  # no records there: without this the partition would seek forever
+                        part = self.partitions[p]
+                        part.aligner.skip_to(topic, first)
+                        part.pipeline.count_skipped_offsets(topic, first - offset)
+                        logger.warning("source_offsets_missing topic=%s partition=%d from=%d to=%d (deleted by "
+                                       "retention, compacted or transaction markers): skipped", topic, p, offset,
+                                       first)
+                        offset = first
                 # e.g. local state lost while the group committed further: rebuild from the log
                 logger.warning("offset_gap topic=%s partition=%d seek_to=%d", topic, p, offset)
                 if self._seek is None:
@@ -414,7 +433,7 @@ def make_app(config: JoinerAppConfig) -> tuple[faust.App, JoinerRuntime]:
 
     async def send_many(topic, partition, records):
         if not senders:  # the producer exists once the app runs
-            senders.append(batch_sender(app.producer._ensure_producer(), 1 << 20))
+            senders.append(batch_sender(app.producer._ensure_producer(), SEND_BATCH_BYTES))
         return await senders[0](topic, partition, records)
 
     def caught_up(topic: str, partition: int, next_offset: int) -> bool:
@@ -428,13 +447,20 @@ def make_app(config: JoinerAppConfig) -> tuple[faust.App, JoinerRuntime]:
     def assigned(partition: int) -> bool:
         return any(tp.partition == partition and tp.topic in EVENT_TOPICS for tp in app.consumer.assignment())
 
-    async def seek(topic: str, partition: int, offset: int) -> None:
+    async def seek(topic: str, partition: int, offset: int) -> bool:
+        """Seek ``topic[partition]`` if it is still assigned here; False when it was not."""
+        from aiokafka.errors import IllegalStateError
         from faust.types import TP
         tp = TP(topic, partition)
         if tp not in app.consumer.assignment():  # moved to another worker meanwhile
             logger.info("seek_skipped topic=%s partition=%d (no longer assigned)", topic, partition)
-            return
-        await app.consumer.seek(tp, offset)
+            return False
+        try:
+            await app.consumer.seek(tp, offset)
+        except (AssertionError, IllegalStateError):  # unassigned after the check (a rebalance began)
+            logger.info("seek_skipped topic=%s partition=%d (assignment changing)", topic, partition)
+            return False
+        return True
 
     feed = None
     if config.pipeline.shared_stats:
@@ -458,7 +484,8 @@ def make_app(config: JoinerAppConfig) -> tuple[faust.App, JoinerRuntime]:
                             extra_counters=lambda: {**(drain.counters() if drain else {}),
                                                     **(feed.counters() if feed else {})},
                             restore=lambda p, start, apply: read_changelog(reader, p, start, apply),
-                            send_many=send_many, reread=None if feed is None else reread)
+                            send_many=send_many, reread=None if feed is None else reread,
+                            first_offset=reader.first_offset)
     def ack_all(records) -> None:  # their state is committed: faust may commit their offsets
         ack = app.consumer.ack
         for m in records:
@@ -486,13 +513,19 @@ def make_app(config: JoinerAppConfig) -> tuple[faust.App, JoinerRuntime]:
             # the store, not the group, says where to read: after faust has sought to the group's
             # committed offsets, seek each newly assigned partition to its store's offsets (a lost
             # store means offset 0: the state is rebuilt from the topics)
-            from faust.types import TP
+            # Opening a partition can take seconds (a changelog replay): a rebalance may begin
+            # meanwhile, so each partition and each seek is checked against the assignment again.
             for p in sorted({tp.partition for tp in app.consumer.assignment() if tp.topic in EVENT_TOPICS}
                             - positioned):
-                for topic, offset in (await runtime.position(p)).items():
-                    await app.consumer.seek(TP(topic, p), offset)
-                positioned.add(p)
-                logger.info("partition_positioned partition=%d", p)
+                if app.rebalancing:
+                    break
+                where = await runtime.position(p)
+                if where is None:
+                    continue
+                seeks = [await seek(topic, p, offset) for topic, offset in where.items()]
+                if all(seeks):
+                    positioned.add(p)
+                    logger.info("partition_positioned partition=%d", p)
         ack_all(await runtime.tick())
 
     @app.on_partitions_revoked.connect

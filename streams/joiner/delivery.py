@@ -98,8 +98,13 @@ class BatchDrain:
         queue = self.queue
         while not (consumer._stopped.is_set() or fetcher._stopped.is_set()):
             batch, others = [], []
-            generation = self._generation()
+            generation = None
             async for tp, message in consumer.getmany(timeout=1.0):
+                if generation is None:
+                    # read at the first record, not before the fetch's wait: faust's getmany yields
+                    # the records of the generation current when the wait ended (and stops if it
+                    # changes); a rebalance that ended during the wait must not mark them stale
+                    generation = self._generation()
                 offset = message.offset
                 r_offset = read_offset[tp]
                 if r_offset is not None and offset < r_offset:

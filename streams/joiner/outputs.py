@@ -80,19 +80,54 @@ async def produce(send, p: int, ledger: OutputLedger, records: list[Record], sen
         ledger.record(topic, meta.offset + n)
 
 
-async def produce_changelog(send, p: int, tag: bytes, changes, send_many=None) -> int:
-    """Produce one commit's records and its marker; returns the offset after the marker."""
+SEND_BATCH_BYTES = 1 << 20  # the record batches of ``batch_sender`` in the worker
+_RECORD_OVERHEAD = 48  # a v2 record's own bytes beyond key, value and headers: at most 46 (varints)
+_BATCH_OVERHEAD = 64  # a v2 record batch's header: 61 bytes
+
+
+def changelog_batch_bytes(records) -> int:
+    """An upper bound on the size of one record batch holding ``records`` ``(key, value, headers)``."""
+    size = _BATCH_OVERHEAD
+    for key, value, headers in records:
+        size += len(key) + len(value or b"") + _RECORD_OVERHEAD
+        for hk, hv in headers:
+            size += len(hk) + len(hv) + 10
+    return size
+
+
+async def produce_changelog(send, p: int, tag: bytes, changes, send_many=None,
+                            one_batch_bytes: int = SEND_BATCH_BYTES) -> int:
+    """Produce one commit's records and its marker; returns the offset after the marker.
+
+    The marker completes the commit for a restore (``ChangelogIndex``), so it must not land unless
+    every record of the commit did. Kafka appends one record batch whole or not at all, but two
+    batches independently: when a commit's records are split over several, the first can fail
+    (too large, expired) while a later one, the marker's, is still sent. So a commit that fits one
+    record batch of ``send_many`` (``one_batch_bytes``, counted with a margin) goes as one batch with
+    its marker; any other is produced and acked first, and the marker follows alone (one more round
+    trip)."""
     headers = [(HEADER_TAG, tag)]
     records = [(k, v, headers) for k, v in changes]
-    records.append((marker_key(parse_tag(tag)[0]), tag, headers))
+    marker = (marker_key(parse_tag(tag)[0]), tag, headers)
+    size = changelog_batch_bytes([*records, marker])
+    if send_many is not None and size <= one_batch_bytes:
+        futures = await send_many(TOPIC_STORE_CHANGELOG, p, [*records, marker])
+        if len(futures) != 1:
+            raise RuntimeError(f"a changelog commit of about {size} bytes went out in {len(futures)} record "
+                               f"batches, not one")
+        fut, n = futures[0]
+        return (await fut).offset + n
     if send_many is None:
         futures = [(await send(TOPIC_STORE_CHANGELOG, k, v, p, h), 1) for k, v, h in records]
     else:
-        futures = await send_many(TOPIC_STORE_CHANGELOG, p, records)
-    end = None
-    for fut, n in futures:
-        end = (await fut).offset + n
-    return end
+        futures = await send_many(TOPIC_STORE_CHANGELOG, p, records) if records else []
+    for fut, _ in futures:
+        await fut  # raises when a record did not land: the marker is then never sent
+    if send_many is None:
+        fut, n = await send(TOPIC_STORE_CHANGELOG, *marker[:2], p, marker[2]), 1
+    else:
+        ((fut, n),) = await send_many(TOPIC_STORE_CHANGELOG, p, [marker])
+    return (await fut).offset + n
 
 
 def batch_sender(producer, max_batch_bytes: int):

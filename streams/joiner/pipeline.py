@@ -201,6 +201,11 @@ class JoinerPipeline:
         self._n[key] = self._n.get(key, 0) + n
         self._n["dead_letter"] = self._n.get("dead_letter", 0) + n
 
+    def count_skipped_offsets(self, topic: str, n: int) -> None:
+        """Count source offsets found to hold no records (persisted with the next commit)."""
+        for key in (f"source_offsets_skipped.{topic}", "source_offsets_skipped"):
+            self._n[key] = self._n.get(key, 0) + n
+
     def commit(self, source_offsets: dict[str, int] | None = None,
                meta: dict[bytes, bytes] | None = None) -> None:
         """Write staged state + join-core records + counters + ``source_offsets`` + ``meta`` in one WriteBatch.

@@ -36,7 +36,8 @@ class PartitionReader:
         if self._consumer is None:
             from kafka import KafkaConsumer, TopicPartition
             consumer = KafkaConsumer(bootstrap_servers=self.bootstrap, client_id=self.client_id,
-                                     group_id=None, enable_auto_commit=False)
+                                     group_id=None, enable_auto_commit=False,
+                                     auto_offset_reset="earliest")  # a seek below the log start
             try:
                 if self.topics:  # one metadata round for all of them (see the module docstring)
                     tps = [TopicPartition(t, 0) for t in self.topics]
@@ -76,6 +77,14 @@ class PartitionReader:
                 values += [r.value for r in recs]
             return values
 
+    def first_offset(self, topic: str, partition: int, offset: int, timeout_s: float = 30.0) -> int:
+        """The offset of the first record at or after ``offset`` in ``topic[partition]``: ``offset``
+        itself unless records below it are gone (deleted by retention, removed by compaction) or
+        the offsets hold no records (transaction markers); the partition's end when no record
+        follows ``offset`` (``offset`` when it lies at or past the end)."""
+        with self.partition(topic, partition) as rng:
+            return rng.first_offset(offset, timeout_s)
+
     def close(self) -> None:
         with self._lock:
             self._close_locked()
@@ -94,6 +103,16 @@ class _Range:
 
     def end_offset(self) -> int:
         return self._consumer.end_offsets([self.tp]).get(self.tp, 0)
+
+    def first_offset(self, offset: int, timeout_s: float) -> int:
+        """See :meth:`PartitionReader.first_offset`."""
+        end = self.end_offset()
+        if offset >= end:
+            return offset
+        for recs in self.records(offset, end, timeout_s, max_records=1):
+            if recs:
+                return recs[0].offset
+        return end
 
     def records(self, from_offset: int, end: int, timeout_s: float, max_records: int = 5000) -> Iterator[list[Any]]:
         """The records of ``[from_offset, end)``, a poll's worth at a time (kafka-python

@@ -66,6 +66,13 @@ class TopicAligner:
         self._next[entry.topic] = entry.offset + 1
         return self.ADDED
 
+    def skip_to(self, topic: str, offset: int) -> None:
+        """Expect ``topic``'s next entry at ``offset`` (past the next expected one): the offsets
+        between hold no records (see ``JoinerRuntime.handle``)."""
+        if offset < self._next[topic]:
+            raise ValueError(f"skip_to({topic!r}, {offset}) is behind the next expected offset {self._next[topic]}")
+        self._next[topic] = offset
+
     def next_received(self, topic: str) -> int:
         return self._next[topic]
 

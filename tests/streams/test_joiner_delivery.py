@@ -77,3 +77,40 @@ def test_install_replaces_the_consumers_drain_loop():
     assert c._drain_messages.__qualname__.startswith("BatchDrain.install")
     with pytest.raises(ValueError, match="max_batches"):
         BatchDrain(["t"], max_batches=0)
+
+
+def test_records_of_a_rebalance_that_ended_during_the_fetch_wait_are_handed_over():
+    """faust's getmany yields the records of the generation current when its wait ended; the drain
+    tags a fetch with that generation, not the one before the wait (those records would be dropped
+    after their read offsets moved past them)."""
+    from types import SimpleNamespace
+
+    async def main():
+        d = BatchDrain(["t"], max_batches=4)
+        gen = [1]
+        d._generation = lambda: gen[0]
+        d._flowing = lambda: True
+        stopped = asyncio.Event()
+
+        class Consumer:
+            _read_offset = {("t", 0): None}
+            _commit_every = None
+            _n_acked = 0
+            _stopped = stopped
+            suspend_flow = Event()
+            callback = None
+            app = SimpleNamespace(topics=SimpleNamespace(acks_enabled_for=lambda topic: True))
+
+            async def getmany(self, timeout):
+                gen[0] = 2                       # the rebalance ends while the fetch waits
+                await asyncio.sleep(0)
+                for offset in (0, 1):
+                    yield ("t", 0), SimpleNamespace(topic="t", partition=0, offset=offset)
+                stopped.set()
+
+        await d._run(Consumer(), SimpleNamespace(_stopped=asyncio.Event()))
+        got = [m.offset for m in await asyncio.wait_for(d.get(10), 2)] if not d.queue.empty() else []
+        return got, d.counters()
+    offsets, counters = run(main())
+    assert offsets == [0, 1]
+    assert counters["delivery_dropped"] == 0 and counters["delivery_records"] == 2

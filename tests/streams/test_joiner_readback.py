@@ -109,3 +109,113 @@ def test_changelog_replay_reads_its_range_through_the_shared_reader(broker):
         assert reader.n_clients == 1
     finally:
         reader.close()
+
+
+def test_first_offset_finds_where_records_start_after_retention(tmp_path):
+    """Retention deleted a partition's oldest segments: the first record at or after offset 0 is
+    the new log start; offsets that hold records answer themselves; past the end, the offset."""
+    from streams.broker import EmbeddedBroker
+    from streams.broker.config import BrokerConfig
+
+    with EmbeddedBroker(BrokerConfig(data_dir=tmp_path / "b", port=0)) as broker:
+        from kafka.admin import KafkaAdminClient, NewTopic
+        admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
+        admin.create_topics([NewTopic("ev", num_partitions=1, replication_factor=1,
+                                      topic_configs={"segment.bytes": "1024", "retention.bytes": "1024"})])
+        admin.close()
+        producer = KafkaProducer(bootstrap_servers=broker.bootstrap, linger_ms=0)
+        for i in range(40):  # one batch each: segments roll every few records
+            producer.send("ev", b"x" * 100, partition=0).get(10)
+        producer.close()
+        assert broker.enforce_retention() > 0
+        reader = PartitionReader(broker.bootstrap, ["ev"])
+        try:
+            start = reader.first_offset("ev", 0, 0)
+            assert 0 < start < 40
+            assert reader.first_offset("ev", 0, start - 1) == start
+            assert reader.first_offset("ev", 0, start + 3) == start + 3
+            assert reader.first_offset("ev", 0, 40) == 40 and reader.first_offset("ev", 0, 45) == 45
+            assert reader.read_values("ev", 0, 0) == [b"x" * 100] * (40 - start)
+        finally:
+            reader.close()
+
+
+def test_runtime_skips_offsets_that_hold_no_records_instead_of_seeking_forever(tmp_path):
+    """An event topic whose offsets have a hole (records deleted by retention, compacted, or a
+    transaction marker): the runtime asks where records resume, skips to there once (counted in
+    source_offsets_skipped), and the samples are those of the same records without the hole.
+    Without ``first_offset`` it seeks back to the hole again and again (the old behaviour)."""
+    import asyncio
+
+    from streams.contracts import EVENT_TOPICS
+    from streams.joiner.app import JoinerAppConfig, JoinerRuntime
+    from streams.joiner.pipeline import PipelineConfig
+    from tests.streams.runtime_fakes import acked, consumed
+    from tests.streams.test_joiner_pipeline import SLICE
+    from streams.replay import iter_events
+
+    evs = list(iter_events([SLICE]))
+    evs = [e for e in evs if e.ts_ms < evs[0].ts_ms + 3_600_000]
+    plain = consumed(evs)
+    holed = consumed(evs)
+    imps = [m for m in holed if m.topic == "impressions"]
+    hole_at, hole = len(imps) // 2, 7
+    for m in imps[hole_at:]:
+        m.offset += hole
+
+    runs = []
+
+    def run(msgs, first_offset):
+        samples, seeks = [], []
+        runs.append(first_offset)
+
+        async def send(topic, key, value, partition, headers):
+            if topic == "samples":
+                samples.append(value)
+            return acked(0)
+
+        async def seek(topic, p, offset):
+            seeks.append((topic, offset))
+            return True
+
+        ends = {t: max(m.offset for m in msgs if m.topic == t) + 1 for t in {m.topic for m in msgs}}
+
+        def caught_up(topic, p, next_offset):  # as faust's highwater says
+            return next_offset >= ends.get(topic, 0)
+
+        def first(topic, p, offset):
+            return min(m.offset for m in msgs if m.topic == topic and m.offset >= offset)
+
+        async def main():
+            rt = JoinerRuntime(JoinerAppConfig(data_dir=tmp_path / f"run{len(runs)}",
+                                               changelog=False, pipeline=PipelineConfig()),
+                               send=send, read_back=lambda *a: [], caught_up=caught_up, seek=seek,
+                               first_offset=first if first_offset else None)
+            try:
+                await rt.position(0)
+                pending = list(msgs)
+                for _ in range(4):  # a consumer: after a seek, the topic's records from there again
+                    n_seeks = len(seeks)
+                    await rt.handle(pending)
+                    if len(seeks) == n_seeks:
+                        break
+                    topic, offset = seeks[-1]
+                    pending = [m for m in msgs if m.topic == topic and m.offset >= offset]
+                return rt.counters(), {t: rt.partitions[0].aligner.next_received(t) for t in EVENT_TOPICS}
+            finally:
+                rt.close()
+        counters, nxt = asyncio.run(main())
+        return samples, seeks, counters, nxt
+
+    ref, ref_seeks, ref_counters, _ = run(plain, True)
+    got, seeks, counters, nxt = run(holed, True)
+    assert not ref_seeks and ref
+    assert seeks == [("impressions", imps[hole_at].offset)]  # one seek, to where records resume
+    assert counters["source_offsets_skipped"] == counters["source_offsets_skipped.impressions"] == hole
+    assert nxt["impressions"] == imps[-1].offset + 1
+    assert sorted(got) == sorted(ref)
+    assert {k: v for k, v in counters.items() if not k.startswith("source_offsets")} == ref_counters
+
+    _, old_seeks, old_counters, _ = run(holed, False)
+    assert old_seeks == [("impressions", imps[hole_at - 1].offset + 1)] * 4  # seeks back, forever
+    assert "source_offsets_skipped" not in old_counters

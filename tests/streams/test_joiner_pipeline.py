@@ -443,3 +443,32 @@ def test_shuffled_and_duplicated_delivery_within_lateness_gives_the_same_encoded
     assert n["duplicate"] - base_n["duplicate"] == len(arrivals) - len(events)
     for s in map(decode, got.samples):
         assert snapshot_is_point_in_time(s)
+
+
+def test_runtime_does_not_open_a_partition_no_longer_assigned(tmp_path):
+    """The timer positions newly assigned partitions one after another, and opening one can take
+    seconds; a partition moved away meanwhile is neither opened (its store lock stays free for its
+    new owner) nor sought (position answers None)."""
+    import asyncio
+
+    from streams.joiner.app import JoinerAppConfig, JoinerRuntime
+
+    assigned = {0, 1}
+
+    async def main():
+        rt = JoinerRuntime(JoinerAppConfig(data_dir=tmp_path, changelog=False, pipeline=PipelineConfig()),
+                           send=None, read_back=lambda *a: [], caught_up=lambda *a: True,
+                           assigned=lambda p: p in assigned)
+        try:
+            first = await rt.position(0)
+            assigned.discard(1)  # a rebalance began while partition 0 was opened
+            second = await rt.position(1)
+            again = await rt.position(0)  # still held here: answered from the open partition
+            return first, second, again, sorted(rt.partitions)
+        finally:
+            rt.close()
+    first, second, again, held = asyncio.run(main())
+    assert first == again == {"impressions": 0, "clicks": 0, "dwell": 0, "feedback": 0}
+    assert second is None and held == [0]
+    from streams.joiner.worker import store_path
+    assert store_path(tmp_path, 0).exists() and not store_path(tmp_path, 1).exists()

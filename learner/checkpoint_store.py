@@ -53,7 +53,7 @@ class CheckpointStore:
     def load_newest(self) -> tuple[int, Path, dict[str, Any]] | None:
         """(version, path, state) of the newest checkpoint that verifies; None for an empty directory.
 
-        Raises CheckpointError when files exist but none verifies (move them away to start afresh).
+        Raises CheckpointError when files exist but none verifies (its message says how to start afresh).
         """
         found = self.versions()
         for version in reversed(found):
@@ -64,7 +64,11 @@ class CheckpointStore:
                 logger.error("checkpoint refused path=%s reason=%s; trying the previous one", path, exc)
         if found:
             raise CheckpointError(f"none of the {len(found)} checkpoints in {str(self.dir)!r} verifies; "
-                                  "move them away to start from the beginning of the stream")
+                                  "move them away to start a fresh model (it starts at the group's committed "
+                                  "offsets; use a new --group to train from the beginning of the stream); restart "
+                                  "the servers following its versions too, since the fresh model's versions "
+                                  "count from 1 again and a server takes any version at or below the one it "
+                                  "serves for an old one")
         return None
 
     def save(self, version: int, state: dict[str, Any]) -> Path:

@@ -275,8 +275,8 @@ class ContinuousLearner:
         """Cut a checkpoint of the state as it is now; returns its version.
 
         On this thread: audit fsync and a copy of the complete state (the training pause). On the
-        writer thread, in version order: atomic save -> version announced (dead letters flushed
-        with it) -> offsets committed -> prune. ``wait`` returns only once all of it is done
+        writer thread, in version order: dead letters flushed -> atomic save -> version announced
+        -> offsets committed -> prune. ``wait`` returns only once all of it is done
         (rebalance and stop); otherwise a checkpoint waits only for the previous one's write.
         """
         t0 = time.perf_counter()
@@ -320,13 +320,14 @@ class ContinuousLearner:
     def _write(self, version: int, reason: str, state: dict[str, Any], offsets: dict[int, int],
                announce: dict[str, Any] | None, pause_s: float) -> None:
         t0 = time.perf_counter()
+        # the dead letters of the records these offsets cover were sent when their batches were
+        # decoded: they must be on the broker before a checkpoint moves past them (a flush after
+        # the save could fail, or the process die, leaving them neither sent nor to be re-read)
+        self.flush_dead_letters()
         path = self.store.save(version, state)
         self.stream.set_positions(offsets)
         self.stats.version = version
         self.stats.last_checkpoint_s = state["learner"]["created_at_ms"] / 1000
-        router = getattr(self.stream, "router", None)
-        if router is not None:
-            router.flush(self.cfg.publish_timeout_s)
         if announce is not None:
             self._publish(ModelVersion(path=str(path.resolve()), **announce))
         self.stream.request_commit(offsets)
@@ -334,6 +335,13 @@ class ContinuousLearner:
         logger.info("checkpoint version=%d reason=%s step=%s samples=%s offsets=%s pause_s=%.3f write_s=%.3f path=%s",
                     version, reason, state["step"], state["samples_seen"], offsets, pause_s, time.perf_counter() - t0,
                     path)
+
+    def flush_dead_letters(self) -> None:
+        """Wait until every rejected record sent so far is on the dead-letter topic (raises if not
+        within ``publish_timeout_s``)."""
+        router = getattr(self.stream, "router", None)
+        if router is not None:
+            router.flush(self.cfg.publish_timeout_s)
 
     def _publish(self, mv: ModelVersion) -> None:
         try:

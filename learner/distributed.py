@@ -236,6 +236,7 @@ class DistributedLearner(ContinuousLearner):
         """Collective: every rank syncs its audit log and checks that its state digest matches rank
         0's; rank 0 cuts and writes the checkpoint; with ``wait`` every rank returns only once it is
         durable. Every rank then commits its own partitions (now or when rank 0 reports durable)."""
+        self.flush_dead_letters()  # each rank its own, before any rank's offsets are saved or committed
         audit_bytes = self.audit.sync() if self.audit is not None else 0
         digest = int(state_digest(self.trainer.model)[:15], 16)
         gathered = self.comm.gather_ctrl(torch.tensor([audit_bytes, digest], dtype=torch.int64))  # (world, 2)

@@ -104,6 +104,10 @@ class DeadLetter:
             raise ValueError(f"dead letter at offset={record.offset} lacks header {exc.args[0]!r}") from None
 
 
+class DeadLetterError(RuntimeError):
+    """Dead letters that did not reach their topic."""
+
+
 class DeadLetterRouter:
     """Sends undecodable messages to their dead-letter topic and counts them per topic and reason."""
 
@@ -111,6 +115,7 @@ class DeadLetterRouter:
         self._producer = producer
         self._now_ms = now_ms or (lambda: time.time_ns() // 1_000_000)
         self._counts: Counter[tuple[str, str]] = Counter()
+        self._pending: list[Any] = []  # send results not yet checked by flush()
 
     def route(
         self,
@@ -132,7 +137,9 @@ class DeadLetterRouter:
             ("source.timestamp_ms", str(timestamp_ms).encode("ascii")),
             ("dlq.ts_ms", str(self._now_ms()).encode("ascii")),
         ]
-        self._producer.send(dlq_topic(topic), value=value, key=key, headers=headers)
+        sent = self._producer.send(dlq_topic(topic), value=value, key=key, headers=headers)
+        if sent is not None:
+            self._pending.append(sent)
         self._counts[(topic, reason.split(":", 1)[0])] += 1
 
     def route_record(self, record: SourceRecord, reason: str) -> None:
@@ -148,10 +155,17 @@ class DeadLetterRouter:
         return dict(self._counts)
 
     def flush(self, timeout_s: float | None = None) -> None:
-        """Wait until every dead letter is acknowledged (call before committing source offsets)."""
+        """Wait until every dead letter is acknowledged (call before committing source offsets).
+        Raises :class:`DeadLetterError` when one was not (its send failed: expired, refused), so
+        that the caller does not commit past its source record."""
         flush = getattr(self._producer, "flush", None)
         if flush is not None:
             flush(timeout=timeout_s)
+        pending, self._pending = self._pending, []
+        failures = [sent for sent in pending if getattr(sent, "failed", lambda: False)()]
+        if failures:
+            raise DeadLetterError(f"{len(failures)} of {len(pending)} dead letters were not acknowledged, "
+                                  f"first error: {getattr(failures[0], 'exception', None)!r}")
 
 
 def decode_or_route(

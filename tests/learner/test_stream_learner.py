@@ -373,3 +373,27 @@ def test_compiled_crc32c_gives_kafka_python_the_same_checksums():
     data = os.urandom(4096)
     assert default_records.calc_crc32c(memoryview(data)) == pure.crc(data)
     assert default_records.calc_crc32c(memoryview(b"123456789")) == 0xE3069283
+
+
+def test_no_checkpoint_moves_past_dead_letters_that_did_not_land(broker, tmp_path):
+    """Dead letters are flushed before the checkpoint that moves the offsets past their records is
+    saved: when the flush fails, no checkpoint is written (a restart re-reads and re-routes them)."""
+    from streams.dlq import DeadLetterError
+
+    class FailingRouter:
+        def flush(self, timeout_s=None):
+            raise DeadLetterError("1 of 1 dead letters were not acknowledged")
+
+    create_topic(broker.bootstrap)
+    learner, producer = make_learner(broker.bootstrap, tmp_path, max_samples=10)
+    try:
+        assert learner.restore() == 0
+        learner.stream.router = FailingRouter()
+        with pytest.raises(DeadLetterError):
+            learner.checkpoint("test", wait=True)
+        assert learner.store.versions() == []
+        learner.stream.router = None
+        learner.checkpoint("test", wait=True)
+        assert len(learner.store.versions()) == 1
+    finally:
+        producer.close()

@@ -217,3 +217,24 @@ def test_tail_prints_other_topics_raw(broker, capsys):
     assert status == 0
     (row,) = [json.loads(line) for line in lines]
     assert (row["key"], row["headers"], base64.b64decode(row["value_b64"])) == ("k", {"h": "v"}, b"\x00\xffraw")
+
+
+def test_flush_raises_when_a_dead_letter_was_not_acknowledged(broker):
+    """A dead letter whose send failed (here: it expired, the broker gone) makes flush raise, so
+    the caller never commits past its source record; a later flush starts afresh."""
+    from streams.dlq import DeadLetterError
+
+    producer = KafkaProducer(bootstrap_servers=broker.bootstrap, linger_ms=0, request_timeout_ms=1000,
+                             delivery_timeout_ms=2000, retry_backoff_ms=100)
+    try:
+        router = DeadLetterRouter(producer)
+        router.route(topic="clicks", partition=0, offset=1, key=b"1", value=b"x" * 10, reason="bad: a")
+        router.flush(timeout_s=DEADLINE_S)  # it landed
+        broker.stop()
+        router.route(topic="clicks", partition=0, offset=2, key=b"2", value=b"x" * 10, reason="bad: b")
+        with pytest.raises(DeadLetterError, match="1 of 1 dead letters were not acknowledged"):
+            router.flush(timeout_s=DEADLINE_S)
+        router.flush(timeout_s=DEADLINE_S)  # nothing pending any more
+        assert router.counts() == {("clicks", "bad"): 2}
+    finally:
+        producer.close(timeout=2)

@@ -61,8 +61,9 @@ class SequenceConfig:
 class CounterConfig:
     """Windowed per-user event-time counters, bucketed.
 
-    ``count(ts_ms)`` sums the ``window_buckets`` buckets ending with the bucket that holds ``ts_ms``
-    (the default: 168 one-hour buckets = the trailing 7 days at one-hour resolution). Buckets up to
+    ``count(ts_ms)`` sums the ``window_buckets + 1`` buckets ending with the bucket that holds
+    ``ts_ms`` (the default: 168 one-hour buckets and the one below them = all of the trailing 7 days,
+    at one-hour resolution). Buckets up to
     ``late_buckets`` older than the window of the newest event are retained, so events that arrive
     up to that late still land and queries up to that far in the past stay exact.
     """
@@ -76,7 +77,7 @@ class CounterConfig:
         _positive("window_buckets", self.window_buckets)
         _non_negative("late_buckets", self.late_buckets)
         if self.retain_buckets > 0xFFFF:
-            raise ValueError(f"window_buckets + late_buckets = {self.retain_buckets} must be <= 65535")
+            raise ValueError(f"window_buckets + 1 + late_buckets = {self.retain_buckets} must be <= 65535")
 
     @property
     def window_ms(self) -> int:
@@ -84,7 +85,7 @@ class CounterConfig:
 
     @property
     def retain_buckets(self) -> int:
-        return self.window_buckets + self.late_buckets
+        return self.window_buckets + 1 + self.late_buckets
 
 
 @dataclass(frozen=True)

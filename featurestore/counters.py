@@ -1,23 +1,26 @@
-"""Windowed event-time counter with fixed-width buckets (T2: clicks in the trailing 7 days).
+"""Windowed event-time counter with fixed-width buckets (clicks in the trailing 7 days).
 
 An event at ``ts_ms`` lands in bucket ``b = ts_ms // bucket_ms``. ``count(ts_ms)`` is the sum of
-the ``window_buckets`` buckets ``b(ts_ms) - window_buckets + 1 .. b(ts_ms)``: every event in
-``[ts_ms - window_ms, ts_ms]`` is counted, plus those earlier than that in the oldest bucket of the
-window (by at most ``bucket_ms``) and those later than ``ts_ms`` inside its own bucket.
+the ``window_buckets + 1`` buckets ``b(ts_ms) - window_buckets .. b(ts_ms)``: every event in
+``[ts_ms - window_ms, ts_ms]`` is counted, plus those earlier than that in the oldest bucket (by
+less than ``bucket_ms``) and those later than ``ts_ms`` inside its own bucket. (``window_buckets``
+buckets alone would miss the part of ``[ts_ms - window_ms, ts_ms]`` in the bucket below them unless
+``ts_ms`` is at a bucket boundary.)
 
-Only buckets ``>= newest - retain_buckets + 1`` are kept (``newest`` = bucket of the latest event).
-An event older than that is dropped and counted in ``n_dropped``; a query is exact while its
-window lies inside the kept range, i.e. ``b(ts_ms) >= newest - late_buckets``. Order of arrival
-does not matter otherwise: the state is a function of the multiset of kept events.
+Only buckets ``>= newest - retain_buckets + 1`` are kept (``newest`` = bucket of the latest event,
+``retain_buckets = window_buckets + 1 + late_buckets``). An event older than that is dropped and
+counted in ``n_dropped``; a query is exact while its window lies inside the kept range, i.e.
+``b(ts_ms) >= newest - late_buckets``. Order of arrival does not matter otherwise: the state is a
+function of the multiset of kept events.
 
 >>> c = WindowedCounter(bucket_ms=10, window_buckets=3, late_buckets=1)
 >>> for ts in (0, 5, 12, 25, 31):
 ...     c.add(ts)
->>> c.count(31), c.count(29), c.count(19)     # buckets 1..3, 0..2, -1..1
-(3, 4, 3)
->>> c.add(1); c.n_dropped                      # bucket 0 is still kept (>= 3 - 4 + 1)
+>>> c.count(31), c.count(29), c.count(19)     # buckets 0..3, -1..2, -2..1
+(5, 4, 3)
+>>> c.add(1); c.n_dropped                      # bucket 0 is still kept (>= 3 - 5 + 1)
 0
->>> c.add(42); c.add(3); c.n_dropped           # newest is 4 now: bucket 0 is gone, 3 is too late
+>>> c.add(52); c.add(3); c.n_dropped           # newest is 5 now: bucket 0 is gone, 3 is too late
 1
 """
 from __future__ import annotations
@@ -36,7 +39,7 @@ class WindowedCounter:
                              f"and late_buckets={late_buckets!r} >= 0")
         self.bucket_ms = bucket_ms
         self.window_buckets = window_buckets
-        self.retain_buckets = window_buckets + late_buckets
+        self.retain_buckets = window_buckets + 1 + late_buckets
         self.n_dropped = 0
         self._newest: int | None = None
         self._buckets: dict[int, int] = {}
@@ -65,9 +68,9 @@ class WindowedCounter:
                 del buckets[old]
 
     def count(self, ts_ms: int) -> int:
-        """Events in the window that ends with the bucket of ``ts_ms``."""
+        """Events in the window that ends with the bucket of ``ts_ms`` (see the module docstring)."""
         hi = ts_ms // self.bucket_ms
-        lo = hi - self.window_buckets + 1
+        lo = hi - self.window_buckets
         return sum(c for b, c in self._buckets.items() if lo <= b <= hi)
 
     def latest_count(self) -> int:

@@ -1,7 +1,7 @@
 """Windowed event-time counters against a direct computation over every event."""
 from __future__ import annotations
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from featurestore.counters import WindowedCounter
@@ -12,7 +12,7 @@ HOUR = 3_600_000
 
 def direct(events, ts_ms, bucket_ms, window_buckets):
     hi = ts_ms // bucket_ms
-    return sum(n for t, n in events if hi - window_buckets < t // bucket_ms <= hi)
+    return sum(n for t, n in events if hi - window_buckets <= t // bucket_ms <= hi)
 
 
 @st.composite
@@ -51,7 +51,10 @@ def test_windowed_count_matches_direct_computation(case, probe):
 
 
 @settings(max_examples=200, deadline=None)
-@given(ts=st.lists(st.integers(0, 30 * DAY), max_size=80), query=st.integers(0, 31 * DAY))
+@given(ts=st.lists(st.one_of(st.integers(0, 30 * DAY), st.integers(0, 30).map(lambda h: h * HOUR)), max_size=80),
+       query=st.one_of(st.integers(0, 31 * DAY), st.integers(7 * 24, 7 * 24 + 30).map(lambda h: h * HOUR + 1)))
+@example(ts=[0], query=7 * DAY)                            # the window's oldest instant is counted
+@example(ts=[3 * DAY + 29 * 60_000], query=10 * DAY + 30 * 60_000)  # in the bucket below the 168
 def test_seven_day_window_brackets_the_exact_trailing_count(ts, query):
     """Hourly buckets over 168 h: the count covers [q - 7d, q] and overshoots by < 1 h each side."""
     c = WindowedCounter(HOUR, 168, late_buckets=10**4)  # retain everything: isolate the window rule
@@ -65,8 +68,8 @@ def test_seven_day_window_brackets_the_exact_trailing_count(ts, query):
 def test_too_late_events_are_counted_as_dropped_and_round_trip():
     c = WindowedCounter(DAY, 7, late_buckets=1)
     c.add(20 * DAY)
-    c.add(12 * DAY)             # bucket 12 = 20 - 8: outside window + lateness
-    c.add(13 * DAY, n=2)        # bucket 13 = 20 - 7: kept (late bucket)
+    c.add(11 * DAY)             # bucket 11 = 20 - 9: outside window (7 + 1 buckets) + lateness
+    c.add(12 * DAY, n=2)        # bucket 12 = 20 - 8: kept (late bucket)
     assert c.n_dropped == 1 and c.count(20 * DAY) == 1 and c.count(19 * DAY) == 2
     back = WindowedCounter.from_bytes(c.to_bytes(), DAY, 7, 1)
     assert (back.count(19 * DAY), back.n_dropped, back.newest_ts_ms) == (2, 1, 20 * DAY)

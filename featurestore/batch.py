@@ -285,6 +285,15 @@ class StoreBatch(FeatureView):
         transaction; returns its ``(key, value)`` pairs, value None for a deleted key ([] when
         nothing is staged)."""
         self._check_open()
+        try:
+            return self._prepare()
+        except BaseException:
+            # a value that cannot be encoded (e.g. a count past its u32 field): the transaction is
+            # over, nothing was written, and the store takes a new one
+            self._finish(self.FAILED)
+            raise
+
+    def _prepare(self) -> list[tuple[bytes, bytes | None]]:
         store = self._store
         changes: list[tuple[bytes, bytes | None]] = []
         if self._cache or self._offsets or self._puts or self._republish:

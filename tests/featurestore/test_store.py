@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import struct
 
 import numpy as np
 import pytest
@@ -223,3 +224,18 @@ def test_republish_writes_committed_bytes_unless_the_commit_writes_the_key(tmp_p
     assert [k for k, _ in tx.prepare()] == [seq_key, keys.meta_key(keys.COMMIT_META)]
     tx.abort()
     a.close()
+
+
+def test_a_value_that_cannot_be_encoded_fails_the_transaction_and_frees_the_store(store):
+    """A count past its u32 field raises when the batch is encoded; the transaction ends FAILED
+    with nothing written, and the store takes the next transaction (it used to stay 'open' and
+    block every later one)."""
+    with pytest.raises((OverflowError, struct.error)):
+        with store.transaction() as tx:
+            tx.add_user_event(9, CounterKind.CLICK, ts_ms=DAY, n=2**32)
+            tx.set_offset("clicks", 0, 5)
+    assert tx.state == tx.FAILED
+    assert store.committed_offset("clicks", 0) is None and store.user_features(9).clicks_in_window == 0
+    with store.transaction() as tx2:
+        tx2.add_user_event(9, CounterKind.CLICK, ts_ms=DAY)
+    assert store.user_features(9, ts_ms=DAY).clicks_in_window == 1

@@ -177,8 +177,8 @@ class StoreBatch(FeatureView):
         """Count ``n`` events of ``counter`` for the user at event time ``ts_ms``.
 
         ``key``: ``keys.user_counter_key(user_id, counter)`` when the caller already has it."""
-        if n < 0:
-            raise ValueError(f"n={n!r} < 0")
+        if not 0 <= n <= keys.U32_MAX:
+            raise ValueError(f"n={n!r} is not in 0..{keys.U32_MAX}")
         self._saw(ts_ms)
         cnt = self._for_update(key or keys.user_counter_key(user_id, counter), self._decode_counter,
                                self._new_counter, WindowedCounter.to_bytes)

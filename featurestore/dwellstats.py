@@ -76,6 +76,8 @@ class DwellStats:
     def update(self, dwell_ms: float, ts_ms: int) -> None:
         if not dwell_ms >= 0:
             raise ValueError(f"dwell_ms={dwell_ms!r} < 0")
+        if ts_ms < 0:  # the encoding keeps "no reference time yet" as -1
+            raise ValueError(f"ts_ms={ts_ms!r} < 0")
         x = math.log(max(dwell_ms, self.min_dwell_ms))
         # _advance, _factor and _add inlined (the joiner calls this per click): same operations in
         # the same order, so the state is bit-equal to the composed methods'

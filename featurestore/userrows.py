@@ -29,7 +29,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from featurestore.counters import WindowedCounter
-from featurestore.keys import I32_MAX, U64_MAX, CounterKind, SequenceKind
+from featurestore.keys import I32_MAX, U32_MAX, U64_MAX, CounterKind, SequenceKind
 from featurestore.sequences import UserSequence
 
 if TYPE_CHECKING:
@@ -67,6 +67,8 @@ class UserRows:
     def add_sequence_event(self, kind: SequenceKind, item_id: int, category: int, ts_ms: int) -> None:
         """:meth:`StoreBatch.add_sequence_event` for this user (the same checks)."""
         tx = self._tx
+        if not 1 <= kind <= N_SEQUENCES:  # row kind - 1: another kind would write another row
+            raise ValueError(f"kind={kind!r} is not a SequenceKind")
         if not -1 <= category <= I32_MAX or type(item_id) is not int or not 0 <= item_id <= U64_MAX:
             tx._check_entry(item_id, category, ts_ms)  # raises with the transaction's message
         self._saw(tx, ts_ms)
@@ -76,8 +78,8 @@ class UserRows:
     def add_user_event(self, counter: CounterKind, ts_ms: int, n: int = 1) -> None:
         """:meth:`StoreBatch.add_user_event` for this user (the same checks)."""
         tx = self._tx
-        if n < 0:
-            raise ValueError(f"n={n!r} < 0")
+        if not 0 <= n <= U32_MAX:
+            raise ValueError(f"n={n!r} is not in 0..{U32_MAX}")
         self._saw(tx, ts_ms)
         self._for_update(tx, _COUNTER_ROW[counter], tx._decode_counter, tx._new_counter, _encode_counter).add(
             ts_ms, n)

@@ -100,5 +100,7 @@ def test_round_trip_zero_dwell_and_validation():
     assert math.isnan(empty.mu) and empty.ref_ts_ms is None and empty.half_life_ms is None
     with pytest.raises(ValueError):
         s.update(-1, 0)
+    with pytest.raises(ValueError, match="ts_ms=-1"):  # -1 encodes "no reference time"
+        s.update(1000, -1)
     with pytest.raises(ValueError):
         DwellStats(HOUR).merge(DwellStats(2 * HOUR))

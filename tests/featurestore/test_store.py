@@ -227,12 +227,16 @@ def test_republish_writes_committed_bytes_unless_the_commit_writes_the_key(tmp_p
 
 
 def test_a_value_that_cannot_be_encoded_fails_the_transaction_and_frees_the_store(store):
-    """A count past its u32 field raises when the batch is encoded; the transaction ends FAILED
-    with nothing written, and the store takes the next transaction (it used to stay 'open' and
-    block every later one)."""
+    """A bucket count past its u32 field raises when the batch is encoded; the transaction ends
+    FAILED with nothing written, and the store takes the next transaction (it used to stay 'open'
+    and block every later one). A single count that large is refused at once."""
+    with store.transaction() as tx0:
+        with pytest.raises(ValueError, match="not in 0..4294967295"):
+            tx0.add_user_event(9, CounterKind.CLICK, ts_ms=DAY, n=2**32)
     with pytest.raises((OverflowError, struct.error)):
         with store.transaction() as tx:
-            tx.add_user_event(9, CounterKind.CLICK, ts_ms=DAY, n=2**32)
+            tx.add_user_event(9, CounterKind.CLICK, ts_ms=DAY, n=2**31)
+            tx.add_user_event(9, CounterKind.CLICK, ts_ms=DAY, n=2**31)
             tx.set_offset("clicks", 0, 5)
     assert tx.state == tx.FAILED
     assert store.committed_offset("clicks", 0) is None and store.user_features(9).clicks_in_window == 0

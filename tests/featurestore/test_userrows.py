@@ -68,6 +68,11 @@ def test_user_rows_check_like_the_transaction(tmp_path):
             rows[1].add_sequence_event(SequenceKind.CLICK, item_id=-5, category=1, ts_ms=0)
         with pytest.raises(ValueError):
             rows[1].add_user_event(CounterKind.CLICK, ts_ms=-1)
+        for kind in (0, 5):  # row kind - 1: a counter's row (5 - 1) would have taken a sequence
+            with pytest.raises(ValueError, match="not a SequenceKind"):
+                rows[1].add_sequence_event(kind, item_id=1000, category=3, ts_ms=0)
+        with pytest.raises(ValueError, match="not in 0..4294967295"):
+            rows[1].add_user_event(CounterKind.CLICK, ts_ms=0, n=2**32)
         assert tx.prepare() == []  # nothing was staged by the rejected updates
         tx.commit()
         tx = store.transaction()

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 
 from streamrec.config import ConfigError
+from streamrec.logsetup import configure as configure_logging
 
 COMMANDS = ("broker", "replay", "tail", "demo", "joiner", "build_samples", "train_offline", "learner", "score")
 
@@ -38,10 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    configure_logging(args.log_level)
     try:
         return int(args.func(args) or 0)
     except ConfigError as exc:

@@ -193,3 +193,21 @@ def _one_point_in_time_sample_per_impression(bootstrap: str, n_impressions: int)
     samples = [decode(v) for v in values]
     assert len(samples) == len({s.impression_id for s in samples}) == n_impressions
     assert all(snapshot_is_point_in_time(s) for s in samples)
+
+
+def test_demo_console_carries_its_summary_and_the_logs_go_to_a_file(tmp_path: Path):
+    """As ``make run`` prints it (a process of its own): the summary lines, none of the broker's or
+    the Kafka client's INFO lines (they go to DIR/demo.log)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "streamrec.cli", "demo", "--stages", "replay", "--no-progress",
+                           "--data-dir", str(tmp_path)], capture_output=True, text=True, timeout=240,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr
+    console = proc.stdout + proc.stderr
+    assert "undecodable=0" in console and f"== logs: {tmp_path / 'demo.log'}" in console
+    assert " INFO " not in console and " ERROR " not in console, console
+    log = (tmp_path / "demo.log").read_text()
+    assert "INFO streams.broker.server broker listening" in log and "INFO streams.replay replay complete" in log
+    assert "INFO kafka." not in log  # kafka-python's connection chatter is below WARNING

@@ -16,7 +16,9 @@ rate: events replayed per second from the replay's start to the learner's last t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -30,6 +32,7 @@ import urllib.request
 from pathlib import Path
 
 from streamrec.config import build, load_section
+from streamrec.logsetup import FORMAT
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_SLICE = REPO_ROOT / "data" / "kuairand-slice" / "log_standard_slice.csv.gz"
@@ -55,65 +58,98 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from streams.broker import EmbeddedBroker
-    from streams.broker.config import BrokerConfig
-
     if not args.slice.exists():
         print(f"streamrec demo: input {str(args.slice)!r} does not exist", file=sys.stderr)
         return 2
     temp = args.data_dir is None
     data_dir = Path(tempfile.mkdtemp(prefix="streamrec-demo-")) if temp else args.data_dir
+    data_dir.mkdir(parents=True, exist_ok=True)
+    rc = 1
+    note = " (with the joiner's and learner's: removed at the end unless the demo fails; --data-dir keeps them)"
+    with _logs_to(data_dir / "demo.log", note if temp else ""):
+        try:
+            rc = _run(args, data_dir)
+            return rc
+        finally:
+            if temp and rc == 0:
+                shutil.rmtree(data_dir, ignore_errors=True)
+            elif temp:
+                print(f"== kept for inspection: {data_dir} (logs: demo.log, joiner.log, learner.log)",
+                      file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _logs_to(path: Path, note: str = ""):
+    """The demo's own process (broker, replay, read-backs) logs to ``path``; the console keeps
+    warnings and errors, between the demo's own summary lines."""
+    root = logging.getLogger()
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter(FORMAT))
+    consoles = [(h, h.level) for h in root.handlers]
+    for h, level in consoles:
+        h.setLevel(max(level, logging.WARNING))
+    root.addHandler(handler)
+    print(f"== logs: {path}{note}", flush=True)
     try:
-        broker_config = build(BrokerConfig, {"data_dir": data_dir / "broker", "port": 0,
-                                             "default_partitions": args.partitions},
-                              load_section(args.config, "broker"))
-        with EmbeddedBroker(broker_config) as broker:
-            print(f"== embedded broker on {broker.bootstrap} (data: {broker_config.data_dir})", flush=True)
-            if args.pipelined and args.stages == "all":
-                n_impressions, n_events = _count_input(args.slice)
-                joiner = _Joiner(args, broker.bootstrap, data_dir)
-                learner = _Learner(args, broker.bootstrap, data_dir, n_impressions)
-                t_start = time.monotonic()
-                replayed, n_bad = _replay(args, broker.bootstrap, data_dir)
-                if n_bad or replayed != n_impressions:
-                    joiner.stop()
-                    learner.stop()
-                    print(f"   replay produced {replayed} impressions, {n_bad} undecodable; expected {n_impressions}",
-                          file=sys.stderr)
-                    return 1
-            else:
-                n_impressions, n_bad = _replay(args, broker.bootstrap, data_dir)
-                if args.stages == "replay" or n_bad:
-                    return 0 if n_bad == 0 else 1
-                n_events, t_start = 0, math.nan
-                joiner = _Joiner(args, broker.bootstrap, data_dir)
-                learner = _Learner(args, broker.bootstrap, data_dir, n_impressions) if args.stages == "all" else None
-            try:
-                ok = joiner.wait_for_samples(n_impressions, args.timeout_s,
-                                             learner.scrape if learner is not None else (lambda: None))
-                if learner is not None:
-                    ok = learner.wait(args.timeout_s) and ok
-            finally:
-                counters = joiner.stop()
-                if learner is not None:
-                    learner.stop()
-            lines = _print_joiner_summary(counters, n_impressions)
-            if learner is not None:
-                versions, learner_ok = _print_learner_summary(broker.bootstrap, learner, n_impressions)
-                if args.pipelined and learner.all_trained_at is not None:
-                    took = learner.all_trained_at - t_start
-                    line = (f"end to end: {n_events} events replayed -> {n_impressions} samples trained in "
-                            f"{took:.1f}s from the replay's start ({n_events / took:.0f} events/s, "
-                            f"{n_impressions / took:.0f} samples/s)")
-                    print(f"== {line}", flush=True)
-                    lines.append(line)
-                ok = learner_ok and ok
-                report = _write_report(args, broker.bootstrap, counters, versions, learner, lines)
-                print(f"== report: {report}")
-            return 0 if ok else 1
+        yield
     finally:
-        if temp:
-            shutil.rmtree(data_dir, ignore_errors=True)
+        root.removeHandler(handler)
+        handler.close()
+        for h, level in consoles:
+            h.setLevel(level)
+
+
+def _run(args: argparse.Namespace, data_dir: Path) -> int:
+    from streams.broker import EmbeddedBroker
+    from streams.broker.config import BrokerConfig
+
+    broker_config = build(BrokerConfig, {"data_dir": data_dir / "broker", "port": 0,
+                                         "default_partitions": args.partitions},
+                          load_section(args.config, "broker"))
+    with EmbeddedBroker(broker_config) as broker:
+        print(f"== embedded broker on {broker.bootstrap} (data: {broker_config.data_dir})", flush=True)
+        if args.pipelined and args.stages == "all":
+            n_impressions, n_events = _count_input(args.slice)
+            joiner = _Joiner(args, broker.bootstrap, data_dir)
+            learner = _Learner(args, broker.bootstrap, data_dir, n_impressions)
+            t_start = time.monotonic()
+            replayed, n_bad = _replay(args, broker.bootstrap, data_dir)
+            if n_bad or replayed != n_impressions:
+                joiner.stop()
+                learner.stop()
+                print(f"   replay produced {replayed} impressions, {n_bad} undecodable; expected {n_impressions}",
+                      file=sys.stderr)
+                return 1
+        else:
+            n_impressions, n_bad = _replay(args, broker.bootstrap, data_dir)
+            if args.stages == "replay" or n_bad:
+                return 0 if n_bad == 0 else 1
+            n_events, t_start = 0, math.nan
+            joiner = _Joiner(args, broker.bootstrap, data_dir)
+            learner = _Learner(args, broker.bootstrap, data_dir, n_impressions) if args.stages == "all" else None
+        try:
+            ok = joiner.wait_for_samples(n_impressions, args.timeout_s,
+                                         learner.scrape if learner is not None else (lambda: None))
+            if learner is not None:
+                ok = learner.wait(args.timeout_s) and ok
+        finally:
+            counters = joiner.stop()
+            if learner is not None:
+                learner.stop()
+        lines = _print_joiner_summary(counters, n_impressions)
+        if learner is not None:
+            versions, learner_ok = _print_learner_summary(broker.bootstrap, learner, n_impressions)
+            if args.pipelined and learner.all_trained_at is not None:
+                took = learner.all_trained_at - t_start
+                line = (f"end to end: {n_events} events replayed -> {n_impressions} samples trained in "
+                        f"{took:.1f}s from the replay's start ({n_events / took:.0f} events/s, "
+                        f"{n_impressions / took:.0f} samples/s)")
+                print(f"== {line}", flush=True)
+                lines.append(line)
+            ok = learner_ok and ok
+            report = _write_report(args, broker.bootstrap, counters, versions, learner, lines)
+            print(f"== report: {report}")
+        return 0 if ok else 1
 
 
 def _replay(args: argparse.Namespace, bootstrap: str, data_dir: Path) -> tuple[int, int]:

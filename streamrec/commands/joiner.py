@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 import gc
-import logging
 import sys
 
 from streamrec.config import build, load_section
+from streamrec.logsetup import configure as configure_logging
 
 GC_GEN0_THRESHOLD = 50_000
 
@@ -69,8 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="INFO")
     add_arguments(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging(args.log_level)
     return run(args)
 
 

@@ -188,7 +188,7 @@ def ensure_topics(bootstrap: str, default_partitions: int = 3) -> int:
     from streams.joiner.app import output_topics
     from streams.joiner.changelog import TOPIC_STORE_CHANGELOG
 
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap)
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)  # metadata only
     try:
         existing = consumer.topics()
         found = consumer.partitions_for_topic(EVENT_TOPICS[0]) if EVENT_TOPICS[0] in existing else None

@@ -1,0 +1,52 @@
+"""Logging for the ``streamrec`` commands: one format, and the Kafka client's chatter kept out.
+
+kafka-python logs every connection, bootstrap and metadata refresh at INFO: a joiner worker's log
+was 90 % such lines (a client per read-back, each with its own connections), and ``streamrec
+demo`` printed them between its own summary lines. Below DEBUG the ``kafka`` logger (kafka-python)
+is set to WARNING; its warnings and errors still show. One error it logs on a normal close (a
+metadata refresh in flight when the client closes: ``Metadata refresh: failed Cancelled``) is
+dropped below DEBUG. aiokafka and faust (group membership, assignments) are left as they are.
+"""
+from __future__ import annotations
+
+import logging
+
+FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+CLIENT_LOGGERS = ("kafka",)
+
+
+def level_of(name: str) -> int:
+    """``logging`` level of a ``--log-level`` value (INFO when it is not a level's name)."""
+    level = getattr(logging, str(name).upper(), None)
+    return level if isinstance(level, int) else logging.INFO
+
+
+def configure(level_name: str) -> int:
+    """The root logger at ``level_name`` (stderr, :data:`FORMAT`), the client loggers quieted;
+    returns the level."""
+    level = level_of(level_name)
+    logging.basicConfig(level=level, format=FORMAT)
+    quiet_clients(level)
+    return level
+
+
+def quiet_clients(level: int) -> None:
+    debug = level <= logging.DEBUG
+    for name in CLIENT_LOGGERS:
+        logging.getLogger(name).setLevel(logging.NOTSET if debug else logging.WARNING)
+    cluster = logging.getLogger("kafka.cluster")
+    if _closing_noise not in cluster.filters:
+        cluster.addFilter(_closing_noise)
+
+
+def _closing_noise(record: logging.LogRecord) -> bool:
+    """False for kafka-python's "Metadata refresh: failed Cancelled" (a refresh cut short by the
+    client's close), unless the root logger is at DEBUG."""
+    if record.msg == "Metadata refresh: failed %s" and isinstance(record.args, tuple) and record.args:
+        from kafka.errors import Cancelled
+        if isinstance(record.args[0], Cancelled):
+            return logging.getLogger().getEffectiveLevel() <= logging.DEBUG
+    return True
+
+
+__all__ = ["CLIENT_LOGGERS", "FORMAT", "configure", "level_of", "quiet_clients"]

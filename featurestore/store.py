@@ -116,6 +116,21 @@ class RocksFeatureStore(RdictView):
             self._max_event_ts_ms = -1 if info is None else info.max_event_ts_ms
         return n
 
+    def clear(self) -> int:
+        """Delete every key (a store about to be rebuilt from its changelog); returns how many."""
+        db = self._require_db()
+        if self._active is not None:
+            raise TransactionStateError("cannot clear the store while a transaction is open")
+        found = list(db.keys())
+        for i in range(0, len(found), 10_000):
+            wb = WriteBatch(raw_mode=True)
+            for key in found[i:i + 10_000]:
+                wb.delete(key)
+            db.write(wb, self._write_options)
+        self._commit_seq, self._max_event_ts_ms = 0, -1
+        logger.info("featurestore_cleared path=%s keys=%d", self.path, len(found))
+        return len(found)
+
     def transaction(self) -> "StoreBatch":
         """Begin the (only) open transaction; use it as a context manager or call commit/abort."""
         self._require_db()

@@ -37,7 +37,8 @@ import faust
 from featurestore import keys as fs_keys
 from streams import faustfix
 from streams.contracts import EVENT_TOPICS, decode_batch, from_records, kind_of
-from streams.joiner.changelog import CHANGELOG_NEXT_META, TOPIC_STORE_CHANGELOG, make_tag, read_changelog
+from streams.joiner.changelog import (CHANGELOG_NEXT_META, TOPIC_STORE_CHANGELOG, ChangelogCompacted, make_tag,
+                                      read_changelog)
 from streams.joiner.delivery import BatchDrain
 from streams.joiner.fetch import cap_fetch_wait
 from streams.joiner.outputs import (SEND_BATCH_BYTES, TOPIC_ORPHANS, Record, batch_sender, dead_letter_record,  # noqa: F401
@@ -207,7 +208,15 @@ class JoinerRuntime:
         returns the batches and records applied and the keys to republish."""
         (raw,) = store._get_many([fs_keys.meta_key(CHANGELOG_NEXT_META)])
         start = 0 if raw is None else int(raw)
-        res = self._restore(p, start, store.apply_changes)
+        try:
+            res = self._restore(p, start, store.apply_changes)
+        except ChangelogCompacted as exc:
+            # e.g. this host's store is from before another owner's time, and compaction ran
+            # over that time: deletes it never saw may be gone from the log
+            logger.warning("changelog_compacted partition=%d changelog_from=%d missing_at=%d: rebuilding the "
+                           "store from the changelog's start (keys=%d)", p, start, exc.missing_at, store.clear())
+            start = 0
+            res = self._restore(p, 0, store.apply_changes)
         if res.end > start:
             store.apply_changes([(fs_keys.meta_key(CHANGELOG_NEXT_META), str(res.end).encode())])
         if res.n_commits:

@@ -175,14 +175,48 @@ def read_changelog(reader, partition: int, from_offset: int, apply, topic: str =
                    timeout_s: float = 120.0) -> RestoreResult:
     """Replay ``topic[partition]`` from ``from_offset`` to its current end (:func:`replay_changelog`:
     the range is read twice, each pass within ``timeout_s``) through ``reader``, a
-    :class:`streams.joiner.readback.PartitionReader`. Blocking (kafka-python): run it in an executor."""
+    :class:`streams.joiner.readback.PartitionReader`. Blocking (kafka-python): run it in an executor.
+
+    A store that already holds state (``from_offset > 0``) can only be brought forward by a range
+    that compaction has not touched: compaction drops the records a later one of the same key
+    superseded and, once ``delete.retention.ms`` has passed, the tombstones themselves, so a delete
+    this store never saw could be gone and its key would live on here. Every offset of the
+    changelog holds a record (its producer is not transactional), so compaction shows as an offset
+    without one: :class:`ChangelogCompacted` is raised then, from the first pass, before anything is
+    applied (the caller rebuilds the store from offset 0). A restore from 0 reads the compacted log
+    as the state it is."""
     with reader.partition(topic, partition) as rng:
         end = rng.end_offset()
         if end <= from_offset:
             return RestoreResult(end)
 
         def read_range():
+            expected = from_offset
             for recs in rng.records(from_offset, end, timeout_s):
+                if from_offset > 0 and recs:
+                    if recs[0].offset != expected or recs[-1].offset != expected + len(recs) - 1:
+                        raise ChangelogCompacted(partition, from_offset, _first_missing(recs, expected))
+                    expected += len(recs)
                 yield [(r.key, r.value, dict(r.headers or ()).get(HEADER_TAG)) for r in recs]
+            if from_offset > 0 and expected != end:
+                raise ChangelogCompacted(partition, from_offset, expected)
 
         return replay_changelog(read_range, apply, end, f"partition={partition}")
+
+
+class ChangelogCompacted(Exception):
+    """The changelog past a store's position has an offset without a record (compaction ran
+    there): bringing the store forward could miss deletes (:func:`read_changelog`)."""
+
+    def __init__(self, partition: int, from_offset: int, missing_at: int) -> None:
+        super().__init__(f"changelog partition {partition}: offset {missing_at} (past {from_offset}) holds no "
+                         "record: compacted")
+        self.partition, self.from_offset, self.missing_at = partition, from_offset, missing_at
+
+
+def _first_missing(recs, expected: int) -> int:
+    for r in recs:
+        if r.offset != expected:
+            return expected
+        expected += 1
+    return expected

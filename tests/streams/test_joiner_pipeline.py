@@ -2,9 +2,12 @@
 exactly as one that never stopped; uncommitted work is dropped and redone; counters persist."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import doctest
+import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -13,6 +16,7 @@ from hypothesis import strategies as st
 import streams.joiner.worker as worker_module
 from streams.contracts import Click, Dwell, Feedback, FeedbackKind, Impression
 from streams.joiner import RULE_T2, JoinerConfig
+from featurestore import RocksFeatureStore
 from streams.joiner.pipeline import JoinerPipeline, PipelineConfig, PipelineOutput, open_pipeline
 from streams.replay import iter_events
 from streams.samples import decode, snapshot_is_point_in_time
@@ -472,3 +476,93 @@ def test_runtime_does_not_open_a_partition_no_longer_assigned(tmp_path):
     assert second is None and held == [0]
     from streams.joiner.worker import store_path
     assert store_path(tmp_path, 0).exists() and not store_path(tmp_path, 1).exists()
+
+
+class _MemChangelog:
+    """An in-memory changelog partition with real offsets, read by ``read_changelog`` as it reads a
+    ``PartitionReader`` (``partition()`` -> ``end_offset()``, ``records()``)."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple[int, bytes, bytes | None, bytes]] = []  # (offset, key, value, tag)
+        self.end = 0
+
+    def append(self, key, value, tag) -> int:
+        self.log.append((self.end, key, value, tag))
+        self.end += 1
+        return self.end - 1
+
+    def compact(self) -> None:
+        """What Kafka's compaction may leave: the last record of each key, no tombstones (their
+        delete retention passed); offsets and the end unchanged."""
+        last = {k: o for o, k, _v, _t in self.log}
+        self.log = [(o, k, v, t) for o, k, v, t in self.log if last[k] == o and v is not None]
+
+    @contextlib.contextmanager
+    def partition(self, topic, partition):
+        yield self
+
+    def end_offset(self) -> int:
+        return self.end
+
+    def records(self, start, end, timeout_s, max_records=5000):
+        from streams.joiner.changelog import HEADER_TAG
+        recs = [SimpleNamespace(offset=o, key=k, value=v, headers=[(HEADER_TAG, t)])
+                for o, k, v, t in self.log if start <= o < end]
+        for i in range(0, len(recs), 7):  # a few records per poll
+            yield recs[i:i + 7]
+
+
+def test_a_store_behind_a_compacted_changelog_is_rebuilt_not_brought_forward(events, tmp_path):
+    """Host A's store stops at changelog offset X; the partition then runs elsewhere (host B,
+    without A's store), which deletes join-state records, and compaction drops superseded records
+    and the tombstones. A opening its old store must not replay from X (a key B deleted would live
+    on, and an emitted impression be emitted again): the hole in the offsets past X shows that
+    compaction ran, and A rebuilds its store from offset 0. Its state then equals B's."""
+    import asyncio
+
+    from streams.joiner.app import JoinerAppConfig, JoinerRuntime
+    from streams.joiner.changelog import HEADER_TAG, TOPIC_STORE_CHANGELOG, read_changelog
+    from tests.streams.runtime_fakes import acked, consumed
+
+    msgs = consumed(events)
+    log = _MemChangelog()
+
+    async def send(topic, key, value, partition, headers):
+        if topic == TOPIC_STORE_CHANGELOG:
+            return acked(log.append(key, value, dict(headers)[HEADER_TAG]))
+        return acked(0)
+
+    def runtime(data_dir):
+        return JoinerRuntime(JoinerAppConfig(data_dir=data_dir, pipeline=PipelineConfig()), send=send,
+                             read_back=lambda topic, p, start: [], caught_up=lambda *a: True,
+                             restore=lambda p, start, apply: read_changelog(log, p, start, apply))
+
+    async def life(data_dir, chunk):
+        rt = runtime(data_dir)
+        await rt.position(0)
+        for i in range(0, len(chunk), 1000):
+            await rt.handle(chunk[i:i + 1000])
+        items = _store_items(rt.partitions[0].pipeline)
+        rt.close()
+        return items
+
+    third = len(msgs) // 3
+    asyncio.run(life(tmp_path / "a", msgs[:third]))               # host A, up to X
+    x = log.end
+    b_items = asyncio.run(life(tmp_path / "b", msgs[third:2 * third]))  # host B: restores from 0, goes on
+    deleted = {k for o, k, v, _t in log.log if o >= x and v is None}
+    assert deleted  # B deleted keys (join state of impressions it emitted)
+    log.compact()
+    assert 0 < len([o for o, *_ in log.log if o >= x]) < log.end - x  # holes past X
+
+    # what replaying the compacted range onto A's old store would give: B's deletes are missing
+    shutil.copytree(tmp_path / "a", tmp_path / "a-naive")
+    naive = RocksFeatureStore(next((tmp_path / "a-naive").rglob("p0000")), PipelineConfig().store)
+    naive.apply_changes([(k, v) for o, k, v, _t in log.log if o >= x])
+    naive_items = {k: v for k, v in naive._require_db().items() if not k.endswith(b"changelog.next")}
+    naive.close()
+    assert naive_items != b_items and set(naive_items) & deleted
+
+    a_items = asyncio.run(life(tmp_path / "a", []))               # host A again: rebuilt from 0
+    assert a_items == b_items
+

@@ -12,7 +12,8 @@ training mode (no dropout, no batch statistics) and reads DUMN's memory as it st
 the minibatch, so its detached output *is* the pre-step prediction, and no extra forward is paid.
 ``TrainerConfig.separate_eval_pass=True`` scores with an explicit no-grad eval-mode pass first
 (needed for a stochastic model); the tests check that both give the same predictions. The CLSD
-teacher p is that pre-step prediction of the main head.
+teacher p is that pre-step prediction of the head CLSD trains (``CLSDConfig.head``, main by
+default).
 
 Metrics (``PrequentialMetrics``): AUC, GAUC (impression-weighted per-user AUC) and logloss of
 the served score against the click label and against the valid-read label, over a sliding window
@@ -178,6 +179,9 @@ class Trainer:
         self.objective_config = objective_config(cfg)
         self.model = build_model(cfg.model, self.model_config).to(self.device).train()
         self.objective = build_objective(self.objective_config).to(self.device).train()
+        clsd = self.objective.terms["clsd"] if "clsd" in self.objective.terms else None
+        #: the head whose pre-step prediction is CLSD's teacher p: the head CLSD trains
+        self.teacher_head = clsd.cfg.head if clsd is not None else "main"
         # fused Adam: one kernel over all parameters (the same update as the default implementation,
         # about 7x faster on CPU for the large hashed tables)
         self.optimizer = torch.optim.Adam([*self.model.parameters(), *self.objective.parameters()], lr=cfg.lr,
@@ -202,9 +206,10 @@ class Trainer:
         return contextlib.nullcontext()
 
     def _scores(self, out) -> tuple[torch.Tensor, torch.Tensor]:
-        """(served score / n_towers (B,), teacher p of the main head (B,)), both detached float32."""
+        """(served score / n_towers (B,), teacher p of the head CLSD trains (B,)), both detached float32."""
         served = self.objective.score(out).float() / self.n_towers                 # (B,)
-        return served, torch.sigmoid(out.main.detach().float())                     # (B,), (B,)
+        teacher = out.logits[self.teacher_head] if self.teacher_head != "main" else out.main
+        return served, torch.sigmoid(teacher.detach().float())                      # (B,), (B,)
 
     def train_batch(self, batch: SampleBatch) -> torch.Tensor:
         """Score ``batch`` with the current state, record the scores, then train on it. -> (B,) scores."""

@@ -216,3 +216,18 @@ def test_adgate_gives_every_activeness_level_its_own_row():
     codes = torch.arange(-1, len(ACTIVENESS_LEVELS))  # -1 = unknown group, then every level
     rows = obj.adgate.rows(codes)
     assert len(set(rows.tolist())) == len(codes)  # one-to-one: no two groups share a prior
+
+
+def test_the_clsd_teacher_comes_from_the_head_clsd_trains():
+    """CLSD distils a head into itself: with ``clsd.head = "weighted"`` the teacher p handed to the
+    objective is the pre-step prediction of the weighted head, not of the main head."""
+    from learner.trainer import Trainer, TrainerConfig
+
+    for head in ("main", "weighted"):
+        cfg = TrainerConfig(model="din", objective="mtl_clsd", device="cpu", clsd=CLSDConfig(head=head))
+        trainer = Trainer(cfg, tiny_config("din", heads=cfg.heads))
+        assert trainer.teacher_head == head
+        out = trainer.model(synthetic_batch(8, 5, seed=3), write_memory=False)
+        assert not torch.allclose(out.logits["main"], out.logits["weighted"])
+        _served, teacher = trainer._scores(out)
+        assert torch.equal(teacher, torch.sigmoid(out.logits[head].detach().float()))

@@ -29,6 +29,18 @@ from learner.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 logger = logging.getLogger(__name__)
 
 _CKPT_NAME = re.compile(r"^ckpt-(\d{8,})\.pt$")
+_TMP_NAME = re.compile(r"^\.ckpt-\d{8,}\.pt\.tmp-(\d+)$")  # learner.checkpoint.save_checkpoint's
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (a save in progress: its file is left alone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class CheckpointStore:
@@ -38,6 +50,23 @@ class CheckpointStore:
         self.dir = Path(directory)
         self.keep = keep
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.remove_stale_temp_files()
+
+    def remove_stale_temp_files(self) -> list[Path]:
+        """Delete the temporary files of saves whose process is gone (a save killed before its
+        rename leaves ``.ckpt-N.pt.tmp-PID``, as large as a checkpoint); returns them."""
+        gone = []
+        for p in self.dir.iterdir():
+            m = _TMP_NAME.match(p.name)
+            if m is None or _alive(int(m.group(1))):
+                continue
+            try:
+                p.unlink()
+            except FileNotFoundError:
+                continue
+            gone.append(p)
+            logger.warning("checkpoint temp file of a dead process removed path=%s", p)
+        return gone
 
     def versions(self) -> list[int]:
         """Version numbers of the checkpoint files present, ascending (refused files included)."""

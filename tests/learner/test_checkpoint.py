@@ -139,3 +139,25 @@ def test_save_is_atomic(tmp_path):
         save_checkpoint(path, {"step": 2, "bad": lambda: None})           # cannot be pickled
     assert load_checkpoint(path)["step"] == 1                             # the old file is intact
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"]        # no temp file left behind
+
+
+def test_store_removes_temp_files_of_saves_whose_process_died(tmp_path):
+    """A save killed before its rename leaves a temp file as large as a checkpoint; a store opened
+    later removes those of dead processes and leaves a live process's save alone."""
+    import os
+    import subprocess
+    import sys
+
+    from learner.checkpoint_store import CheckpointStore
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    dead_pid = int(dead.stdout)
+    stale = tmp_path / f".ckpt-00000003.pt.tmp-{dead_pid}"
+    live = tmp_path / f".ckpt-00000004.pt.tmp-{os.getpid()}"
+    other = tmp_path / "notes.tmp-1"
+    for p in (stale, live, other):
+        p.write_bytes(b"x" * 100)
+    store = CheckpointStore(tmp_path)
+    assert not stale.exists() and live.exists() and other.exists()
+    assert store.versions() == []

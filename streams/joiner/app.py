@@ -431,9 +431,14 @@ def make_app(config: JoinerAppConfig) -> tuple[faust.App, JoinerRuntime]:
     app.batch_drain = drain
     cap_fetch_wait(config.fetch_max_wait_ms)
     # subscribed through the conductor (faust's group membership and assignment); the records
-    # themselves reach the joiner through the drain, not through a stream
+    # themselves reach the joiner through the drain, not through a stream. With faust's stream
+    # path the agent subscribes the topic itself: registering it here too added a channel nobody
+    # iterates, and every record the conductor offered it raised "Cannot put on Topic channel
+    # before aiter"; once that channel was full faust paused the partition for good (a stalled
+    # worker, seen in scripts/bench_joiner.py's stream phase)
     source = app.topic(*EVENT_TOPICS, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
-    app.topics.add(source)
+    if drain is not None:
+        app.topics.add(source)
 
     async def send(topic, key, value, partition, headers):
         return await app.producer.send(topic, key, value, partition, None, headers)
@@ -518,10 +523,13 @@ def make_app(config: JoinerAppConfig) -> tuple[faust.App, JoinerRuntime]:
         if feed is not None and feed.error is not None:
             await app.crash(RuntimeError(f"joiner.dwell feed failed: {feed.error!r}"))
             return
-        if not app.rebalancing:
+        if not app.rebalancing and app.flow_control.is_active():
             # the store, not the group, says where to read: after faust has sought to the group's
             # committed offsets, seek each newly assigned partition to its store's offsets (a lost
-            # store means offset 0: the state is rebuilt from the topics)
+            # store means offset 0: the state is rebuilt from the topics). faust's recovery seeks
+            # to the group's offsets and resumes its flow after the rebalance has ended: a seek of
+            # ours before that would be undone (partitions now open in milliseconds, so the timer
+            # can get there first)
             # Opening a partition can take seconds (a changelog replay): a rebalance may begin
             # meanwhile, so each partition and each seek is checked against the assignment again.
             for p in sorted({tp.partition for tp in app.consumer.assignment() if tp.topic in EVENT_TOPICS}

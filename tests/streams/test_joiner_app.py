@@ -81,9 +81,10 @@ class TopicReader:
         self.consumer.close()
 
 
-def start_worker(bootstrap: str, data_dir: Path, log: Path, web_port: int | None = None, batch_max: int = 10_000):
+def start_worker(bootstrap: str, data_dir: Path, log: Path, web_port: int | None = None, batch_max: int = 10_000,
+                 delivery: str = "batch"):
     cmd = [sys.executable, "-m", "streamrec.commands.joiner", "--bootstrap", bootstrap, "--data-dir", str(data_dir),
-           "--idle-flush-s", "2", "--batch-max", str(batch_max), "--session-timeout-s", "6"]
+           "--idle-flush-s", "2", "--batch-max", str(batch_max), "--session-timeout-s", "6", "--delivery", delivery]
     if web_port is not None:
         cmd += ["--web-port", str(web_port)]
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
@@ -231,6 +232,25 @@ def read_counters(port: int, timeout_s: float = 60.0) -> dict:
 def decode_event(value: bytes):
     from streams.contracts import decode as decode_contract
     return decode_contract(value)
+
+
+@pytest.mark.timeout(150)
+def test_faust_stream_path_delivers_every_record(broker, tmp_path):
+    """``--delivery stream`` (faust's per-record path, kept for comparison): the same samples. It
+    once stalled: the topic registered with the conductor as well as by the agent was a channel
+    nobody iterated, each record offered to it raised, and once it was full faust paused the
+    partition for good."""
+    events = replay(broker.bootstrap, tmp_path)
+    expected = offline(events, tmp_path, "offline")
+    samples = TopicReader(broker.bootstrap, "samples")
+    proc, log = start_worker(broker.bootstrap, tmp_path / "joiner", tmp_path / "worker.log", delivery="stream")
+    try:
+        wait_until(lambda: len(samples.values()) >= len(expected), 120, "every sample", [(proc, log)])
+    finally:
+        stop_worker(proc, log)
+    check_samples(samples.poll(), expected, events)
+    assert "Cannot put on Topic channel" not in log.read_text(errors="replace")
+    samples.close()
 
 
 @pytest.mark.timeout(150)

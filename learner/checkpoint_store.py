@@ -58,7 +58,9 @@ class CheckpointStore:
         gone = []
         for p in self.dir.iterdir():
             m = _TMP_NAME.match(p.name)
-            if m is None or _alive(int(m.group(1))):
+            # this process has not saved yet (the store is made first), so its own pid is a
+            # dead process's too: in a container a restarted learner often gets the same pid
+            if m is None or (int(m.group(1)) != os.getpid() and _alive(int(m.group(1)))):
                 continue
             try:
                 p.unlink()

@@ -37,6 +37,7 @@ import torch
 from learner.checkpoint import CheckpointError
 from learner.continuous import ContinuousLearner, StopFlag
 from learner.dist_comm import Comm, DistConfig, DistributedError
+from streams.dlq import DeadLetterError
 from learner.dist_ops import (GradientReducer, MemoryWrites, apply_writes, merge_memory_writes, pack_writes,
                               state_digest, stream_index_buffers, tensors_digest)
 from learner.stream import RebalanceBarrier, StreamBatch, from_source_offsets, to_source_offsets
@@ -236,10 +237,22 @@ class DistributedLearner(ContinuousLearner):
         """Collective: every rank syncs its audit log and checks that its state digest matches rank
         0's; rank 0 cuts and writes the checkpoint; with ``wait`` every rank returns only once it is
         durable. Every rank then commits its own partitions (now or when rank 0 reports durable)."""
-        self.flush_dead_letters()  # each rank its own, before any rank's offsets are saved or committed
+        # each rank its own dead letters, before any rank's offsets are saved or committed; a
+        # failure is shared through the collective below, so that every rank stops (a rank
+        # raising alone would leave the others waiting in it until the timeout)
+        try:
+            self.flush_dead_letters()
+            flush_error = None
+        except Exception as exc:
+            flush_error = exc
         audit_bytes = self.audit.sync() if self.audit is not None else 0
         digest = int(state_digest(self.trainer.model)[:15], 16)
-        gathered = self.comm.gather_ctrl(torch.tensor([audit_bytes, digest], dtype=torch.int64))  # (world, 2)
+        gathered = self.comm.gather_ctrl(torch.tensor([audit_bytes, digest, flush_error is not None],
+                                                      dtype=torch.int64))                # (world, 3)
+        failed = [r for r, bad in enumerate(gathered[:, 2].tolist()) if bad]
+        if failed:
+            raise DeadLetterError(f"checkpoint refused: dead letters of rank(s) {failed} were not acknowledged"
+                                  + (f" (here: {flush_error!r})" if flush_error is not None else "")) from flush_error
         if len(set(gathered[:, 1].tolist())) != 1:
             raise DistributedError(f"ranks diverged at step {self.trainer.step}: "
                                    f"state digests {gathered[:, 1].tolist()}")

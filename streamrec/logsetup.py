@@ -2,10 +2,10 @@
 
 kafka-python logs every connection, bootstrap and metadata refresh at INFO: a joiner worker's log
 was 90 % such lines (a client per read-back, each with its own connections), and ``streamrec
-demo`` printed them between its own summary lines. Below DEBUG the ``kafka`` logger (kafka-python)
-is set to WARNING; its warnings and errors still show. One error it logs on a normal close (a
-metadata refresh in flight when the client closes: ``Metadata refresh: failed Cancelled``) is
-dropped below DEBUG. aiokafka and faust (group membership, assignments) are left as they are.
+demo`` printed them between its own summary lines. Unless the level is DEBUG, the ``kafka`` logger
+(kafka-python) is set to WARNING; its warnings and errors still show. One error it logs on a normal
+close (a metadata refresh in flight when the client closes: ``Metadata refresh: failed
+Cancelled``) is dropped unless the level is DEBUG. aiokafka and faust (group membership, assignments) are left as they are.
 """
 from __future__ import annotations
 

@@ -158,10 +158,17 @@ class DeadLetterRouter:
         """Wait until every dead letter is acknowledged (call before committing source offsets).
         Raises :class:`DeadLetterError` when one was not (its send failed: expired, refused), so
         that the caller does not commit past its source record."""
-        flush = getattr(self._producer, "flush", None)
-        if flush is not None:
-            flush(timeout=timeout_s)
+        # the sends to check are taken first: a letter routed (on another thread) while the
+        # producer flushes is checked by the next flush, not dropped unchecked by this one
         pending, self._pending = self._pending, []
+        flush = getattr(self._producer, "flush", None)
+        try:
+            if flush is not None:
+                flush(timeout=timeout_s)
+        finally:
+            unfinished = [sent for sent in pending if not getattr(sent, "is_done", True)]
+            if unfinished:  # flush timed out: check them next time
+                self._pending[:0] = unfinished
         failures = [sent for sent in pending if getattr(sent, "failed", lambda: False)()]
         if failures:
             raise DeadLetterError(f"{len(failures)} of {len(pending)} dead letters were not acknowledged, "

@@ -30,9 +30,13 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from streamrec.config import build, load_section
 from streamrec.logsetup import FORMAT
+
+if TYPE_CHECKING:
+    import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_SLICE = REPO_ROOT / "data" / "kuairand-slice" / "log_standard_slice.csv.gz"

@@ -98,6 +98,9 @@ class JoinerAppConfig:
             raise ValueError(f"web_port={self.web_port!r} must be in [0, 65535] or None")
 
 
+HOLE_CHECK_S = 5.0  # an idle partition's topics are checked for trailing offsets without records this often
+
+
 class _Partition:
     def __init__(self, pipeline: JoinerPipeline, aligner: TopicAligner, ledger: OutputLedger) -> None:
         self.pipeline, self.aligner, self.ledger = pipeline, aligner, ledger
@@ -105,6 +108,7 @@ class _Partition:
         self.last_event_s = time.monotonic()
         self.flushed = False
         self.received = False  # records arrived since the partition was opened here
+        self.hole_checked_s = time.monotonic()
 
 
 class JoinerRuntime:
@@ -213,8 +217,9 @@ class JoinerRuntime:
         except ChangelogCompacted as exc:
             # e.g. this host's store is from before another owner's time, and compaction ran
             # over that time: deletes it never saw may be gone from the log
-            logger.warning("changelog_compacted partition=%d changelog_from=%d missing_at=%d: rebuilding the "
-                           "store from the changelog's start (keys=%d)", p, start, exc.missing_at, store.clear())
+            n_keys = store.clear()
+            logger.warning("changelog_compacted partition=%d changelog_from=%d missing_at=%d: store cleared "
+                           "(keys=%d), rebuilding it from the changelog's start", p, start, exc.missing_at, n_keys)
             start = 0
             res = self._restore(p, 0, store.apply_changes)
         if res.end > start:
@@ -276,12 +281,7 @@ class JoinerRuntime:
                     first = await asyncio.get_running_loop().run_in_executor(
                         None, self._first_offset, topic, p, offset)
                     if first > offset:  # no records there: without this the partition would seek forever
-                        part = self.partitions[p]
-                        part.aligner.skip_to(topic, first)
-                        part.pipeline.count_skipped_offsets(topic, first - offset)
-                        logger.warning("source_offsets_missing topic=%s partition=%d from=%d to=%d (deleted by "
-                                       "retention, compacted or transaction markers): skipped", topic, p, offset,
-                                       first)
+                        self._skip(p, self.partitions[p], topic, offset, first)
                         offset = first
                 # e.g. local state lost while the group committed further: rebuild from the log
                 logger.warning("offset_gap topic=%s partition=%d seek_to=%d", topic, p, offset)
@@ -322,6 +322,9 @@ class JoinerRuntime:
             acks: list[Any] = []
             now = time.monotonic()
             for p, part in sorted(self.partitions.items()):
+                if now - part.last_event_s >= HOLE_CHECK_S and now - part.hole_checked_s >= HOLE_CHECK_S:
+                    part.hole_checked_s = now
+                    await self._skip_trailing_holes(p, part)
                 idle = self.config.idle_flush_s
                 # ended = idle AND caught up on every topic (a paused or slow fetch is not an end)
                 flush = (idle is not None and not part.flushed and now - part.last_event_s >= idle
@@ -335,6 +338,27 @@ class JoinerRuntime:
                 self._last_log_s = now
                 logger.info("joiner_counters %s", summary_line(self.counters()))
             return acks
+
+    async def _skip_trailing_holes(self, p: int, part: _Partition) -> None:
+        """An idle partition whose topic waits for offsets that hold no records, with no later
+        record to reveal the gap (e.g. retention emptied a quiet topic past this store's offset):
+        skip them as ``handle`` does, or the merge waits on that topic for good."""
+        if self._first_offset is None:
+            return
+        loop = asyncio.get_running_loop()
+        for topic in EVENT_TOPICS:
+            nxt = part.aligner.next_received(topic)
+            if part.aligner._queues[topic] or self._caught_up(topic, p, nxt):
+                continue
+            first = await loop.run_in_executor(None, self._first_offset, topic, p, nxt)
+            if first > nxt:
+                self._skip(p, part, topic, nxt, first)
+
+    def _skip(self, p: int, part: _Partition, topic: str, offset: int, first: int) -> None:
+        part.aligner.skip_to(topic, first)
+        part.pipeline.count_skipped_offsets(topic, first - offset)
+        logger.warning("source_offsets_missing topic=%s partition=%d from=%d to=%d (deleted by retention, "
+                       "compacted or transaction markers): skipped", topic, p, offset, first)
 
     def _prune_remote(self) -> None:
         remote = self._remote

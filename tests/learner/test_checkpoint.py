@@ -154,10 +154,11 @@ def test_store_removes_temp_files_of_saves_whose_process_died(tmp_path):
                           text=True, check=True)
     dead_pid = int(dead.stdout)
     stale = tmp_path / f".ckpt-00000003.pt.tmp-{dead_pid}"
-    live = tmp_path / f".ckpt-00000004.pt.tmp-{os.getpid()}"
+    live = tmp_path / f".ckpt-00000004.pt.tmp-{os.getppid()}"        # a live process (this one's parent)
+    own = tmp_path / f".ckpt-00000005.pt.tmp-{os.getpid()}"          # a dead one's, under a reused pid
     other = tmp_path / "notes.tmp-1"
-    for p in (stale, live, other):
+    for p in (stale, live, own, other):
         p.write_bytes(b"x" * 100)
     store = CheckpointStore(tmp_path)
-    assert not stale.exists() and live.exists() and other.exists()
+    assert not stale.exists() and not own.exists() and live.exists() and other.exists()
     assert store.versions() == []

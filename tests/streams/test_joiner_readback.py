@@ -219,3 +219,57 @@ def test_runtime_skips_offsets_that_hold_no_records_instead_of_seeking_forever(t
     _, old_seeks, old_counters, _ = run(holed, False)
     assert old_seeks == [("impressions", imps[hole_at - 1].offset + 1)] * 4  # seeks back, forever
     assert "source_offsets_skipped" not in old_counters
+
+
+def test_an_idle_partition_skips_trailing_offsets_without_records(tmp_path, monkeypatch):
+    """A topic whose last offsets hold no records and no later record comes (e.g. retention
+    emptied a quiet topic past the store's offset): no gap ever shows, the topic never looks
+    caught up, and the merge would wait on it for good. Once the partition is idle the runtime
+    asks where records resume, skips to the end, and releases what waited."""
+    import asyncio
+
+    import streams.joiner.app as app_module
+    from streams.joiner.app import JoinerAppConfig, JoinerRuntime
+    from streams.joiner.pipeline import PipelineConfig
+    from streams.replay import iter_events
+    from tests.streams.runtime_fakes import acked, consumed
+    from tests.streams.test_joiner_pipeline import SLICE
+
+    monkeypatch.setattr(app_module, "HOLE_CHECK_S", 0.0)
+    evs = list(iter_events([SLICE]))
+    msgs = consumed([e for e in evs if e.ts_ms < evs[0].ts_ms + 3_600_000])
+    runs = []
+
+    def run(trailing_hole: int, first_offset: bool):
+        runs.append(None)
+        ends = {t: max(m.offset for m in msgs if m.topic == t) + 1 for t in {m.topic for m in msgs}}
+        ends["feedback"] += trailing_hole
+
+        async def send(topic, key, value, partition, headers):
+            return acked(0)
+
+        def first(topic, p, offset):
+            return min((m.offset for m in msgs if m.topic == topic and m.offset >= offset), default=ends[topic])
+
+        async def main():
+            rt = JoinerRuntime(JoinerAppConfig(data_dir=tmp_path / f"run{len(runs)}", changelog=False,
+                                               pipeline=PipelineConfig()),
+                               send=send, read_back=lambda *a: [], seek=None,
+                               caught_up=lambda topic, p, nxt: nxt >= ends.get(topic, 0),
+                               first_offset=first if first_offset else None)
+            try:
+                await rt.position(0)
+                await rt.handle(msgs)
+                await rt.tick()
+                return rt.counters(), rt.partitions[0].aligner.buffered()
+            finally:
+                rt.close()
+        return asyncio.run(main())
+
+    ref, ref_buffered = run(0, True)
+    got, buffered = run(4, True)
+    stuck, stuck_buffered = run(4, False)
+    assert ref_buffered == buffered == 0
+    assert got["source_offsets_skipped.feedback"] == 4
+    assert {k: v for k, v in got.items() if not k.startswith("source_offsets")} == ref
+    assert stuck_buffered > 0 and stuck["events"] < ref["events"]  # without the check: waiting

@@ -277,12 +277,8 @@ class JoinerRuntime:
                     gaps[(topic, p)] = gap
                 touched.add(p)
             for (topic, p), offset in sorted(gaps.items()):
-                if self._first_offset is not None:
-                    first = await asyncio.get_running_loop().run_in_executor(
-                        None, self._first_offset, topic, p, offset)
-                    if first > offset:  # no records there: without this the partition would seek forever
-                        self._skip(p, self.partitions[p], topic, offset, first)
-                        offset = first
+                # offsets without records would make the partition seek back here forever
+                offset = await self._resume_at(p, self.partitions[p], topic, offset)
                 # e.g. local state lost while the group committed further: rebuild from the log
                 logger.warning("offset_gap topic=%s partition=%d seek_to=%d", topic, p, offset)
                 if self._seek is None:
@@ -343,22 +339,24 @@ class JoinerRuntime:
         """An idle partition whose topic waits for offsets that hold no records, with no later
         record to reveal the gap (e.g. retention emptied a quiet topic past this store's offset):
         skip them as ``handle`` does, or the merge waits on that topic for good."""
-        if self._first_offset is None:
-            return
-        loop = asyncio.get_running_loop()
         for topic in EVENT_TOPICS:
             nxt = part.aligner.next_received(topic)
-            if part.aligner._queues[topic] or self._caught_up(topic, p, nxt):
-                continue
-            first = await loop.run_in_executor(None, self._first_offset, topic, p, nxt)
-            if first > nxt:
-                self._skip(p, part, topic, nxt, first)
+            if not part.aligner.queued(topic) and not self._caught_up(topic, p, nxt):
+                await self._resume_at(p, part, topic, nxt)
 
-    def _skip(self, p: int, part: _Partition, topic: str, offset: int, first: int) -> None:
-        part.aligner.skip_to(topic, first)
-        part.pipeline.count_skipped_offsets(topic, first - offset)
-        logger.warning("source_offsets_missing topic=%s partition=%d from=%d to=%d (deleted by retention, "
-                       "compacted or transaction markers): skipped", topic, p, offset, first)
+    async def _resume_at(self, p: int, part: _Partition, topic: str, offset: int) -> int:
+        """Where ``topic``'s records resume from ``offset`` (the partition expects ``offset`` next):
+        offsets up to there that hold no records are skipped (counted, logged); ``offset`` itself
+        when records are there, or without ``first_offset``."""
+        if self._first_offset is None:
+            return offset
+        first = await asyncio.get_running_loop().run_in_executor(None, self._first_offset, topic, p, offset)
+        if first > offset:
+            part.aligner.skip_to(topic, first)
+            part.pipeline.count_skipped_offsets(topic, first - offset)
+            logger.warning("source_offsets_missing topic=%s partition=%d from=%d to=%d (deleted by retention, "
+                           "compacted or transaction markers): skipped", topic, p, offset, first)
+        return max(first, offset)
 
     def _prune_remote(self) -> None:
         remote = self._remote
@@ -552,10 +550,9 @@ def make_app(config: JoinerAppConfig) -> tuple[faust.App, JoinerRuntime]:
             # committed offsets, seek each newly assigned partition to its store's offsets (a lost
             # store means offset 0: the state is rebuilt from the topics). faust's recovery seeks
             # to the group's offsets and resumes its flow after the rebalance has ended: a seek of
-            # ours before that would be undone (partitions now open in milliseconds, so the timer
-            # can get there first)
-            # Opening a partition can take seconds (a changelog replay): a rebalance may begin
-            # meanwhile, so each partition and each seek is checked against the assignment again.
+            # ours before that would be undone. Opening a partition can take seconds (a changelog
+            # replay): a rebalance may begin meanwhile, so each partition and each seek is checked
+            # against the assignment again.
             for p in sorted({tp.partition for tp in app.consumer.assignment() if tp.topic in EVENT_TOPICS}
                             - positioned):
                 if app.rebalancing:

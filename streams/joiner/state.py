@@ -73,6 +73,10 @@ class TopicAligner:
             raise ValueError(f"skip_to({topic!r}, {offset}) is behind the next expected offset {self._next[topic]}")
         self._next[topic] = offset
 
+    def queued(self, topic: str) -> int:
+        """Entries of ``topic`` waiting to be released."""
+        return len(self._queues[topic])
+
     def next_received(self, topic: str) -> int:
         return self._next[topic]
 

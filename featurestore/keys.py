@@ -100,7 +100,6 @@ _U64_U8 = struct.Struct(">QB")
 _FAMILY_U64_U8 = struct.Struct(">BQB")
 _FAMILY_U64 = struct.Struct(">BQ")
 _FAMILY_U8_U64 = struct.Struct(">BBQ")
-_U8_U64 = struct.Struct(">BQ")
 _USER_ROWS = (*((Family.USER_SEQUENCE, int(k)) for k in SequenceKind),
               *((Family.USER_COUNTER, int(c)) for c in CounterKind))
 
@@ -220,7 +219,7 @@ def decode_key(key: bytes) -> tuple[Family, tuple]:
             user_id, counter = _U64_U8.unpack(body)
             return family, (user_id, CounterKind(counter))
         if family is Family.JOIN_STATE:
-            kind, impression_id = _U8_U64.unpack(body)
+            kind, impression_id = _FAMILY_U64.unpack(body)  # kind (u8), impression id (u64)
             return family, (JoinStateKind(kind), impression_id)
         if family in (Family.ITEM_SKETCH, Family.ITEM_COUNTS):
             return family, (_U64.unpack(body)[0],)

@@ -118,16 +118,9 @@ class RocksFeatureStore(RdictView):
 
     def clear(self) -> int:
         """Delete every key (a store about to be rebuilt from its changelog); returns how many."""
-        db = self._require_db()
-        if self._active is not None:
-            raise TransactionStateError("cannot clear the store while a transaction is open")
-        found = list(db.keys())
-        for i in range(0, len(found), 10_000):
-            wb = WriteBatch(raw_mode=True)
-            for key in found[i:i + 10_000]:
-                wb.delete(key)
-            db.write(wb, self._write_options)
-        self._commit_seq, self._max_event_ts_ms = 0, -1
+        found = list(self._require_db().keys())
+        for i in range(0, len(found), 10_000):  # apply_changes refuses while a transaction is open
+            self.apply_changes((key, None) for key in found[i:i + 10_000])
         logger.info("featurestore_cleared path=%s keys=%d", self.path, len(found))
         return len(found)
 

@@ -251,6 +251,12 @@ class Objective(nn.Module):
         parts["loss"] = loss.detach()
         return ObjectiveResult(loss, parts)
 
+    def teacher_p(self, out: ModelOutput) -> torch.Tensor | None:
+        """CLSD's teacher confidence from ``out`` (a pre-step prediction): sigmoid of the head CLSD
+        trains, detached float32 (B,); None without a CLSD term."""
+        clsd = self.terms["clsd"] if "clsd" in self.terms else None
+        return None if clsd is None else torch.sigmoid(_head(out, clsd.cfg.head).detach())
+
     def score(self, out: ModelOutput) -> torch.Tensor:
         s = torch.sigmoid(out.main.detach().float())                        # (B,)
         if "ndt_weighted" in self.terms:

@@ -179,9 +179,6 @@ class Trainer:
         self.objective_config = objective_config(cfg)
         self.model = build_model(cfg.model, self.model_config).to(self.device).train()
         self.objective = build_objective(self.objective_config).to(self.device).train()
-        clsd = self.objective.terms["clsd"] if "clsd" in self.objective.terms else None
-        #: the head whose pre-step prediction is CLSD's teacher p: the head CLSD trains
-        self.teacher_head = clsd.cfg.head if clsd is not None else "main"
         # fused Adam: one kernel over all parameters (the same update as the default implementation,
         # about 7x faster on CPU for the large hashed tables)
         self.optimizer = torch.optim.Adam([*self.model.parameters(), *self.objective.parameters()], lr=cfg.lr,
@@ -205,11 +202,9 @@ class Trainer:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _scores(self, out) -> tuple[torch.Tensor, torch.Tensor]:
-        """(served score / n_towers (B,), teacher p of the head CLSD trains (B,)), both detached float32."""
-        served = self.objective.score(out).float() / self.n_towers                 # (B,)
-        teacher = out.logits[self.teacher_head] if self.teacher_head != "main" else out.main
-        return served, torch.sigmoid(teacher.detach().float())                      # (B,), (B,)
+    def _served(self, out) -> torch.Tensor:
+        """The served score / n_towers (B,), detached float32."""
+        return self.objective.score(out).float() / self.n_towers                   # (B,)
 
     def train_batch(self, batch: SampleBatch) -> torch.Tensor:
         """Score ``batch`` with the current state, record the scores, then train on it. -> (B,) scores."""
@@ -222,15 +217,17 @@ class Trainer:
         """Score ``batch`` (on this trainer's device), then fill the gradients of its mean loss; the
         optimizer does not step. -> (served scores (B,), loss ()), both detached.
         :mod:`learner.distributed` reduces the gradients across ranks between this and the step."""
+        teacher = None  # one pass: CLSD takes its teacher from this forward's own detached output
         if self.cfg.separate_eval_pass:
             self.model.eval()
             with torch.no_grad(), self._autocast():
-                served, teacher = self._scores(self.model(batch, write_memory=False))  # (B,), (B,)
+                pre = self.model(batch, write_memory=False)
+                served, teacher = self._served(pre), self.objective.teacher_p(pre)  # (B,), (B,) or None
             self.model.train()
         with self._autocast():
             out = self.model(batch, write_memory=True)
             if not self.cfg.separate_eval_pass:
-                served, teacher = self._scores(out)                                 # (B,), (B,)
+                served = self._served(out)                                          # (B,)
             res = self.objective(out, batch, teacher_p=teacher)
         self.optimizer.zero_grad(set_to_none=True)
         res.loss.backward()

@@ -219,15 +219,21 @@ def test_adgate_gives_every_activeness_level_its_own_row():
 
 
 def test_the_clsd_teacher_comes_from_the_head_clsd_trains():
-    """CLSD distils a head into itself: with ``clsd.head = "weighted"`` the teacher p handed to the
-    objective is the pre-step prediction of the weighted head, not of the main head."""
+    """CLSD distils a head into itself: with ``clsd.head = "weighted"`` the teacher p of a pre-step
+    prediction (the trainer's separate eval pass) is the weighted head's, not the main head's; and
+    without an explicit teacher CLSD takes the same head of its own forward."""
     from learner.trainer import Trainer, TrainerConfig
 
     for head in ("main", "weighted"):
         cfg = TrainerConfig(model="din", objective="mtl_clsd", device="cpu", clsd=CLSDConfig(head=head))
         trainer = Trainer(cfg, tiny_config("din", heads=cfg.heads))
-        assert trainer.teacher_head == head
         out = trainer.model(synthetic_batch(8, 5, seed=3), write_memory=False)
         assert not torch.allclose(out.logits["main"], out.logits["weighted"])
-        _served, teacher = trainer._scores(out)
+        teacher = trainer.objective.teacher_p(out)
         assert torch.equal(teacher, torch.sigmoid(out.logits[head].detach().float()))
+        clsd = trainer.objective.terms["clsd"]
+        implicit = clsd(out, synthetic_batch(8, 5, seed=3)).loss
+        clsd.n_seen -= 8
+        explicit = clsd(out, synthetic_batch(8, 5, seed=3), teacher_p=teacher).loss
+        assert implicit.item() == pytest.approx(explicit.item(), rel=1e-6)
+    assert build_objective(ObjectiveConfig(terms=("bce",))).teacher_p(out) is None

@@ -323,7 +323,8 @@ class ContinuousLearner:
         # the dead letters of the records these offsets cover were sent when their batches were
         # decoded: they must be on the broker before a checkpoint moves past them (a flush after
         # the save could fail, or the process die, leaving them neither sent nor to be re-read)
-        self.flush_dead_letters()
+        if self.flush_dead_letters_on_write:
+            self.flush_dead_letters()
         path = self.store.save(version, state)
         self.stream.set_positions(offsets)
         self.stats.version = version
@@ -335,6 +336,10 @@ class ContinuousLearner:
         logger.info("checkpoint version=%d reason=%s step=%s samples=%s offsets=%s pause_s=%.3f write_s=%.3f path=%s",
                     version, reason, state["step"], state["samples_seen"], offsets, pause_s, time.perf_counter() - t0,
                     path)
+
+    #: flush the dead letters on the writer thread, before the save (the distributed learner
+    #: flushes every rank's before its collective instead)
+    flush_dead_letters_on_write = True
 
     def flush_dead_letters(self) -> None:
         """Wait until every rejected record sent so far is on the dead-letter topic (raises if not

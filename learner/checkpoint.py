@@ -25,6 +25,7 @@ import hashlib
 import io
 import logging
 import os
+import re
 import struct
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,14 @@ class CheckpointError(LearnerError):
     """
 
 
+def temp_path(path: Path, pid: int | None = None) -> Path:
+    """Where process ``pid`` (default: this one) writes ``path`` before renaming it."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid() if pid is None else pid}")
+
+
+TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)$")  # temp_path's names
+
+
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     """Write ``state`` to ``path`` atomically (temp file + fsync + rename + directory fsync)."""
     path = Path(path)
@@ -55,7 +64,7 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     torch.save(state, buf)
     payload = buf.getvalue()
     header = _HEADER.pack(MAGIC, VERSION, len(payload), hashlib.sha256(payload).digest())
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temp_path(path)
     try:
         with open(tmp, "wb") as fh:
             fh.write(header)

@@ -24,12 +24,11 @@ from typing import Any
 
 import numpy as np
 
-from learner.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from learner.checkpoint import TEMP_NAME, CheckpointError, load_checkpoint, save_checkpoint
 
 logger = logging.getLogger(__name__)
 
 _CKPT_NAME = re.compile(r"^ckpt-(\d{8,})\.pt$")
-_TMP_NAME = re.compile(r"^\.ckpt-\d{8,}\.pt\.tmp-(\d+)$")  # learner.checkpoint.save_checkpoint's
 
 
 def _alive(pid: int) -> bool:
@@ -57,10 +56,12 @@ class CheckpointStore:
         rename leaves ``.ckpt-N.pt.tmp-PID``, as large as a checkpoint); returns them."""
         gone = []
         for p in self.dir.iterdir():
-            m = _TMP_NAME.match(p.name)
+            m = TEMP_NAME.match(p.name)
+            if m is None or not _CKPT_NAME.match(m["name"]):
+                continue
             # this process has not saved yet (the store is made first), so its own pid is a
             # dead process's too: in a container a restarted learner often gets the same pid
-            if m is None or (int(m.group(1)) != os.getpid() and _alive(int(m.group(1)))):
+            if int(m["pid"]) != os.getpid() and _alive(int(m["pid"])):
                 continue
             try:
                 p.unlink()

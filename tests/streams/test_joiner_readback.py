@@ -12,13 +12,23 @@ from streams.joiner.readback import PartitionReader
 TOPICS = [f"out{i}" for i in range(5)]
 
 
-def _create(bootstrap: str, topics: dict[str, int]) -> None:
+def _create(bootstrap: str, topics: dict[str, int], configs: dict[str, str] | None = None) -> None:
     from kafka.admin import KafkaAdminClient, NewTopic
     admin = KafkaAdminClient(bootstrap_servers=bootstrap)
     try:
-        admin.create_topics([NewTopic(t, num_partitions=n, replication_factor=1) for t, n in topics.items()])
+        admin.create_topics([NewTopic(t, num_partitions=n, replication_factor=1, topic_configs=configs or {})
+                             for t, n in topics.items()])
     finally:
         admin.close()
+
+
+@pytest.fixture(scope="module")
+def events():
+    """The bundled slice's first hour."""
+    from streams.replay import iter_events
+    from tests.streams.test_joiner_pipeline import SLICE
+    evs = list(iter_events([SLICE]))
+    return [e for e in evs if e.ts_ms < evs[0].ts_ms + 3_600_000]
 
 
 def _produce(bootstrap: str, records) -> None:
@@ -111,36 +121,28 @@ def test_changelog_replay_reads_its_range_through_the_shared_reader(broker):
         reader.close()
 
 
-def test_first_offset_finds_where_records_start_after_retention(tmp_path):
+def test_first_offset_finds_where_records_start_after_retention(broker):
     """Retention deleted a partition's oldest segments: the first record at or after offset 0 is
     the new log start; offsets that hold records answer themselves; past the end, the offset."""
-    from streams.broker import EmbeddedBroker
-    from streams.broker.config import BrokerConfig
-
-    with EmbeddedBroker(BrokerConfig(data_dir=tmp_path / "b", port=0)) as broker:
-        from kafka.admin import KafkaAdminClient, NewTopic
-        admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
-        admin.create_topics([NewTopic("ev", num_partitions=1, replication_factor=1,
-                                      topic_configs={"segment.bytes": "1024", "retention.bytes": "1024"})])
-        admin.close()
-        producer = KafkaProducer(bootstrap_servers=broker.bootstrap, linger_ms=0)
-        for i in range(40):  # one batch each: segments roll every few records
-            producer.send("ev", b"x" * 100, partition=0).get(10)
-        producer.close()
-        assert broker.enforce_retention() > 0
-        reader = PartitionReader(broker.bootstrap, ["ev"])
-        try:
-            start = reader.first_offset("ev", 0, 0)
-            assert 0 < start < 40
-            assert reader.first_offset("ev", 0, start - 1) == start
-            assert reader.first_offset("ev", 0, start + 3) == start + 3
-            assert reader.first_offset("ev", 0, 40) == 40 and reader.first_offset("ev", 0, 45) == 45
-            assert reader.read_values("ev", 0, 0) == [b"x" * 100] * (40 - start)
-        finally:
-            reader.close()
+    _create(broker.bootstrap, {"ev": 1}, {"segment.bytes": "1024", "retention.bytes": "1024"})
+    producer = KafkaProducer(bootstrap_servers=broker.bootstrap, linger_ms=0)
+    for i in range(40):  # one batch each: segments roll every few records
+        producer.send("ev", b"x" * 100, partition=0).get(10)
+    producer.close()
+    assert broker.enforce_retention() > 0
+    reader = PartitionReader(broker.bootstrap, ["ev"])
+    try:
+        start = reader.first_offset("ev", 0, 0)
+        assert 0 < start < 40
+        assert reader.first_offset("ev", 0, start - 1) == start
+        assert reader.first_offset("ev", 0, start + 3) == start + 3
+        assert reader.first_offset("ev", 0, 40) == 40 and reader.first_offset("ev", 0, 45) == 45
+        assert reader.read_values("ev", 0, 0) == [b"x" * 100] * (40 - start)
+    finally:
+        reader.close()
 
 
-def test_runtime_skips_offsets_that_hold_no_records_instead_of_seeking_forever(tmp_path):
+def test_runtime_skips_offsets_that_hold_no_records_instead_of_seeking_forever(events, tmp_path):
     """An event topic whose offsets have a hole (records deleted by retention, compacted, or a
     transaction marker): the runtime asks where records resume, skips to there once (counted in
     source_offsets_skipped), and the samples are those of the same records without the hole.
@@ -151,13 +153,9 @@ def test_runtime_skips_offsets_that_hold_no_records_instead_of_seeking_forever(t
     from streams.joiner.app import JoinerAppConfig, JoinerRuntime
     from streams.joiner.pipeline import PipelineConfig
     from tests.streams.runtime_fakes import acked, consumed
-    from tests.streams.test_joiner_pipeline import SLICE
-    from streams.replay import iter_events
 
-    evs = list(iter_events([SLICE]))
-    evs = [e for e in evs if e.ts_ms < evs[0].ts_ms + 3_600_000]
-    plain = consumed(evs)
-    holed = consumed(evs)
+    plain = consumed(events)
+    holed = consumed(events)
     imps = [m for m in holed if m.topic == "impressions"]
     hole_at, hole = len(imps) // 2, 7
     for m in imps[hole_at:]:
@@ -221,7 +219,7 @@ def test_runtime_skips_offsets_that_hold_no_records_instead_of_seeking_forever(t
     assert "source_offsets_skipped" not in old_counters
 
 
-def test_an_idle_partition_skips_trailing_offsets_without_records(tmp_path, monkeypatch):
+def test_an_idle_partition_skips_trailing_offsets_without_records(events, tmp_path, monkeypatch):
     """A topic whose last offsets hold no records and no later record comes (e.g. retention
     emptied a quiet topic past the store's offset): no gap ever shows, the topic never looks
     caught up, and the merge would wait on it for good. Once the partition is idle the runtime
@@ -231,13 +229,10 @@ def test_an_idle_partition_skips_trailing_offsets_without_records(tmp_path, monk
     import streams.joiner.app as app_module
     from streams.joiner.app import JoinerAppConfig, JoinerRuntime
     from streams.joiner.pipeline import PipelineConfig
-    from streams.replay import iter_events
     from tests.streams.runtime_fakes import acked, consumed
-    from tests.streams.test_joiner_pipeline import SLICE
 
     monkeypatch.setattr(app_module, "HOLE_CHECK_S", 0.0)
-    evs = list(iter_events([SLICE]))
-    msgs = consumed([e for e in evs if e.ts_ms < evs[0].ts_ms + 3_600_000])
+    msgs = consumed(events)
     runs = []
 
     def run(trailing_hole: int, first_offset: bool):

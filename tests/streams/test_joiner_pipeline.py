@@ -197,11 +197,11 @@ def test_early_emitted_sample_sees_clicks_and_feedback_of_pending_earlier_impres
         assert got == ref
 
 
-def _compact(log):
+def _compact(log, key=0, value=1):
     """What Kafka's log compaction may leave: the last record of each key, in log order, and no
-    tombstones (their delete retention passed)."""
-    last = {k: i for i, (k, _v, _t) in enumerate(log)}
-    return [(k, v, t) for i, (k, v, t) in enumerate(log) if last[k] == i and v is not None]
+    tombstones (their delete retention passed). ``key``, ``value``: their places in a record."""
+    last = {r[key]: i for i, r in enumerate(log)}
+    return [r for i, r in enumerate(log) if last[r[key]] == i and r[value] is not None]
 
 
 def _restore_from(log):
@@ -213,8 +213,9 @@ def _restore_from(log):
     return restore
 
 
-def _store_items(pipe):
-    return {k: v for k, v in pipe.store._require_db().items() if not k.endswith(b"changelog.next")}
+def _store_items(pipe_or_store):
+    store = getattr(pipe_or_store, "store", pipe_or_store)
+    return {k: v for k, v in store._require_db().items() if not k.endswith(b"changelog.next")}
 
 
 
@@ -250,7 +251,6 @@ def test_store_restored_from_its_changelog_continues_like_the_original(events, t
     log += [(k, v, make_tag(1, seq)) for k, v in changes[:-1]]
     pipe.close()
 
-    from featurestore import RocksFeatureStore
     lost = RocksFeatureStore(tmp_path / "lost", cfg.store)
     _restore_from(_compact(log))(lost)
     # compaction took the committed values the batch overwrote (the join core's header among them)
@@ -494,8 +494,7 @@ class _MemChangelog:
     def compact(self) -> None:
         """What Kafka's compaction may leave: the last record of each key, no tombstones (their
         delete retention passed); offsets and the end unchanged."""
-        last = {k: o for o, k, _v, _t in self.log}
-        self.log = [(o, k, v, t) for o, k, v, t in self.log if last[k] == o and v is not None]
+        self.log = _compact(self.log, key=1, value=2)
 
     @contextlib.contextmanager
     def partition(self, topic, partition):
@@ -559,7 +558,7 @@ def test_a_store_behind_a_compacted_changelog_is_rebuilt_not_brought_forward(eve
     shutil.copytree(tmp_path / "a", tmp_path / "a-naive")
     naive = RocksFeatureStore(next((tmp_path / "a-naive").rglob("p0000")), PipelineConfig().store)
     naive.apply_changes([(k, v) for o, k, v, _t in log.log if o >= x])
-    naive_items = {k: v for k, v in naive._require_db().items() if not k.endswith(b"changelog.next")}
+    naive_items = _store_items(naive)
     naive.close()
     assert naive_items != b_items and set(naive_items) & deleted
 

@@ -174,22 +174,14 @@ def test_tail_renders_the_joiners_late_orphan_and_dwell_outputs():
 
 
 def _one_point_in_time_sample_per_impression(bootstrap: str, n_impressions: int) -> None:
-    from kafka import KafkaConsumer, TopicPartition
-
+    from streams.joiner.readback import PartitionReader
     from streams.samples import decode, snapshot_is_point_in_time
 
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    reader = PartitionReader(bootstrap, ["samples"])  # each partition to its end, within a deadline
     try:
-        tps = [TopicPartition("samples", p) for p in sorted(consumer.partitions_for_topic("samples"))]
-        consumer.assign(tps)
-        consumer.seek_to_beginning()
-        ends = consumer.end_offsets(tps)
-        values = []
-        while any(consumer.position(tp) < ends[tp] for tp in tps):
-            for recs in consumer.poll(timeout_ms=500, max_records=10_000).values():
-                values += [r.value for r in recs]
+        values = [v for p in reader.partitions("samples") for v in reader.read_values("samples", p, 0)]
     finally:
-        consumer.close()
+        reader.close()
     samples = [decode(v) for v in values]
     assert len(samples) == len({s.impression_id for s in samples}) == n_impressions
     assert all(snapshot_is_point_in_time(s) for s in samples)

@@ -77,6 +77,11 @@ class PartitionReader:
                 values += [r.value for r in recs]
             return values
 
+    def partitions(self, topic: str) -> list[int]:
+        """``topic``'s partitions, ascending."""
+        with self._lock:
+            return sorted(self._client().partitions_for_topic(topic) or ())
+
     def first_offset(self, topic: str, partition: int, offset: int, timeout_s: float = 30.0) -> int:
         """The offset of the first record at or after ``offset`` in ``topic[partition]``: ``offset``
         itself unless records below it are gone (deleted by retention, removed by compaction) or

@@ -222,11 +222,8 @@ def counters_of(port: int) -> dict:
 def read_counters(port: int, timeout_s: float = 60.0) -> dict:
     """The worker's total counters, asked again until its page answers (a busy worker's web
     endpoint can miss one 5 s read)."""
-    deadline = time.monotonic() + timeout_s
-    while not (got := counters_of(port)):
-        assert time.monotonic() < deadline, f"the counters page on port {port} did not answer for {timeout_s:.0f}s"
-        time.sleep(0.2)
-    return got
+    from tests.broker.conftest import wait_for
+    return wait_for(lambda: counters_of(port), timeout_s, 0.2, f"the counters page on port {port}")
 
 
 def decode_event(value: bytes):

@@ -12,27 +12,25 @@ from __future__ import annotations
 import logging
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
-CLIENT_LOGGERS = ("kafka",)
+_CLIENT_LOGGERS = ("kafka",)
 
 
-def level_of(name: str) -> int:
+def _level_of(name: str) -> int:
     """``logging`` level of a ``--log-level`` value (INFO when it is not a level's name)."""
     level = getattr(logging, str(name).upper(), None)
     return level if isinstance(level, int) else logging.INFO
 
 
-def configure(level_name: str) -> int:
-    """The root logger at ``level_name`` (stderr, :data:`FORMAT`), the client loggers quieted;
-    returns the level."""
-    level = level_of(level_name)
+def configure(level_name: str) -> None:
+    """The root logger at ``level_name`` (stderr, :data:`FORMAT`), the client loggers quieted."""
+    level = _level_of(level_name)
     logging.basicConfig(level=level, format=FORMAT)
-    quiet_clients(level)
-    return level
+    _quiet_clients(level)
 
 
-def quiet_clients(level: int) -> None:
+def _quiet_clients(level: int) -> None:
     debug = level <= logging.DEBUG
-    for name in CLIENT_LOGGERS:
+    for name in _CLIENT_LOGGERS:
         logging.getLogger(name).setLevel(logging.NOTSET if debug else logging.WARNING)
     cluster = logging.getLogger("kafka.cluster")
     if _closing_noise not in cluster.filters:
@@ -49,4 +47,4 @@ def _closing_noise(record: logging.LogRecord) -> bool:
     return True
 
 
-__all__ = ["CLIENT_LOGGERS", "FORMAT", "configure", "level_of", "quiet_clients"]
+__all__ = ["FORMAT", "configure"]

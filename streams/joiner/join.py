@@ -391,21 +391,16 @@ class JoinCore:
                     imp = events[0]
                     if type(imp) is not Impression or imp.impression_id != k:
                         raise ValueError(f"joiner state: pending record {k} holds {imp!r}")
-                    p = core._pending[k] = _Pending(imp, imp.ts_ms + config.label_window_ms)
-                    heappush(core._due, (p.close, k))
-                    core._restore_attached(p, events[1:])
-                    p.ids, pos = _unpack_ids(view, pos)
+                    pos = core._restore_pending(events, view, pos)
                 elif kind is JoinStateKind.WAITING:
                     waiting, pos = _unpack_events(view, 0)
-                    core._buffer[k] = waiting
                     for e in waiting:
-                        heappush(core._orphan_due, (e.ts_ms + config.orphan_grace_ms, k, e.event_id))
+                        core._restore_waiting(k, e)
                     n_waiting += len(waiting)
                 else:
                     (close,) = struct.unpack_from("<q", view, 0)
                     ids, pos = _unpack_ids(view, 8)
-                    core._emitted[k] = (close, ids)
-                    heappush(core._forget_due, (close + config.emitted_retention_ms, k))
+                    core._restore_emitted(k, close, ids)
             except (struct.error, IndexError, ContractError) as exc:
                 raise ValueError(f"joiner state: corrupt {kind.name} record of {k} ({exc})") from None
             if pos != len(view):
@@ -462,26 +457,38 @@ class JoinCore:
         return core
 
     def _restore_body(self, view: memoryview, pos: int) -> tuple[int, int]:
-        config = self.config
         (n_pending,), pos = struct.unpack_from("<I", view, pos), pos + 4
         for _ in range(n_pending):
             events, pos = _unpack_events(view, pos)
-            imp = events[0]
-            p = self._pending[imp.impression_id] = _Pending(imp, imp.ts_ms + config.label_window_ms)
-            heappush(self._due, (p.close, imp.impression_id))
-            self._restore_attached(p, events[1:])
-            p.ids, pos = _unpack_ids(view, pos)
+            pos = self._restore_pending(events, view, pos)
         waiting, pos = _unpack_events(view, pos)
         for e in waiting:
-            self._buffer.setdefault(e.impression_id, []).append(e)
-            heappush(self._orphan_due, (e.ts_ms + config.orphan_grace_ms, e.impression_id, e.event_id))
+            self._restore_waiting(e.impression_id, e)
         (n_emitted,), pos = struct.unpack_from("<I", view, pos), pos + 4
         for _ in range(n_emitted):
             k, close = struct.unpack_from("<qq", view, pos)
             ids, pos = _unpack_ids(view, pos + 16)
-            self._emitted[k] = (close, ids)
-            heappush(self._forget_due, (close + config.emitted_retention_ms, k))
+            self._restore_emitted(k, close, ids)
         return pos, len(waiting)
+
+    # one held item each, the same for the record layout (from_state) and the blob (from_bytes)
+    def _restore_pending(self, events: list[Event], view: memoryview, pos: int) -> int:
+        """A pending impression (``events``: it, then its attached outcomes) with its event ids
+        read from ``view`` at ``pos``; returns the position after them."""
+        imp = events[0]
+        p = self._pending[imp.impression_id] = _Pending(imp, imp.ts_ms + self.config.label_window_ms)
+        heappush(self._due, (p.close, imp.impression_id))
+        self._restore_attached(p, events[1:])
+        p.ids, pos = _unpack_ids(view, pos)
+        return pos
+
+    def _restore_waiting(self, k: int, e: Event) -> None:
+        self._buffer.setdefault(k, []).append(e)
+        heappush(self._orphan_due, (e.ts_ms + self.config.orphan_grace_ms, k, e.event_id))
+
+    def _restore_emitted(self, k: int, close: int, ids) -> None:
+        self._emitted[k] = (close, ids)
+        heappush(self._forget_due, (close + self.config.emitted_retention_ms, k))
 
     def _restore_attached(self, p: _Pending, events: list[Event]) -> None:
         sink = JoinOutput()

@@ -11,7 +11,7 @@ the allowed lateness (see docs/joiner.md).
   ``impression_id`` when ``ts_i - grace_ms <= ts < ts_i + label_window_ms``; outcomes that arrive
   before their impression wait in a buffer;
 * close ``c_i`` = ``ts_i + label_window_ms``, or with early emission ``max(first click ts, first
-  dwell ts) + final_dwell_settle_ms`` when smaller; the record is emitted once, when ``W >= c_i``,
+  dwell ts, ts_i) + final_dwell_settle_ms`` when smaller; the record is emitted once, when ``W >= c_i``,
   with the attached outcomes of ``ts < c_i``;
 * an outcome for an emitted impression is ``late`` (or ``duplicate``); an outcome still waiting when
   ``W > ts + orphan_grace_ms``, or naming another user or item than its impression, is an
@@ -247,7 +247,9 @@ class JoinCore:
         else:
             return
         if self._emit_early and p.first_click != _INF and p.first_dwell != _INF:
-            early = max(p.first_click, p.first_dwell) + self._settle
+            # the impression's own ts too: a click and dwell up to grace_ms before it (clock skew)
+            # must not close it before it was shown (label_ts > ts, docs/joiner.md section 1)
+            early = max(p.first_click, p.first_dwell, imp.ts_ms) + self._settle
             if early < p.close:
                 p.close = early
                 heappush(self._due, (early, imp.impression_id))

@@ -43,7 +43,7 @@ def reference(events, cfg: JoinerConfig) -> dict[int, JoinedImpression]:
         clicks = [o.ts_ms for o in att if type(o) is Click]
         dwells = [o.ts_ms for o in att if type(o) is Dwell]
         if cfg.emit_early_on_final_dwell and clicks and dwells:
-            close = min(close, max(min(clicks), min(dwells)) + cfg.final_dwell_settle_ms)
+            close = min(close, max(min(clicks), min(dwells), ts) + cfg.final_dwell_settle_ms)
         inc = [o for o in att if o.ts_ms < close]
         inc_clicks = [o.ts_ms for o in inc if type(o) is Click]
         inc_dwells = sorted((o for o in inc if type(o) is Dwell), key=lambda d: (d.ts_ms, d.event_id))
@@ -128,6 +128,7 @@ def test_exactly_one_sample_per_impression_matching_reference(cfg, data):
     core, samples, late, orphans = run(arrivals, cfg)
     ids = [s.impression.impression_id for s in samples]
     assert len(ids) == len(set(ids))
+    assert all(s.label_ts_ms > s.impression.ts_ms for s in samples)  # the sample contract's rule
     assert {s.impression.impression_id: s for s in samples} == reference(events, cfg)
     n = core.counters()
     assert n["emitted"] == len(samples) == len({e.impression_id for e in events if type(e) is Impression})
@@ -243,6 +244,16 @@ def test_early_emission_when_clicked_and_dwell_final():
     core = JoinCore(CFG)
     core.process([imp(100_000), Click(2, 101_000, 7, 1, 9), Dwell(3, 105_000, 7, 1, 9, 4_000)])
     assert core.advance(106_500).samples == []
+
+
+def test_early_close_is_never_before_the_impression():
+    """A click and dwell within the grace before their impression (clock skew) close it no
+    earlier than its own ts + settle: a sample never closes before it was shown."""
+    core = JoinCore(EARLY)
+    out = core.process([Click(2, 98_500, 7, 1, 9), Dwell(3, 99_000, 7, 1, 9, 4_000), imp(100_000)])
+    assert out.samples == []
+    [s] = core.advance(101_500).samples  # W = 100_500 >= 100_000 + 500
+    assert (s.early, s.label_ts_ms, s.clicked, s.dwell_ms) == (True, 100_500, True, 4_000)
 
 
 def test_attached_event_past_early_close_is_late_at_emission():

@@ -316,16 +316,16 @@ class JoinerPipeline:
                 j += 1
             if deferred.epoch not in (None, epoch):
                 deferred.apply(tx)
-            clicks: dict[tuple[int, int], int] = {}
+            t2_counts: list[int] = []
             for idx in range(i, j):
                 s = joined[idx]
                 rows = users[s.impression.user_id]
-                snaps.append(snapshots.read(rows, s, clicks, unsettled_entries(joined, idx, by_user, pending)))
+                snaps.append(snapshots.read(rows, s, t2_counts, unsettled_entries(joined, idx, by_user, pending)))
                 stage_user(rows, s)
             run = joined[i:j]
             dwell, provenance = self._shared.freeze(tx, epoch, self._dwell)
             # the run's statistics are read now (its epoch's); the samples are encoded together
-            columns.add(run, FrozenStoreStatistics(tx, dwell, clicks))
+            columns.add(run, FrozenStoreStatistics(tx, dwell), t2_counts)
             header = None if provenance is None else [(HEADER_STATS, provenance)]
             headers += [header if s.clicked else None for s in run]
             deferred.add_run(epoch, run)  # the run's item statistics wait until a later epoch starts

@@ -92,10 +92,11 @@ class UserSnapshots:
     def __init__(self, seq_len: int, max_len: int, t2_window_ms: int) -> None:
         self.seq_len, self.max_len, self.t2_window_ms = seq_len, max_len, t2_window_ms
 
-    def read(self, rows: UserRows, s: JoinedImpression, clicks: dict[tuple[int, int], int],
+    def read(self, rows: UserRows, s: JoinedImpression, t2_counts: list[int],
              unsettled: list[list[Entry]] | None) -> Snapshot:
         """The snapshot of ``s`` from its user's ``rows`` (every earlier sample's updates staged);
-        its T2 count (clicked samples) goes to ``clicks[(user, click ts)]``."""
+        its T2 count (0 when not clicked) is appended to ``t2_counts``: one per sample, since two
+        samples of a user clicked at the same ms can have different counts."""
         imp = s.impression
         ts = imp.ts_ms
         seqs = rows.sequences()
@@ -129,7 +130,9 @@ class UserSnapshots:
             n_clicks = 0 if seqs[0] is None else seqs[0].count_before(c, self.max_len, lo)
             if unsettled is not None:
                 n_clicks += sum(1 for e in unsettled[0] if lo <= e[0] < c)
-            clicks[(imp.user_id, c)] = n_clicks
+            t2_counts.append(n_clicks)
+        else:
+            t2_counts.append(0)
         if newest < 0:  # every sequence empty (entry times are >= 0)
             return EMPTY_SNAPSHOT
         return Snapshot.prechecked(parts, newest)   # parts in SequenceKind order = the field order

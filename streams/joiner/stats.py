@@ -4,8 +4,9 @@
 global statistics (kept equal, bit for bit, to the one the store holds for the partition's shard)
 and reads the item P10 sketches (T3) on demand from a store view (the open transaction, which sees
 its own staged updates). The pipeline builds it before it applies anything of the run's epoch, so
-every sample of a run is judged on the statistics as of the start of its statistics epoch. The T2
-counts are computed by the pipeline per sample, in close order, and handed in.
+every sample of a run is judged on the statistics as of the start of its statistics epoch. It has
+no ``user_clicks_7d``: the pipeline counts T2 per sample, in close order, from the snapshot read,
+and hands the counts to ``StatisticsColumns.add`` itself.
 
 :class:`DeferredItemStats` holds the item updates (counts, dwell sketches) and the partition's
 ln(dwell) partial of the samples labelled in the current epoch until a sample of a later epoch is
@@ -31,14 +32,14 @@ _F_CLICKED, _F_LIKED, _F_DISLIKED = 1, 2, 4
 
 
 class FrozenStoreStatistics:
-    """T1 moments read at construction; T3 quantiles read (and cached) on first use."""
+    """T1 moments read at construction; T3 quantiles read (and cached) on first use (T2: see the
+    module docstring)."""
 
-    def __init__(self, view: FeatureView, dwell: DwellStats, user_clicks_7d: dict[tuple[int, int], int]) -> None:
+    def __init__(self, view: FeatureView, dwell: DwellStats) -> None:
         mu, sigma = dwell.mu, dwell.sigma
         self._moments = (mu, sigma) if math.isfinite(mu) and math.isfinite(sigma) else None
         self._view = view
         self._quantiles: dict[tuple[int, float], float | None] = {}
-        self._clicks = user_clicks_7d
 
     def ln_dwell_ms_moments(self) -> tuple[float, float] | None:
         return self._moments
@@ -49,12 +50,6 @@ class FrozenStoreStatistics:
             sketch = self._view.item_dwell_sketch(item_id)
             self._quantiles[key] = None if sketch is None or sketch.n == 0 else float(sketch.quantile(quantile))
         return self._quantiles[key]
-
-    def user_clicks_7d(self, user_id: int, ts_ms: int) -> int:
-        try:
-            return self._clicks[(user_id, ts_ms)]
-        except KeyError:
-            raise ValueError(f"no T2 count computed for user_id={user_id} ts_ms={ts_ms}") from None
 
 
 class DeferredItemStats:

@@ -175,8 +175,13 @@ class StatisticsColumns:
         self._n_clicks: list[int] = []
         self._ndt: dict[NdtParams, tuple[list[int], list[int]]] = {}  # params -> (rows, dwell_ms)
 
-    def add(self, run: Sequence[JoinedImpression], stats: DwellStatistics) -> None:
-        """Query ``stats`` for the rows of ``run`` (the next rows)."""
+    def add(self, run: Sequence[JoinedImpression], stats: DwellStatistics,
+            user_clicks: Sequence[int] | None = None) -> None:
+        """Query ``stats`` for the rows of ``run`` (the next rows). ``user_clicks``: the rows' T2
+        counts, one per row, when the caller has them (the pipeline counts per sample, from its
+        snapshot read); ``stats.user_clicks_7d`` is not asked then."""
+        if user_clicks is not None and len(user_clicks) != len(run):
+            raise ValueError(f"{len(user_clicks)} T2 counts for {len(run)} rows")
         vr = self.cfg.valid_read
         base, n = len(self._x_l), len(run)
         self._x_l += [x_l_ms_from_moments(stats.ln_dwell_ms_moments()) if vr.t1 else math.nan] * n
@@ -191,7 +196,12 @@ class StatisticsColumns:
             imp = j.impression
             q = stats.item_dwell_quantile_ms(imp.item_id, vr.t3_quantile) if vr.t3 else None
             p10.append(math.nan if q is None else q)
-            n_clicks.append(stats.user_clicks_7d(imp.user_id, j.click_ts_ms) if vr.t2 else 0)
+            if not vr.t2:
+                n_clicks.append(0)
+            elif user_clicks is not None:
+                n_clicks.append(user_clicks[i])
+            else:
+                n_clicks.append(stats.user_clicks_7d(imp.user_id, j.click_ts_ms))
             rows.append(base + i)
             dwell.append(j.dwell_ms)
         if rows:

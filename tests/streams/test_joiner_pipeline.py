@@ -177,6 +177,26 @@ def test_t2_counts_clicks_of_impressions_that_close_later(tmp_path):
         assert got[107].snapshot.sequence("click")[0] == tuple(range(51, 57))
 
 
+def test_t2_is_counted_per_sample_even_for_clicks_at_the_same_ms(tmp_path):
+    """A (shown at 0) and B (at 10 s) of one user are both clicked at 29:50, six clicks of the user
+    before; X is shown at 30:05, after A's close and before B's, and its click at 29:45 came
+    before it. X's click is outside A's T2 count (the documented bound: shown at or after A's
+    close) and inside B's: 6 clicks for A (light, T2 fires), 7 for B. One count per (user, click
+    ts) gave both B's count when both closed in one call."""
+    events = []
+    for m in range(6):
+        events += [user_imp(10 + m, T0 - 60 * MIN + m * MIN, 50 + m),
+                   Click(20 + m, T0 - 60 * MIN + m * MIN + 500, 10 + m, 1, 50 + m)]
+    c = T0 + 29 * MIN + 50_000
+    events += [user_imp(100, T0, 1), user_imp(101, T0 + 10_000, 2), Click(202, T0 + 29 * MIN + 45_000, 102, 1, 3),
+               Click(200, c, 100, 1, 1), Click(201, c, 101, 1, 2), user_imp(102, T0 + 30 * MIN + 5_000, 3),
+               Impression(300, T0 + 31 * MIN, 2, 9, 300)]  # another user's: moves the watermark past B's close
+    for batch in (1, 1_000):
+        got = samples_of(tmp_path / f"b{batch}", events, batch)
+        assert got[100].rules & RULE_T2, batch
+        assert not got[101].rules & RULE_T2, batch
+
+
 def test_early_emitted_sample_sees_clicks_and_feedback_of_pending_earlier_impressions(tmp_path):
     """With early emission J (at 1 min, clicked, final dwell at 1:40) closes before I (at 0, clicked
     at 5 s and liked at 10 s, no dwell: it waits for its window); J's snapshot still holds I's click

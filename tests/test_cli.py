@@ -171,6 +171,8 @@ def test_tail_renders_the_joiners_late_orphan_and_dwell_outputs():
     bad = SimpleNamespace(topic="joiner.orphans", partition=0, offset=0, key=None, headers=[], timestamp=0,
                           value=b"\x00garbage")
     assert "error" in renderer_for("joiner.orphans")(bad) and "error" in renderer_for("joiner.dwell")(bad)
+    null = SimpleNamespace(**{**vars(bad), "value": None})  # a tombstone
+    assert renderer_for("joiner.dwell")(null)["error"] == "null value"
 
 
 def _one_point_in_time_sample_per_impression(bootstrap: str, n_impressions: int) -> None:

@@ -63,7 +63,10 @@ def encode_message(source: int, from_epoch: int, to_epoch: int, records: np.ndar
 
 
 def decode_message(value: bytes) -> tuple[int, int, int, np.ndarray]:
-    """``(source, from_epoch, to_epoch, records)`` of a ``joiner.dwell`` message."""
+    """``(source, from_epoch, to_epoch, records)`` of a ``joiner.dwell`` message; every record's
+    epoch lies in ``[from_epoch, to_epoch)``, in ascending order (SharedStatsError otherwise)."""
+    if not isinstance(value, (bytes, bytearray, memoryview)):
+        raise SharedStatsError("null value" if value is None else f"value of type {type(value).__name__}")
     if len(value) < _HEAD.size:
         raise SharedStatsError(f"truncated message: {len(value)} bytes")
     magic, version, source, lo, hi, n = _HEAD.unpack_from(value, 0)
@@ -71,7 +74,13 @@ def decode_message(value: bytes) -> tuple[int, int, int, np.ndarray]:
         raise SharedStatsError(f"bad magic or version: {magic!r} v{version}")
     if len(value) != _HEAD.size + n * CONTRIB.itemsize:
         raise SharedStatsError(f"wrong length {len(value)} for {n} records")
-    return source, lo, hi, np.frombuffer(value, dtype=CONTRIB, offset=_HEAD.size, count=n)
+    if not 0 <= lo <= hi:
+        raise SharedStatsError(f"epochs [{lo}, {hi}) is not a range of epochs >= 0")
+    recs = np.frombuffer(value, dtype=CONTRIB, offset=_HEAD.size, count=n)
+    epochs = recs["epoch"]
+    if n and (epochs[0] < lo or epochs[-1] >= hi or (n > 1 and bool(np.any(epochs[1:] < epochs[:-1])))):
+        raise SharedStatsError(f"record epochs not ascending within [{lo}, {hi})")
+    return source, lo, hi, recs
 
 
 class StatsPublisher:
@@ -115,17 +124,21 @@ class RemoteStats:
     partition it holds has committed, so the table stays bounded); ``take`` then refuses to go
     below that epoch, and ``reset`` empties the table for a re-read of the topic.
 
-    A message that starts past ``complete_before(q)`` is held (``n_held``) until the messages
-    before it arrive: a partition that moved to this worker publishes directly into the table
-    (``JoinerRuntime``) while its previous owner's last messages may still be on their way
-    through the feed, and taking the new one would mark the epochs in between complete without
-    their contributions (the late messages would then be ignored as seen). The first message of
+    A local message (``add(..., local=True)``) that starts past ``complete_before(q)`` is held
+    (``n_held``) until the messages before it arrive: a partition that moved to this worker
+    publishes directly into the table (``JoinerRuntime``) while its previous owner's last
+    messages may still be on their way through the feed, and taking the new one would mark the
+    epochs in between complete without their contributions (the late messages would then be
+    ignored as seen). A message from the topic cannot wait so: a source's messages are
+    contiguous in its partition, so one that starts past what was read means records the feed
+    will never see (retention removed them while it read). It is taken, and the epochs in
+    between are recorded as missing (``n_gaps``, ``missing``). The first message of
     a source after a ``reset`` is taken wherever it starts when it comes from the topic (its
     retention may have removed the ones before it); a local one (``add(..., local=True)``) that
     starts past epoch 0 is held until the feed brings the source's first message, so a slow feed
     at startup cannot make the epochs before it look gone. ``first_epoch(q)`` says where the
     table of q starts, so a reader that needs earlier epochs of q can tell that they are gone
-    (``SharedStatsView`` counts and logs it).
+    (``SharedStatsView`` counts and logs it, as it does the epochs ``missing`` reports).
     """
 
     def __init__(self, n_sources: int) -> None:
@@ -133,7 +146,7 @@ class RemoteStats:
             raise ValueError(f"n_sources={n_sources!r} must be >= 1")
         self.n_sources = n_sources
         self._lock = threading.Lock()
-        self.n_messages = self.n_records = self.n_pruned = self.n_held = 0
+        self.n_messages = self.n_records = self.n_pruned = self.n_held = self.n_gaps = 0
         self.reset()
 
     def reset(self) -> None:
@@ -145,6 +158,7 @@ class RemoteStats:
             self._epochs: list[list[int]] = [[] for _ in range(self.n_sources)]
             self._chunks: list[list[np.ndarray]] = [[] for _ in range(self.n_sources)]
             self._held: list[list[tuple[int, int, np.ndarray]]] = [[] for _ in range(self.n_sources)]
+            self._gaps: list[list[tuple[int, int]]] = [[] for _ in range(self.n_sources)]
 
     def prune(self, source: int, before: int) -> int:
         """Drop ``source``'s contributions of epochs below ``before``; returns how many."""
@@ -164,22 +178,31 @@ class RemoteStats:
         with self._lock:
             return self._pruned[source]
 
-    def add(self, value: bytes, local: bool = False) -> bool:
+    def add(self, value: bytes, local: bool = False, partition: int | None = None) -> bool:
         """Take one message; False when it held nothing new (a re-publication after a restart).
         A message past a gap is held until the gap is filled (see the class docstring).
 
         ``local``: the message was published by a partition of this worker, not read from the
         topic. It never starts a source's table past epoch 0: older messages of the source may
         still be on their way through the feed, so it is held until the feed's first message of
-        the source (at the latest its own copy) arrives."""
+        the source (at the latest its own copy) arrives. ``partition``: the topic partition the
+        message was read from, which must be its source's."""
         source, lo, hi, recs = decode_message(value)
         if not 0 <= source < self.n_sources:
             raise SharedStatsError(f"source={source} outside [0, {self.n_sources})")
+        if partition is not None and partition != source:
+            raise SharedStatsError(f"source={source} read from partition {partition}")
         with self._lock:
             seen = self._before[source]
             if hi <= seen:
                 return False
-            if (seen != _NO_EPOCH and lo > seen) or (seen == _NO_EPOCH and local and lo > 0):
+            if seen != _NO_EPOCH and lo > seen and not local:
+                self._gaps[source].append((seen, lo))
+                self.n_gaps += 1
+                logger.warning("stats_feed_gap source=%d epochs=[%d, %d) (gone from joiner.dwell before they "
+                               "were read: retention?)", source, seen, lo)
+                self._before[source] = lo
+            elif (seen != _NO_EPOCH and lo > seen) or (seen == _NO_EPOCH and local and lo > 0):
                 self._held[source].append((lo, hi, recs))
                 self.n_held += 1
                 logger.info("stats_message_held source=%d epochs=[%d, %d) complete_before=%d", source, lo,
@@ -199,7 +222,7 @@ class RemoteStats:
     def _apply(self, source: int, hi: int, recs: np.ndarray) -> None:
         """Add the epochs of ``recs`` not seen yet and move ``complete_before(source)`` to ``hi``
         (under the lock)."""
-        seen = self._before[source]
+        seen = max(self._before[source], self._pruned[source])  # pruned: no partition here needs them
         new = recs[recs["epoch"] >= seen] if seen != _NO_EPOCH else recs
         epochs, chunks = self._epochs[source], self._chunks[source]
         for e in np.unique(new["epoch"]).tolist():
@@ -221,6 +244,16 @@ class RemoteStats:
         read, or came from a message taken out of order (neither is in the table)."""
         with self._lock:
             return self._first[source]
+
+    def missing(self, source: int, lo: int, hi: int) -> list[tuple[int, int]]:
+        """The ranges of ``source``'s epochs that overlap ``[lo, hi)`` and that the table will never
+        hold, in order: below ``first_epoch`` and the gaps the feed found (see the class docstring).
+        Each starts at ``lo`` at the earliest and ends where the missing range ends."""
+        with self._lock:
+            first, gaps = self._first[source], self._gaps[source]
+            out = [(lo, first)] if first != _NO_EPOCH and lo < first else []
+            out += [(max(a, lo), b) for a, b in gaps if a < hi and b > lo]
+        return out
 
     def complete_before(self, source: int) -> int:
         with self._lock:
@@ -265,7 +298,7 @@ class SharedStatsView:
         self.partials = partials  # shard -> DwellStats, kept bit-equal to the stored ones
         self._n = counters
         self.applied: dict[int, int] = {}
-        self._gaps: dict[int, int] = {}  # source -> the first_epoch of the gap reported for it
+        self._gaps: dict[int, int] = {}  # source -> the end of the last missing range reported for it
         self.frozen_epoch, self.complete, published, unpublished = _NO_EPOCH, True, _NO_EPOCH, []
         if raw is not None:
             self.frozen_epoch, self.complete, published, self.applied, unpublished = _decode_state(raw)
@@ -298,15 +331,16 @@ class SharedStatsView:
             lo = self.applied.get(q, 0)
             hi = min(epoch, remote.complete_before(q))
             if hi > lo:
-                first = remote.first_epoch(q)
-                if lo < first and self._gaps.get(q) != first:
-                    # epochs [lo, first) of q are not in the table: its reading of joiner.dwell
-                    # started past them (the topic's retention removed them): never silently
-                    self._gaps[q] = first
+                for a, b in remote.missing(q, lo, hi):
+                    # epochs of q not in the table: its reading of joiner.dwell started past them,
+                    # or skipped them (the topic's retention removed them): never silently
+                    if self._gaps.get(q, _NO_EPOCH) >= b:
+                        continue  # reported
+                    self._gaps[q] = b
                     self._n["stats_remote_gaps"] = self._n.get("stats_remote_gaps", 0) + 1
                     logger.warning("stats_epochs_missing partition=%d source=%d epochs=[%d, %d) (not in "
                                    "joiner.dwell when it was read: retention?); labelling goes on without "
-                                   "them", self.partition, q, lo, first)
+                                   "them", self.partition, q, a, b)
                 recs = remote.take(q, lo, hi)
                 part = self.partials.get(q)
                 if part is None:

@@ -26,7 +26,10 @@ class StatsFeed:
         from kafka import KafkaConsumer, TopicPartition
 
         self.topic, self._poll_ms = topic, poll_ms
-        self._consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+        # earliest: an offset that retention removed while the feed read resumes at the log start
+        # (the table records the epochs skipped), never at the end
+        self._consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                                       auto_offset_reset="earliest")
         deadline = time.monotonic() + metadata_wait_s
         parts = self._consumer.partitions_for_topic(topic)
         while not parts:
@@ -78,7 +81,7 @@ class StatsFeed:
     def counters(self) -> dict[str, int]:
         return {"stats_feed_messages": self.table.n_messages, "stats_feed_records": self.table.n_records,
                 "stats_feed_bad": self.n_bad, "stats_feed_pruned": self.table.n_pruned,
-                "stats_feed_held": self.table.n_held,
+                "stats_feed_held": self.table.n_held, "stats_feed_gaps": self.table.n_gaps,
                 "stats_feed_rewinds": self._rewinds_done}
 
     def stop(self) -> None:
@@ -101,7 +104,7 @@ class StatsFeed:
                 for recs in consumer.poll(timeout_ms=self._poll_ms).values():
                     for r in recs:
                         try:
-                            self.table.add(r.value)
+                            self.table.add(r.value, partition=r.partition)
                         except SharedStatsError as exc:
                             self.n_bad += 1
                             logger.warning("stats_feed_bad partition=%d offset=%d reason=%s", r.partition,

@@ -9,8 +9,9 @@ import pytest
 
 from streams.contracts import Impression
 from streams.joiner.pipeline import PipelineConfig, open_pipeline
-from streams.joiner.shared import (CONTRIB, HEADER_STATS, RemoteStats, SharedStatsError, StatsPublisher,
-                                   decode_message, encode_message)
+from featurestore import DwellStats, RocksFeatureStore
+from streams.joiner.shared import (CONTRIB, HEADER_STATS, RemoteStats, SharedStatsError, SharedStatsView,
+                                   StatsPublisher, decode_message, encode_message)
 from streams.joiner.worker import build_samples, partition_for, shared_contributions
 from streams.replay import iter_events
 from streams.samples import decode
@@ -61,7 +62,7 @@ def test_a_message_past_a_gap_waits_for_the_ones_before_it():
         pub.add(epoch, item_id=epoch, dwell_ms=1000 + epoch, click_ts_ms=epoch * 10)
     m02, m23, m35, m56 = pub.publish(19), pub.publish(29), pub.publish(49), pub.publish(59)
     assert table.add(m02) and table.complete_before(1) == 2
-    assert table.add(m35) and table.add(m56) and table.n_held == 2
+    assert table.add(m35, local=True) and table.add(m56, local=True) and table.n_held == 2
     assert table.complete_before(1) == 2 and table.take(1, 0, 6)["epoch"].tolist() == [0, 1]
     assert table.add(m23)  # the gap is filled: the held messages follow, in order
     assert table.complete_before(1) == 6 and table.take(1, 0, 6)["epoch"].tolist() == [0, 1, 2, 3, 4, 5]
@@ -72,6 +73,61 @@ def test_a_message_past_a_gap_waits_for_the_ones_before_it():
     table.reset()
     assert table.add(m35) and table.complete_before(1) == 5 and table.take(1, 0, 6)["epoch"].tolist() == [3, 4]
     assert table.first_epoch(1) == 3  # a reader needing epochs 0..2 can tell they are gone
+
+
+def test_a_topic_message_past_a_gap_is_taken_and_the_gap_recorded(tmp_path):
+    """A source's messages are contiguous in its partition: one read from the topic that starts
+    past what the table has means records the feed will never see (retention removed them while
+    it read). It is taken, not held for good, and the epochs skipped are reported as missing."""
+    table, pub = RemoteStats(2), StatsPublisher(1, epoch_ms=10)
+    for epoch in range(6):
+        pub.add(epoch, item_id=epoch, dwell_ms=1000 + epoch, click_ts_ms=epoch * 10)
+    m02, _m23, m35, m56 = pub.publish(19), pub.publish(29), pub.publish(49), pub.publish(59)
+    assert table.add(m02) and table.add(m35) and table.add(m56)
+    assert table.n_held == 0 and table.n_gaps == 1 and table.complete_before(1) == 6
+    assert table.take(1, 0, 6)["epoch"].tolist() == [0, 1, 3, 4, 5]
+    assert table.missing(1, 0, 6) == [(2, 3)] and table.missing(1, 3, 6) == []
+    # a partition that needs them is told, once
+    partials = {}
+    counters: dict[str, int] = {}
+    view = SharedStatsView(0, table, 10, partials, counters)
+    with RocksFeatureStore(tmp_path / "store") as store:
+        tx = store.transaction()
+        view.freeze(tx, 4, DwellStats.from_config(store.config.dwell))
+        view.freeze(tx, 5, DwellStats.from_config(store.config.dwell))
+        tx.abort()
+    assert counters["stats_remote_gaps"] == 1 and view.applied[1] == 5
+
+
+def test_bad_messages_are_refused_with_a_reason():
+    """What the feed counts as bad instead of crashing on: a null value (a tombstone on the topic),
+    records outside the message's epochs, a source that is not the partition read from."""
+    pub = StatsPublisher(1, epoch_ms=10)
+    pub.add(0, item_id=1, dwell_ms=1000, click_ts_ms=1)
+    m01 = pub.publish(9)
+    table = RemoteStats(2)
+    with pytest.raises(SharedStatsError, match="null"):
+        table.add(None)
+    source, lo, hi, recs = decode_message(m01)
+    with pytest.raises(SharedStatsError, match="within"):
+        table.add(encode_message(source, 1, 2, recs))
+    with pytest.raises(SharedStatsError, match="partition 0"):
+        table.add(m01, partition=0)
+    assert table.add(m01, partition=1) and table.complete_before(1) == 1
+
+
+def test_a_reread_does_not_bring_back_pruned_epochs():
+    """After a reset, epochs below what was pruned are not kept again when the feed re-reads them:
+    no partition here needs them (pruning follows the committed needs)."""
+    pub = StatsPublisher(1, epoch_ms=10)
+    for epoch in range(6):
+        pub.add(epoch, item_id=epoch, dwell_ms=1000 + epoch, click_ts_ms=epoch * 10)
+    m06 = pub.publish(59)
+    table = RemoteStats(2)
+    table.reset()
+    assert table.prune(1, 4) == 0  # before the re-read has brought anything
+    assert table.add(m06) and table.complete_before(1) == 6
+    assert table.take(1, 4, 6)["epoch"].tolist() == [4, 5] and table.n_records == 2
 
 
 def test_offline_shared_statistics_equal_those_of_one_partition(events, tmp_path):

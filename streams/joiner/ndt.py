@@ -83,11 +83,14 @@ def _rescaled(offset: float, tau: float, t_max: float) -> tuple[float, float]:
 def derive_params(mu: float, sigma: float, cfg: NdtConfig = NdtConfig()) -> NdtParams:
     """Offset, tau, A and B from mu and sigma of ln(dwell in seconds) (see the module docstring).
 
-    Raises ValueError when sigma is not positive (no spread: x_h = x_l, no tau can be fitted).
+    Raises ValueError when sigma is not positive, or so small that ``exp(mu + sigma)`` and
+    ``exp(mu - sigma)`` are the same float (no spread: x_h = x_l, no tau can be fitted).
     """
     if not (math.isfinite(mu) and math.isfinite(sigma)) or sigma <= 0:
         raise ValueError(f"mu={mu!r}, sigma={sigma!r}: need finite mu and sigma > 0")
     offset, x_h = math.exp(mu - sigma), math.exp(mu + sigma)
+    if not x_h > offset:
+        raise ValueError(f"mu={mu!r}, sigma={sigma!r}: exp(mu - sigma) == exp(mu + sigma), no spread to fit")
     t_max, eps = cfg.a - cfg.b, cfg.max_gain_beyond_x_h
 
     def gain(tau: float) -> float:

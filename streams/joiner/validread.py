@@ -130,11 +130,16 @@ def valid_read_batch(clicked, dwell_ms, x_l_ms, item_p10_ms, user_clicks,
 
 
 def ndt_params(cfg: JoinerConfig, stats: DwellStatistics | None) -> NdtParams:
-    """The configured eq. 1 parameters, or derived from the live moments when so configured and known."""
+    """The configured eq. 1 parameters, or derived from the live moments when so configured and
+    known; the configured ones too while no tau can be fitted (sigma 0 or too small, see
+    :func:`derive_params`)."""
     if cfg.ndt.derive_from_stats and stats is not None:
         moments = stats.ln_dwell_ms_moments()
         if moments is not None and moments[1] > 0:
-            return derive_params(moments[0] - _LN_MS_PER_S, moments[1], cfg.ndt)
+            try:
+                return derive_params(moments[0] - _LN_MS_PER_S, moments[1], cfg.ndt)
+            except ValueError:
+                pass  # no spread yet (every dwell nearly the same)
     return NdtParams.from_config(cfg.ndt)
 
 

@@ -198,6 +198,8 @@ def test_derived_params_for_the_papers_system_and_the_paper_defaults():
     assert (round(a, 3), round(a - 1.575, 3)) == (2.319, 0.744)
     with pytest.raises(ValueError, match="sigma"):
         derive_params(1.0, 0.0)
+    with pytest.raises(ValueError, match="no spread"):  # positive, but exp(mu +- sigma) is one float
+        derive_params(math.log(15), 1e-17)
     with pytest.raises(ValueError, match="max_gain_beyond_x_h"):
         NdtConfig(max_gain_beyond_x_h=2.0)
 
@@ -249,6 +251,11 @@ def test_ndt_params_derived_from_live_moments_in_seconds():
     assert p.offset_s == pytest.approx(math.exp(mu - sigma) / 1000)
     assert ndt_params(dataclasses.replace(cfg, ndt=NdtConfig()), stats) == NdtParams(15.0, 20.0, 2.319, 0.744)
     assert ndt_params(cfg, ExactDwellStats([])) == NdtParams(15.0, 20.0, 2.319, 0.744)  # nothing known yet
+
+    class NoSpread:  # every dwell (nearly) the same: no tau can be fitted, labelling goes on
+        def ln_dwell_ms_moments(self):
+            return math.log(15_000), 1e-17
+    assert ndt_params(cfg, NoSpread()) == NdtParams(15.0, 20.0, 2.319, 0.744)
 
 
 def test_label_batch_bytes_equal_per_sample_encoding():

@@ -2,15 +2,23 @@
 
 Each subcommand lives in ``streamrec/commands/<name>.py`` and exports ``register(subparsers)``,
 which adds its parser and sets ``func=run`` where ``run(args) -> int`` is the exit status.
+
+Errors an operator can act on (the project's own, a file or socket error, a Kafka client error:
+an unreachable bootstrap server, a timeout) end the command with one line on stderr and exit
+status 1; the traceback is logged at DEBUG (``--log-level DEBUG``). Anything else is a bug and
+keeps its traceback.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 from streamrec.config import ConfigError
 from streamrec.logsetup import configure as configure_logging
+
+logger = logging.getLogger("streamrec")
 
 COMMANDS = ("broker", "replay", "tail", "demo", "joiner", "build_samples", "train_offline", "learner", "score")
 
@@ -21,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Streaming online learning for recommendation.",
     )
     parser.add_argument("--config", metavar="FILE", help="TOML file; its [section] per command sets defaults")
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR (default INFO)")
+    parser.add_argument("--log-level", default="INFO", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                        help="DEBUG, INFO, WARNING, ERROR (default INFO)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMANDS:
@@ -46,6 +55,26 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except operational_errors() as exc:
+        logger.debug("%s failed", args.command, exc_info=True)
+        print(f"streamrec {args.command}: error: {exc or type(exc).__name__} ({type(exc).__name__})", file=sys.stderr)
+        return 1
+
+
+def operational_errors() -> tuple[type[BaseException], ...]:
+    """The exception types :func:`main` reports in one line (see the module docstring)."""
+    from featurestore import FeatureStoreError
+    from learner import LearnerError
+    from streams import StreamsError
+    from streams.dlq import DeadLetterError
+
+    errors: list[type[BaseException]] = [StreamsError, LearnerError, FeatureStoreError, DeadLetterError, OSError]
+    for module in ("kafka.errors", "aiokafka.errors"):
+        try:
+            errors.append(importlib.import_module(module).KafkaError)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
 
 
 if __name__ == "__main__":

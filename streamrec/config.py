@@ -19,8 +19,17 @@ class ConfigError(ValueError):
     """The configuration file or a flag holds a value that cannot be used."""
 
 
+#: the file's sections: one per subcommand, named as on the command line (``[build-samples]``;
+#: ``[build_samples]`` is read too)
+SECTIONS = ("broker", "replay", "tail", "demo", "joiner", "build-samples", "train-offline", "learner", "score")
+
+
 def load_section(path: str | Path | None, section: str) -> dict[str, Any]:
-    """Return the ``[section]`` table of the TOML file at ``path`` ({} when path is None)."""
+    """Return the ``[section]`` table of the TOML file at ``path`` ({} when path is None).
+
+    A section the file names that no command reads (a typo such as ``[learnr]``) is an error, as
+    an unknown key inside a section is; so is a section given under both spellings.
+    """
     if path is None:
         return {}
     p = Path(path)
@@ -31,7 +40,14 @@ def load_section(path: str | Path | None, section: str) -> dict[str, Any]:
         raise ConfigError(f"config file {str(p)!r} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {str(p)!r} is not valid TOML: {exc}") from None
-    table = doc.get(section, {})
+    unknown = sorted(k for k in doc if k.replace("_", "-") not in SECTIONS)
+    if unknown:
+        raise ConfigError(f"{str(p)!r}: unknown section(s) {', '.join(f'[{k}]' for k in unknown)}; "
+                          f"the sections are {', '.join(f'[{k}]' for k in SECTIONS)}")
+    names = [k for k in doc if k.replace("_", "-") == section.replace("_", "-")]
+    if len(names) > 1:
+        raise ConfigError(f"{str(p)!r} has both [{names[0]}] and [{names[1]}]: keep one")
+    table = doc[names[0]] if names else {}
     if not isinstance(table, dict):
         raise ConfigError(f"[{section}] in {str(p)!r} must be a table, got {type(table).__name__}")
     return table

@@ -40,6 +40,16 @@ def test_config_errors_are_clear(tmp_path: Path):
     (tmp_path / "broken.toml").write_text("[broker\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_section(tmp_path / "broken.toml", "broker")
+    # a section no command reads is a typo, not silence; both spellings of one name are read
+    (tmp_path / "typo.toml").write_text("[learnr]\nlr = 0.1\n")
+    with pytest.raises(ConfigError, match=r"unknown section\(s\) \[learnr\]"):
+        load_section(tmp_path / "typo.toml", "broker")
+    (tmp_path / "spell.toml").write_text("[train_offline]\nlr = 0.1\n[build-samples]\n")
+    assert load_section(tmp_path / "spell.toml", "train-offline") == {"lr": 0.1}
+    assert load_section(tmp_path / "spell.toml", "build-samples") == {}
+    (tmp_path / "both.toml").write_text("[train_offline]\n[train-offline]\n")
+    with pytest.raises(ConfigError, match="both"):
+        load_section(tmp_path / "both.toml", "train-offline")
 
 
 def test_cli_reports_config_error_with_exit_2(tmp_path: Path, capsys):
@@ -47,6 +57,22 @@ def test_cli_reports_config_error_with_exit_2(tmp_path: Path, capsys):
     bad.write_text("[broker]\nlog = { fsync = \"sometimes\" }\n")
     assert main(["--config", str(bad), "demo", "--no-progress", "--data-dir", str(tmp_path / "d")]) == 2
     assert "fsync='sometimes'" in capsys.readouterr().err
+
+
+def test_operational_errors_end_in_one_line_with_exit_1(tmp_path: Path, capsys):
+    """A missing input, a malformed one, a truncated samples file: one line on stderr, status 1,
+    no traceback (it is logged at DEBUG)."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"type": "click", "ts_ms": "x"}\n')
+    garbage = tmp_path / "garbage.bin"
+    garbage.write_bytes(b"\x07" * 13)
+    cases = [(["build-samples", str(tmp_path / "nothere.jsonl"), "--out", str(tmp_path / "o1")], "is not a file"),
+             (["build-samples", str(bad), "--out", str(tmp_path / "o2")], "bad.jsonl:1"),
+             (["train-offline", "--samples", str(garbage), "--out", str(tmp_path / "o3")], "")]
+    for argv, text in cases:
+        assert main(argv) == 1, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"streamrec {argv[0]}: error: ") and text in err[0], err
 
 
 def test_demo_replays_the_bundled_slice_and_summarises(tmp_path: Path, capsys):

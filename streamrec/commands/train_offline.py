@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     from streamrec.alloc import apply_for_decoding
 
     apply_for_decoding()  # batches of decoded samples: keep freed memory warm (streamrec/alloc.py)
-    section = dict(load_section(args.config, "train_offline"))
+    section = dict(load_section(args.config, "train-offline"))
     model_section = dict(section.pop("model", {}) or {})
     data_section = {k: section.pop(k) for k in DATA_KEYS if k in section}
     clsd_section = dict(section.pop("clsd", {}) or {})

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from kafka.partitioner.default import murmur2
 
+from streams import StreamsError
 from streams.contracts import Event
 from streams.joiner.join import JoinCore
 from streams.joiner.pipeline import JoinerPipeline, PipelineConfig, finish_time_ms, open_pipeline
@@ -176,10 +177,15 @@ def build_samples(events: Iterable[Event] | Callable[[], Iterable[Event]], out_p
     return summary
 
 
+class TopicLayoutError(StreamsError, ValueError):
+    """The cluster's topics cannot carry the joiner's partitioning (see :func:`ensure_topics`)."""
+
+
 def ensure_topics(bootstrap: str, default_partitions: int = 3) -> int:
     """Create missing event and output topics; returns the partition count (that of ``impressions``
     when it exists). Every output topic gets the event topics' partition count: the joiner writes
-    partition p's outputs to partition p."""
+    partition p's outputs to partition p, so an existing one with fewer partitions is refused
+    (:class:`TopicLayoutError`) before anything is consumed."""
     from kafka import KafkaAdminClient, KafkaConsumer
     from kafka.admin import NewTopic
     from kafka.errors import TopicAlreadyExistsError
@@ -196,8 +202,14 @@ def ensure_topics(bootstrap: str, default_partitions: int = 3) -> int:
         for t in EVENT_TOPICS[1:]:
             other = consumer.partitions_for_topic(t) if t in existing else None
             if other and len(other) != n:
-                raise ValueError(f"topic {t} has {len(other)} partitions, {EVENT_TOPICS[0]} {n}: "
+                raise TopicLayoutError(f"topic {t} has {len(other)} partitions, {EVENT_TOPICS[0]} {n}: "
                                  "the event topics must be co-partitioned")
+        for t in (*output_topics(), TOPIC_STORE_CHANGELOG):
+            found = consumer.partitions_for_topic(t) if t in existing else None
+            if found and len(found) < n:
+                raise TopicLayoutError(f"topic {t} has {len(found)} partitions, the event topics {n}: the joiner "
+                                 f"writes partition p's outputs to partition p; add partitions "
+                                 f"(kafka-topics.sh --alter --topic {t} --partitions {n}) or recreate it")
     finally:
         consumer.close()
     missing = [t for t in (*EVENT_TOPICS, *output_topics(), TOPIC_STORE_CHANGELOG) if t not in existing]

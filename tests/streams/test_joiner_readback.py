@@ -268,3 +268,15 @@ def test_an_idle_partition_skips_trailing_offsets_without_records(events, tmp_pa
     assert got["source_offsets_skipped.feedback"] == 4
     assert {k: v for k, v in got.items() if not k.startswith("source_offsets")} == ref
     assert stuck_buffered > 0 and stuck["events"] < ref["events"]  # without the check: waiting
+
+
+def test_worker_refuses_an_output_topic_with_fewer_partitions(broker):
+    """The joiner writes partition p's outputs to partition p: an existing output topic with fewer
+    partitions than the event topics (a hand-made cluster) is refused before anything is
+    consumed, with the fix in the message."""
+    from streams.contracts import EVENT_TOPICS
+    from streams.joiner.worker import ensure_topics
+
+    _create(broker.bootstrap, {**{t: 3 for t in EVENT_TOPICS}, "clicks.late": 1})
+    with pytest.raises(ValueError, match=r"clicks.late has 1 partitions.*--partitions 3"):
+        ensure_topics(broker.bootstrap)

@@ -29,7 +29,9 @@ So a resumed replay neither loses nor duplicates an event, provided nothing else
 with the same event ids into these topics. The state must never run ahead of the topics: if a
 partition now ends before its recorded offset (the topics were deleted, or this is another
 cluster), the replay stops with :class:`ReplayStateError`; ``restart=True`` (``--restart``)
-forgets the position and replays everything again. A completed replay reruns as a no-op. Do not
+forgets the position and replays everything again. A completed replay reruns as a no-op once it
+has checked the same way that the topics still hold what it wrote (a cluster emptied since, at
+the same address, is an error, not a silent nothing). Do not
 run two replays with the same state file at the same time (the last writer wins).
 """
 from __future__ import annotations
@@ -306,21 +308,32 @@ class _Kafka:
         self.futures.clear()
         return ends
 
-    def read_back_ids(self, offsets: dict[str, int], timeout_s: float = 60.0) -> set[int]:
-        """Event ids of the records past ``offsets`` (what was sent after the last state write)."""
+    def check_not_ahead(self, offsets: dict[str, int]) -> tuple[dict, dict]:
+        """``({partition: recorded offset}, {partition: end offset})``; ReplayStateError when a
+        recorded partition is gone or ends before its recorded offset (see the module docstring)."""
         from kafka import TopicPartition
 
         parts = {}
         for name, off in offsets.items():
             topic, partition = name.rsplit(":", 1)
             parts[TopicPartition(topic, int(partition))] = off
-        ends = self.consumer.end_offsets(list(parts))
+        existing = self.consumer.topics()
+        gone = sorted({tp.topic for tp, recorded in parts.items() if recorded > 0 and tp.topic not in existing})
+        if gone:
+            raise ReplayStateError(f"topic(s) {', '.join(gone)} do not exist but the state file records events in "
+                                   "them: the topics were deleted or this is another cluster; rerun with --restart")
+        ends = self.consumer.end_offsets([tp for tp in parts if tp.topic in existing])
         for tp, recorded in parts.items():
-            if ends.get(tp, -1) < recorded:
+            if ends.get(tp, 0) < recorded:
                 raise ReplayStateError(
                     f"{tp.topic}:{tp.partition} ends at offset {ends.get(tp)} but the state file records "
                     f"{recorded}: the topics were recreated or this is another cluster; rerun with --restart")
-        todo = {tp: ends[tp] for tp, recorded in parts.items() if ends[tp] > recorded}
+        return parts, ends
+
+    def read_back_ids(self, offsets: dict[str, int], timeout_s: float = 60.0) -> set[int]:
+        """Event ids of the records past ``offsets`` (what was sent after the last state write)."""
+        parts, ends = self.check_not_ahead(offsets)
+        todo = {tp: ends[tp] for tp, recorded in parts.items() if ends.get(tp, 0) > recorded}
         ids: set[int] = set()
         if not todo:
             return ids
@@ -364,6 +377,12 @@ def run_replay(config: ReplayConfig, *, clock: Callable[[], float] = time.monoto
     stats = ReplayStats(skipped_resumed=state.produced, position=state.produced, complete=state.complete)
     started = clock()
     if state.complete:
+        if state.offsets:
+            kafka = _Kafka(config)
+            try:
+                kafka.check_not_ahead(state.offsets)
+            finally:
+                kafka.close()
         logger.info("replay already complete key=%s position=%d state=%s", key, state.produced, config.state_path)
         return stats
     kafka = _Kafka(config)

@@ -174,6 +174,27 @@ def test_state_ahead_of_topics_is_refused(broker, tmp_path):
     assert run_replay(config(broker, tmp_path, paths=[path], restart=True)).n_produced == 3
 
 
+def test_completed_replay_checks_the_topics_before_its_no_op(broker, tmp_path):
+    """A completed replay reruns as a no-op only while the topics still hold what it wrote: a
+    cluster emptied since (same address, new data) is refused, not silently left empty."""
+    path = write_jsonl(tmp_path / "e.jsonl", [1, 2, 3])
+    assert run_replay(config(broker, tmp_path, paths=[path])).complete
+    again = run_replay(config(broker, tmp_path, paths=[path]))
+    assert again.complete and again.n_produced == 0
+    doc = json.loads((tmp_path / "state.json").read_text())
+    (entry,) = doc["replays"].values()
+    assert entry["complete"]
+    kept = dict(entry["offsets"])
+    entry["offsets"] = {k: v + 100 for k, v in kept.items()}  # the topics now end before it
+    (tmp_path / "state.json").write_text(json.dumps(doc))
+    with pytest.raises(ReplayStateError, match="rerun with --restart"):
+        run_replay(config(broker, tmp_path, paths=[path]))
+    entry["offsets"] = {f"gone-{k}": v + 1 for k, v in kept.items()}  # the topics no longer exist
+    (tmp_path / "state.json").write_text(json.dumps(doc))
+    with pytest.raises(ReplayStateError, match="do not exist"):
+        run_replay(config(broker, tmp_path, paths=[path]))
+
+
 def test_generic_inputs_merge_into_topics(broker, tmp_path, capsys):
     a = write_jsonl(tmp_path / "a.jsonl", [10, 30])
     b = tmp_path / "b.csv"

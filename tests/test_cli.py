@@ -76,8 +76,15 @@ def test_operational_errors_end_in_one_line_with_exit_1(tmp_path: Path, capsys):
 
 
 def test_demo_replays_the_bundled_slice_and_summarises(tmp_path: Path, capsys):
-    assert main(["demo", "--stages", "replay", "--no-progress", "--data-dir", str(tmp_path)]) == 0
+    # a config file's [broker] / [replay] tune those parts but do not move the demo's own port,
+    # data or state (a state file under a regular file would fail the replay)
+    cfg = tmp_path / "demo.toml"
+    (tmp_path / "a-file").write_text("")
+    cfg.write_text(f'[broker]\nport = 1\n[replay]\nstate_path = "{tmp_path / "a-file" / "state.json"}"\n')
+    data = tmp_path / "data"
+    assert main(["--config", str(cfg), "demo", "--stages", "replay", "--no-progress", "--data-dir", str(data)]) == 0
     out = capsys.readouterr().out
+    assert "127.0.0.1:1 " not in out and (data / "replay-state.json").exists()
     counts = {m.group(1): int(m.group(2)) for m in re.finditer(r"^\s+(\w+)\s+messages=(\d+)", out, re.M)}
     assert set(counts) >= {"impressions", "clicks", "dwell", "feedback"}
     assert counts["impressions"] > 10_000

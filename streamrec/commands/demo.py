@@ -107,9 +107,9 @@ def _run(args: argparse.Namespace, data_dir: Path) -> int:
     from streams.broker import EmbeddedBroker
     from streams.broker.config import BrokerConfig
 
-    broker_config = build(BrokerConfig, {"data_dir": data_dir / "broker", "port": 0,
-                                         "default_partitions": args.partitions},
-                          load_section(args.config, "broker"))
+    # the config file's [broker] tunes the broker (log, limits); where it runs and its data are the demo's
+    broker_config = build(BrokerConfig, load_section(args.config, "broker"),
+                          {"data_dir": data_dir / "broker", "port": 0, "default_partitions": args.partitions})
     with EmbeddedBroker(broker_config) as broker:
         print(f"== embedded broker on {broker.bootstrap} (data: {broker_config.data_dir})", flush=True)
         if args.pipelined and args.stages == "all":
@@ -160,10 +160,11 @@ def _replay(args: argparse.Namespace, bootstrap: str, data_dir: Path) -> tuple[i
     from streams.replay import ReplayConfig, run_replay
     from streams.topic_summary import summarize_topics
 
-    replay_config = build(ReplayConfig, {
+    # [replay] may tune the replay; its input, target, pace and state are the demo's
+    replay_config = build(ReplayConfig, load_section(args.config, "replay"), {
         "paths": (args.slice,), "bootstrap": bootstrap, "speed": "max", "partitions": args.partitions,
         "state_path": data_dir / "replay-state.json", "progress": not args.no_progress,
-    }, load_section(args.config, "replay"), {"bootstrap": bootstrap})
+    })
     print(f"== replaying {replay_config.paths[0]} (speed=max)", flush=True)
     stats = run_replay(replay_config)
     for line in stats.summary_lines():

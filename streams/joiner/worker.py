@@ -130,8 +130,11 @@ def shared_contributions(events: Iterable[Event], config: PipelineConfig, n_part
 
 def build_samples(events: Iterable[Event] | Callable[[], Iterable[Event]], out_path: str | Path,
                   work_dir: str | Path, config: PipelineConfig, n_partitions: int = 1,
-                  batch_events: int = 4096) -> BuildSummary:
+                  batch_events: int = 4096, progress_s: float | None = 10.0) -> BuildSummary:
     """Join ``events`` (event-time order) into a samples file (``streams.samples_file`` framing).
+
+    ``progress_s``: log a ``build_samples_progress`` line (events, samples, rate) at most this
+    often (None: never).
 
     ``work_dir`` receives one store per partition (it must not hold stores of another run). With
     several partitions and ``config.shared_stats`` the events are read twice (a first pass
@@ -145,6 +148,7 @@ def build_samples(events: Iterable[Event] | Callable[[], Iterable[Event]], out_p
     summary = BuildSummary()
     remote = None
     if config.shared_stats and n_partitions > 1:
+        logger.info("build_samples_shared_stats_pass partitions=%d (the events are read twice)", n_partitions)
         if not callable(events) and iter(events) is events:
             events = list(events)
         remote = shared_contributions(events() if callable(events) else events, config, n_partitions,
@@ -159,6 +163,7 @@ def build_samples(events: Iterable[Event] | Callable[[], Iterable[Event]], out_p
             raise ValueError(f"work_dir={work_dir} already holds a store for partition {p.partition}")
     out_path = Path(out_path)
     tmp = out_path.with_name(out_path.name + ".tmp")
+    next_report = None if progress_s is None else time.perf_counter() + progress_s
     try:
         with open(tmp, "wb") as fh:
             for p, batch in _split(events, n_partitions, batch_events):
@@ -166,6 +171,10 @@ def build_samples(events: Iterable[Event] | Callable[[], Iterable[Event]], out_p
                 summary.n_events += 0 if batch is None else len(batch)
                 summary.n_samples += append_samples(fh, out.samples)
                 pipes[p].commit()
+                if next_report is not None and (now := time.perf_counter()) >= next_report:
+                    next_report = now + progress_s
+                    logger.info("build_samples_progress events=%d samples=%d events_per_s=%.0f",
+                                summary.n_events, summary.n_samples, summary.n_events / (now - t0))
         tmp.replace(out_path)
         summary.counters = merge_counters(p.counters() for p in pipes)
     finally:

@@ -249,3 +249,16 @@ def test_samples_file_framing(tmp_path):
         list(read_samples(path))
     path.write_bytes(b"")
     assert list(read_samples(path)) == []
+
+
+def test_progress_lines_on_long_builds(slice_events, tmp_path, caplog):
+    """A long build says how far it is (events, samples, rate) at most every ``progress_s``."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="streams.joiner.worker"):
+        build_samples(slice_events[:2_000], tmp_path / "p.bin", tmp_path / "wp", PipelineConfig(),
+                      batch_events=500, progress_s=0.0)
+        build_samples(slice_events[:2_000], tmp_path / "q.bin", tmp_path / "wq", PipelineConfig(),
+                      batch_events=500, progress_s=None)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("build_samples_progress")]
+    assert [int(line.split("events=")[1].split()[0]) for line in lines] == [500, 1_000, 1_500, 2_000, 2_000]

@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except operational_errors() as exc:
         logger.debug("%s failed", args.command, exc_info=True)
-        print(f"streamrec {args.command}: error: {exc or type(exc).__name__} ({type(exc).__name__})", file=sys.stderr)
+        print(f"streamrec {args.command}: error: {exc or type(exc).__name__}", file=sys.stderr)
         return 1
 
 

@@ -97,7 +97,6 @@ def run(args: argparse.Namespace) -> int:
     from streamrec.alloc import apply_for_decoding
     from streamrec.signals import StopOnSignal
 
-    from learner import LearnerError
     from learner.config import CLSDConfig
     from learner.continuous import AuditLog, CheckpointStore, ContinuousLearner, LearnerConfig, VersionPublisher
     from learner.progress import ProgressLine
@@ -184,10 +183,7 @@ def run(args: argparse.Namespace) -> int:
         learner.run(stop)
         if stop.is_set():
             logger.info("signal received signal=%s: stopped after the final checkpoint", stop.name)
-    except LearnerError as exc:
-        print(f"streamrec learner: error: {exc}", file=sys.stderr)
-        return 1
-    finally:
+    finally:  # a LearnerError ends in one line (streamrec.cli)
         if server is not None:
             server.close()
         producer.close(timeout=10)

@@ -151,13 +151,9 @@ def run(args: argparse.Namespace) -> int:
     logger.info("train-offline start samples=%s messages=%d model=%s objective=%s seed=%d device=%s "
                 "batch_size=%d resume_offset_bytes=%d", samples, n_file, cfg.model, cfg.objective, cfg.seed,
                 trainer.device, dcfg.batch_size, offset)
-    try:
-        with SampleLoader(dcfg) as loader:
-            result = trainer.run(loader, on_step=on_step)
-        save_checkpoint(ckpt, trainer.checkpoint_state())
-    except LearnerError as exc:
-        print(f"streamrec train-offline: error: {exc}", file=sys.stderr)
-        return 1
+    with SampleLoader(dcfg) as loader:  # a LearnerError ends in one line (streamrec.cli)
+        result = trainer.run(loader, on_step=on_step)
+    save_checkpoint(ckpt, trainer.checkpoint_state())
     report = {"command": " ".join(["streamrec", *sys.argv[1:]]) if sys.argv else "",
               "samples_file": str(samples), "data": dataclasses.asdict(dcfg), "config": result.config,
               "final": result.final, "samples_seen": result.samples_seen, "steps": result.steps,

@@ -203,6 +203,7 @@ def ensure_topics(bootstrap: str, default_partitions: int = 3) -> int:
     from streams.joiner.app import output_topics
     from streams.joiner.changelog import TOPIC_STORE_CHANGELOG
 
+    outputs = (*output_topics(), TOPIC_STORE_CHANGELOG)  # partition p's go to partition p
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)  # metadata only
     try:
         existing = consumer.topics()
@@ -212,16 +213,16 @@ def ensure_topics(bootstrap: str, default_partitions: int = 3) -> int:
             other = consumer.partitions_for_topic(t) if t in existing else None
             if other and len(other) != n:
                 raise TopicLayoutError(f"topic {t} has {len(other)} partitions, {EVENT_TOPICS[0]} {n}: "
-                                 "the event topics must be co-partitioned")
-        for t in (*output_topics(), TOPIC_STORE_CHANGELOG):
+                                       "the event topics must be co-partitioned")
+        for t in outputs:
             found = consumer.partitions_for_topic(t) if t in existing else None
             if found and len(found) < n:
                 raise TopicLayoutError(f"topic {t} has {len(found)} partitions, the event topics {n}: the joiner "
-                                 f"writes partition p's outputs to partition p; add partitions "
-                                 f"(kafka-topics.sh --alter --topic {t} --partitions {n}) or recreate it")
+                                       f"writes partition p's outputs to partition p; add partitions "
+                                       f"(kafka-topics.sh --alter --topic {t} --partitions {n}) or recreate it")
     finally:
         consumer.close()
-    missing = [t for t in (*EVENT_TOPICS, *output_topics(), TOPIC_STORE_CHANGELOG) if t not in existing]
+    missing = [t for t in (*EVENT_TOPICS, *outputs) if t not in existing]
     if missing:
         admin = KafkaAdminClient(bootstrap_servers=bootstrap)
         compact = {TOPIC_STORE_CHANGELOG: {"cleanup.policy": "compact"}}

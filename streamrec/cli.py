@@ -15,12 +15,13 @@ import importlib
 import logging
 import sys
 
-from streamrec.config import ConfigError
+from streamrec.config import SECTIONS, ConfigError
 from streamrec.logsetup import configure as configure_logging
 
 logger = logging.getLogger("streamrec")
 
-COMMANDS = ("broker", "replay", "tail", "demo", "joiner", "build_samples", "train_offline", "learner", "score")
+#: the subcommands' modules, one per config section (``build-samples`` -> ``build_samples``)
+COMMANDS = tuple(name.replace("-", "_") for name in SECTIONS)
 
 
 def build_parser() -> argparse.ArgumentParser:

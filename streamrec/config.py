@@ -19,8 +19,8 @@ class ConfigError(ValueError):
     """The configuration file or a flag holds a value that cannot be used."""
 
 
-#: the file's sections: one per subcommand, named as on the command line (``[build-samples]``;
-#: ``[build_samples]`` is read too)
+#: the subcommands (``streamrec.cli``) and the file's sections, one per subcommand, named as on the
+#: command line (``[build-samples]``; ``[build_samples]`` is read too)
 SECTIONS = ("broker", "replay", "tail", "demo", "joiner", "build-samples", "train-offline", "learner", "score")
 
 

@@ -42,7 +42,7 @@ from streams.joiner.changelog import (CHANGELOG_NEXT_META, TOPIC_STORE_CHANGELOG
 from streams.joiner.delivery import BatchDrain
 from streams.joiner.fetch import cap_fetch_wait
 from streams.joiner.outputs import (SEND_BATCH_BYTES, TOPIC_ORPHANS, Record, batch_sender, dead_letter_record,  # noqa: F401
-                                    late_topic, output_reader, output_records, output_topics, produce,
+                                    late_topic, output_records, output_topics, produce,
                                     produce_changelog)
 from streams.joiner.pipeline import JoinerPipeline, PipelineConfig, PipelineOutput, open_pipeline
 from streams.joiner.readback import PartitionReader
@@ -467,10 +467,10 @@ def make_app(config: JoinerAppConfig) -> tuple[faust.App, JoinerRuntime]:
 
     senders: list = []
 
-    async def send_many(topic, partition, records):
+    async def send_many(topic, partition, records, whole=False):
         if not senders:  # the producer exists once the app runs
             senders.append(batch_sender(app.producer._ensure_producer(), SEND_BATCH_BYTES))
-        return await senders[0](topic, partition, records)
+        return await senders[0](topic, partition, records, whole)
 
     def caught_up(topic: str, partition: int, next_offset: int) -> bool:
         from faust.types import TP
@@ -515,7 +515,7 @@ def make_app(config: JoinerAppConfig) -> tuple[faust.App, JoinerRuntime]:
 
     # one client for every read-back and changelog replay of a partition's open
     reader = PartitionReader(config.bootstrap, [*output_topics(), TOPIC_STORE_CHANGELOG])
-    runtime = JoinerRuntime(config, send=send, read_back=output_reader(reader), caught_up=caught_up,
+    runtime = JoinerRuntime(config, send=send, read_back=reader.read_values, caught_up=caught_up,
                             assigned=assigned, seek=seek, remote=None if feed is None else feed.table,
                             extra_counters=lambda: {**(drain.counters() if drain else {}),
                                                     **(feed.counters() if feed else {})},

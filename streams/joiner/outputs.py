@@ -81,42 +81,26 @@ async def produce(send, p: int, ledger: OutputLedger, records: list[Record], sen
 
 
 SEND_BATCH_BYTES = 1 << 20  # the record batches of ``batch_sender`` in the worker
-_RECORD_OVERHEAD = 48  # a v2 record's own bytes beyond key, value and headers: at most 46 (varints)
-_BATCH_OVERHEAD = 64  # a v2 record batch's header: 61 bytes
 
 
-def changelog_batch_bytes(records) -> int:
-    """An upper bound on the size of one record batch holding ``records`` ``(key, value, headers)``."""
-    size = _BATCH_OVERHEAD
-    for key, value, headers in records:
-        size += len(key) + len(value or b"") + _RECORD_OVERHEAD
-        for hk, hv in headers:
-            size += len(hk) + len(hv) + 10
-    return size
-
-
-async def produce_changelog(send, p: int, tag: bytes, changes, send_many=None,
-                            one_batch_bytes: int = SEND_BATCH_BYTES) -> int:
+async def produce_changelog(send, p: int, tag: bytes, changes, send_many=None) -> int:
     """Produce one commit's records and its marker; returns the offset after the marker.
 
     The marker completes the commit for a restore (``ChangelogIndex``), so it must not land unless
     every record of the commit did. Kafka appends one record batch whole or not at all, but two
     batches independently: when a commit's records are split over several, the first can fail
     (too large, expired) while a later one, the marker's, is still sent. So a commit that fits one
-    record batch of ``send_many`` (``one_batch_bytes``, counted with a margin) goes as one batch with
-    its marker; any other is produced and acked first, and the marker follows alone (one more round
-    trip)."""
+    record batch of ``send_many`` (asked with ``whole=True``: it sends nothing when they do not fit)
+    goes as one batch with its marker; any other is produced and acked first, and the marker
+    follows alone (one more round trip)."""
     headers = [(HEADER_TAG, tag)]
     records = [(k, v, headers) for k, v in changes]
     marker = (marker_key(parse_tag(tag)[0]), tag, headers)
-    size = changelog_batch_bytes([*records, marker])
-    if send_many is not None and size <= one_batch_bytes:
-        futures = await send_many(TOPIC_STORE_CHANGELOG, p, [*records, marker])
-        if len(futures) != 1:
-            raise RuntimeError(f"a changelog commit of about {size} bytes went out in {len(futures)} record "
-                               f"batches, not one")
-        fut, n = futures[0]
-        return (await fut).offset + n
+    if send_many is not None:
+        whole = await send_many(TOPIC_STORE_CHANGELOG, p, [*records, marker], whole=True)
+        if whole is not None:
+            ((fut, n),) = whole
+            return (await fut).offset + n
     if send_many is None:
         futures = [(await send(TOPIC_STORE_CHANGELOG, k, v, p, h), 1) for k, v, h in records]
     else:
@@ -134,14 +118,15 @@ def batch_sender(producer, max_batch_bytes: int):
     """``send_many`` over an aiokafka producer: one topic partition's records appended to record
     batches of up to ``max_batch_bytes`` (an empty batch takes any record, so a larger record goes
     alone in one), each submitted with one call; returns ``[(ack future, n records)]``, the ack carrying the batch's
-    base offset."""
+    base offset. With ``whole=True`` the records go only if they fit one batch: else nothing is
+    sent and it returns None."""
     from aiokafka.producer.message_accumulator import BatchBuilder
 
     codec = producer._compression_type  # the producer's codec name, None: none
     compression = producer._COMPRESSORS[codec][1] if codec else 0
 
-    async def send_many(topic: str, partition: int, records) -> list[tuple[Any, int]]:
-        out = []
+    async def send_many(topic: str, partition: int, records, whole: bool = False) -> list[tuple[Any, int]] | None:
+        batches = []
         i, n = 0, len(records)
         while i < n:
             builder = BatchBuilder(max_batch_bytes, compression)
@@ -151,16 +136,9 @@ def batch_sender(producer, max_batch_bytes: int):
                 if builder.append(timestamp=None, key=key, value=value, headers=headers or []) is None:
                     break
                 i += 1
+            if whole and i < n:
+                return None
             builder.close()
-            out.append((await producer.send_batch(builder, topic, partition=partition), i - start))
-        return out
+            batches.append((builder, i - start))
+        return [(await producer.send_batch(builder, topic, partition=partition), k) for builder, k in batches]
     return send_many
-
-
-def output_reader(reader):
-    """``read_back(topic, partition, from_offset)``: the values of an output topic's partition from
-    that offset to its current end (blocking, through ``reader``, a
-    :class:`streams.joiner.readback.PartitionReader`), for the ledger after a restart."""
-    def read_back(topic: str, partition: int, from_offset: int) -> list[bytes]:
-        return reader.read_values(topic, partition, from_offset)
-    return read_back

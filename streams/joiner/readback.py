@@ -1,5 +1,5 @@
 """One reader for the worker's blocking reads of its own topics: the output topics read back on a
-partition's open (``streams.joiner.outputs.output_reader``) and the store changelog replayed into a
+partition's open (``JoinerRuntime``'s ``read_back``) and the store changelog replayed into a
 store (``streams.joiner.changelog.read_changelog``).
 
 A partition's open reads 12 ranges (11 output topics and the changelog). With a new kafka-python

@@ -9,14 +9,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streams.joiner.changelog import HEADER_TAG, TOPIC_STORE_CHANGELOG, make_tag, marker_key
-from streams.joiner.outputs import changelog_batch_bytes, produce_changelog
+from streams.joiner.outputs import batch_sender, produce_changelog
 
 TAG = make_tag(5, 9)
 
 
 class FakeSendMany:
     """``send_many`` whose acks the test resolves (or fails) itself; one batch per call unless the
-    call holds more than ``per_batch`` records."""
+    call holds more than ``per_batch`` records (then, asked for one batch, it sends nothing)."""
 
     def __init__(self, per_batch: int = 10**9) -> None:
         self.calls: list[list] = []
@@ -24,8 +24,10 @@ class FakeSendMany:
         self.per_batch = per_batch
         self.end = 0
 
-    async def __call__(self, topic, partition, records):
+    async def __call__(self, topic, partition, records, whole=False):
         assert topic == TOPIC_STORE_CHANGELOG and partition == 3
+        if whole and len(records) > self.per_batch:
+            return None
         self.calls.append(list(records))
         out = []
         for i in range(0, len(records), self.per_batch):
@@ -65,7 +67,7 @@ def test_a_larger_commit_sends_its_marker_only_after_every_record_is_acked():
 
     async def main():
         sm = FakeSendMany(per_batch=5)  # the records go out in 4 batches
-        task = asyncio.ensure_future(produce_changelog(None, 3, TAG, changes, sm, one_batch_bytes=1000))
+        task = asyncio.ensure_future(produce_changelog(None, 3, TAG, changes, sm))
         for _ in range(5):
             await asyncio.sleep(0)
         before = [list(c) for c in sm.calls]
@@ -93,7 +95,7 @@ def test_a_failed_record_batch_means_no_marker_at_all(path):
             sent.append((key, value, headers))
             return (await sm(topic, partition, [(key, value, headers)]))[0][0]
         if path == "send_many":
-            task = asyncio.ensure_future(produce_changelog(None, 3, TAG, changes, sm, one_batch_bytes=1000))
+            task = asyncio.ensure_future(produce_changelog(None, 3, TAG, changes, sm))
         else:
             task = asyncio.ensure_future(produce_changelog(send, 3, TAG, changes))
         for _ in range(5):
@@ -107,36 +109,52 @@ def test_a_failed_record_batch_means_no_marker_at_all(path):
     assert not any(is_marker(r) for call in sm.calls for r in call)
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.binary(min_size=1, max_size=300),
-                          st.one_of(st.none(), st.binary(max_size=300_000))), max_size=40),
-       st.sampled_from([0, 1, 127, 128, 16383, 16384]))
-def test_the_size_bound_holds_for_aiokafkas_record_batches(changes, pad):
-    """changelog_batch_bytes bounds the batch aiokafka's BatchBuilder (the worker's send_many)
-    builds from the same records, so a commit counted as one batch is never split. Values near
-    the varint length steps (127/128, 16383/16384 bytes) included."""
-    from aiokafka.producer.message_accumulator import BatchBuilder
+class FakeProducer:
+    """What batch_sender uses of aiokafka's producer: it records the record batches submitted."""
 
+    _compression_type = None
+
+    def __init__(self) -> None:
+        self.sent: list[int] = []  # records per batch
+
+    async def send_batch(self, builder, topic, partition):
+        self.sent.append(builder.record_count())
+        fut = asyncio.get_running_loop().create_future()
+        fut.set_result(SimpleNamespace(offset=0))
+        return fut
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.binary(min_size=1, max_size=300),
+                          st.one_of(st.none(), st.binary(max_size=3_000))), max_size=40),
+       st.sampled_from([0, 1, 127, 128, 16383, 16384]))
+def test_a_whole_commit_is_one_record_batch_or_nothing_sent(changes, pad):
+    """batch_sender with whole=True (the changelog commit with its marker) either submits exactly
+    one of aiokafka's record batches holding every record, or submits nothing: a commit is never
+    split by the size bookkeeping. Values near the varint length steps included; the limit is
+    small so that both outcomes occur."""
     headers = [(HEADER_TAG, TAG)]
     records = [(k, v if v is None else v + b"p" * pad, headers) for k, v in changes]
     records.append((marker_key(5), TAG, headers))
-    builder = BatchBuilder(1 << 40, 0)
-    for key, value, hdrs in records:
-        assert builder.append(timestamp=None, key=key, value=value, headers=hdrs) is not None
-    builder.close()
-    actual = builder.size()
-    assert changelog_batch_bytes(records) >= actual
+
+    async def main():
+        producer = FakeProducer()
+        out = await batch_sender(producer, 20_000)(TOPIC_STORE_CHANGELOG, 3, records, whole=True)
+        return producer, out
+    producer, out = asyncio.run(main())
+    if out is None:
+        assert producer.sent == []
+    else:
+        assert producer.sent == [len(records)] and [n for _f, n in out] == [len(records)]
 
 
-def test_the_size_bound_is_not_loose():
-    """Within 64 bytes a record (and the batch header) of the real size."""
-    from aiokafka.producer.message_accumulator import BatchBuilder
-
+def test_without_whole_the_records_are_cut_into_batches_in_order():
     headers = [(HEADER_TAG, TAG)]
-    records = [(b"k%d" % i, b"v" * 50, headers) for i in range(100)]
-    builder = BatchBuilder(1 << 40, 0)
-    for key, value, hdrs in records:
-        builder.append(timestamp=None, key=key, value=value, headers=hdrs)
-    builder.close()
-    actual = builder.size()
-    assert actual <= changelog_batch_bytes(records) <= actual + 64 * 101
+    records = [(b"k%d" % i, b"v" * 5_000, headers) for i in range(10)]
+
+    async def main():
+        producer = FakeProducer()
+        out = await batch_sender(producer, 12_000)(TOPIC_STORE_CHANGELOG, 3, records)
+        return producer, out
+    producer, out = asyncio.run(main())
+    assert len(producer.sent) > 1 and sum(producer.sent) == 10 and [n for _f, n in out] == producer.sent

@@ -6,7 +6,6 @@ import pytest
 from kafka import KafkaProducer
 
 from streams.joiner.changelog import HEADER_TAG, read_changelog
-from streams.joiner.outputs import output_reader
 from streams.joiner.readback import PartitionReader
 
 TOPICS = [f"out{i}" for i in range(5)]
@@ -52,7 +51,7 @@ def filled(broker):
 
 def test_every_range_through_one_client_with_metadata_fetched_once(filled):
     reader = PartitionReader(filled.bootstrap, TOPICS)
-    read_back = output_reader(reader)
+    read_back = reader.read_values  # the runtime's read_back
     try:
         for p in range(3):
             for i, t in enumerate(TOPICS):

@@ -147,6 +147,12 @@ class StoreBatch(FeatureView):
             keys.item_sketch_key(item_id)  # validates item_id like every other key field
         self._check_time(ts_ms)
 
+    @staticmethod
+    def _check_count(n: int) -> None:
+        """The check of an event count ``n`` (a counter bucket is a u32)."""
+        if not 0 <= n <= keys.U32_MAX:
+            raise ValueError(f"n={n!r} is not in 0..{keys.U32_MAX}")
+
     def user_rows(self, user_ids: Iterable[int]) -> dict[int, UserRows]:
         """Each user's :class:`~featurestore.userrows.UserRows`: its sequences (decoded now) and
         counters (decoded on their first change), the committed values of every user fetched in
@@ -177,8 +183,7 @@ class StoreBatch(FeatureView):
         """Count ``n`` events of ``counter`` for the user at event time ``ts_ms``.
 
         ``key``: ``keys.user_counter_key(user_id, counter)`` when the caller already has it."""
-        if not 0 <= n <= keys.U32_MAX:
-            raise ValueError(f"n={n!r} is not in 0..{keys.U32_MAX}")
+        self._check_count(n)
         self._saw(ts_ms)
         cnt = self._for_update(key or keys.user_counter_key(user_id, counter), self._decode_counter,
                                self._new_counter, WindowedCounter.to_bytes)

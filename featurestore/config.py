@@ -57,6 +57,12 @@ class SequenceConfig:
         return self.max_len + self.slack
 
 
+def retained_buckets(window_buckets: int, late_buckets: int) -> int:
+    """The buckets a windowed counter keeps: the window's, the one the window's start falls in
+    (a window of whole buckets ending mid-bucket spans one more), and the late ones."""
+    return window_buckets + 1 + late_buckets
+
+
 @dataclass(frozen=True)
 class CounterConfig:
     """Windowed per-user event-time counters, bucketed.
@@ -85,7 +91,7 @@ class CounterConfig:
 
     @property
     def retain_buckets(self) -> int:
-        return self.window_buckets + 1 + self.late_buckets
+        return retained_buckets(self.window_buckets, self.late_buckets)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ function of the multiset of kept events.
 from __future__ import annotations
 
 from featurestore import codecs
+from featurestore.config import retained_buckets
 
 
 class WindowedCounter:
@@ -39,7 +40,7 @@ class WindowedCounter:
                              f"and late_buckets={late_buckets!r} >= 0")
         self.bucket_ms = bucket_ms
         self.window_buckets = window_buckets
-        self.retain_buckets = window_buckets + 1 + late_buckets
+        self.retain_buckets = retained_buckets(window_buckets, late_buckets)
         self.n_dropped = 0
         self._newest: int | None = None
         self._buckets: dict[int, int] = {}

@@ -119,9 +119,8 @@ class RocksFeatureStore(RdictView):
     def clear(self) -> int:
         """Delete every key (a store about to be rebuilt from its changelog); returns how many."""
         found = list(self._require_db().keys())
-        for i in range(0, len(found), 10_000):  # apply_changes refuses while a transaction is open
+        for i in range(0, len(found), 10_000):  # one WriteBatch per 10K deletes, not one for the whole store
             self.apply_changes((key, None) for key in found[i:i + 10_000])
-        logger.info("featurestore_cleared path=%s keys=%d", self.path, len(found))
         return len(found)
 
     def transaction(self) -> "StoreBatch":

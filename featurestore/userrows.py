@@ -79,7 +79,7 @@ class UserRows:
         """:meth:`StoreBatch.add_user_event` for this user (the same checks)."""
         tx = self._tx
         if not 0 <= n <= U32_MAX:
-            raise ValueError(f"n={n!r} is not in 0..{U32_MAX}")
+            tx._check_count(n)  # raises with the transaction's message
         self._saw(tx, ts_ms)
         self._for_update(tx, _COUNTER_ROW[counter], tx._decode_counter, tx._new_counter, _encode_counter).add(
             ts_ms, n)

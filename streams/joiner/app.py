@@ -146,6 +146,7 @@ class JoinerRuntime:
         self._reread = reread
         self._send_many = send_many
         self._restore = restore if config.changelog else None
+        self._rebuilt: set[int] = set()  # partitions whose store the open's restore cleared and rebuilt
         self._remote = remote
         self._extra_counters = extra_counters or dict
         self._send, self._read_back, self._caught_up = send, read_back, caught_up
@@ -178,6 +179,9 @@ class JoinerRuntime:
                 if "lock" not in str(exc).lower() or time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(0.2)
+        if p in self._rebuilt:
+            self._rebuilt.discard(p)
+            pipe.count_changelog_rebuild()
         remote = self._remote
         if remote is not None and any(remote.pruned_before(q) > a for q, a in pipe.shared_needs_committed.items()):
             logger.info("stats_reread partition=%d (its state needs statistics epochs pruned here)", p)
@@ -222,6 +226,7 @@ class JoinerRuntime:
                            "(keys=%d), rebuilding it from the changelog's start", p, start, exc.missing_at, n_keys)
             start = 0
             res = self._restore(p, 0, store.apply_changes)
+            self._rebuilt.add(p)
         if res.end > start:
             store.apply_changes([(fs_keys.meta_key(CHANGELOG_NEXT_META), str(res.end).encode())])
         if res.n_commits:

@@ -201,6 +201,11 @@ class JoinerPipeline:
         self._n[key] = self._n.get(key, 0) + n
         self._n["dead_letter"] = self._n.get("dead_letter", 0) + n
 
+    def count_changelog_rebuild(self) -> None:
+        """Count a store cleared and rebuilt from its changelog's start because compaction had run
+        past it (``ChangelogCompacted``; persisted with the next commit)."""
+        self._n["changelog_compacted_rebuilds"] = self._n.get("changelog_compacted_rebuilds", 0) + 1
+
     def count_skipped_offsets(self, topic: str, n: int) -> None:
         """Count source offsets found to hold no records (persisted with the next commit)."""
         for key in (f"source_offsets_skipped.{topic}", "source_offsets_skipped"):

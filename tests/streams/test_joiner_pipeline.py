@@ -556,12 +556,15 @@ def test_a_store_behind_a_compacted_changelog_is_rebuilt_not_brought_forward(eve
                              read_back=lambda topic, p, start: [], caught_up=lambda *a: True,
                              restore=lambda p, start, apply: read_changelog(log, p, start, apply))
 
+    rebuilds = {}  # data dir -> the counter at the end of its last life
+
     async def life(data_dir, chunk):
         rt = runtime(data_dir)
         await rt.position(0)
         for i in range(0, len(chunk), 1000):
             await rt.handle(chunk[i:i + 1000])
         items = _store_items(rt.partitions[0].pipeline)
+        rebuilds[data_dir.name] = rt.counters().get("changelog_compacted_rebuilds", 0)
         rt.close()
         return items
 
@@ -584,4 +587,5 @@ def test_a_store_behind_a_compacted_changelog_is_rebuilt_not_brought_forward(eve
 
     a_items = asyncio.run(life(tmp_path / "a", []))               # host A again: rebuilt from 0
     assert a_items == b_items
+    assert rebuilds == {"a": 1, "b": 0}  # counted
 

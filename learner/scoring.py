@@ -231,16 +231,20 @@ class ModelFollower:
     refused (checkpoint failed to load or verify), loaded, stale (not newer than current).
     ``caught_up`` is set once the consumer has read up to the end offsets it saw on assignment;
     the history up to there is decoded first and only its newest good version is loaded.
+    ``connected`` is set once a bootstrap server answered; none answering within
+    ``bootstrap_timeout_s`` stops the thread with that error (``wait`` re-raises it).
     """
 
     def __init__(self, bootstrap: str, *, topic: str = TOPIC_MODEL_UPDATES, model: str | None = None,
                  seq_len: int | None = None, device: str = "cpu", poll_timeout_ms: int = 200,
-                 client_id: str = "streamrec-scoring"):
+                 client_id: str = "streamrec-scoring", bootstrap_timeout_s: float = 30.0):
         self.bootstrap, self.topic, self.model = bootstrap, topic, model
+        self.bootstrap_timeout_s = bootstrap_timeout_s
         self.seq_len, self.device = seq_len, device
         self.poll_timeout_ms, self.client_id = poll_timeout_ms, client_id
         self.counters = {"messages": 0, "malformed": 0, "refused": 0, "loaded": 0, "stale": 0}
         self.caught_up = threading.Event()
+        self.connected = threading.Event()      # a bootstrap server answered
         self.error: BaseException | None = None
         self._current: Scorer | None = None
         self._changed = threading.Condition()
@@ -301,7 +305,9 @@ class ModelFollower:
         consumer = None
         try:
             consumer = KafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None, client_id=self.client_id,
-                                     enable_auto_commit=False, auto_offset_reset="earliest")
+                                     enable_auto_commit=False, auto_offset_reset="earliest",
+                                     bootstrap_timeout_ms=max(1, int(self.bootstrap_timeout_s * 1000)))
+            self.connected.set()
             parts = None
             while not parts and not self._stop.is_set():    # None or empty: the topic is not there yet
                 parts = consumer.partitions_for_topic(self.topic)

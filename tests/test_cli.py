@@ -238,3 +238,27 @@ def test_demo_console_carries_its_summary_and_the_logs_go_to_a_file(tmp_path: Pa
     log = (tmp_path / "demo.log").read_text()
     assert "INFO streams.broker.server broker listening" in log and "INFO streams.replay replay complete" in log
     assert "INFO kafka." not in log  # kafka-python's connection chatter is below WARNING
+
+
+def test_tail_and_score_give_up_on_an_unreachable_server_within_their_limit(tmp_path: Path, capsys):
+    """No bootstrap server answering: one line and status 1 after the command's own limit, not
+    kafka-python's 30 s default."""
+    import socket
+    import time
+
+    from featurestore import FeatureStoreConfig, RocksFeatureStore
+
+    with socket.socket() as held:               # bound, not listening: connections are refused
+        held.bind(("127.0.0.1", 0))
+        bootstrap = f"127.0.0.1:{held.getsockname()[1]}"
+        t0 = time.monotonic()
+        assert main(["tail", "samples", "--bootstrap", bootstrap, "--connect-timeout-s", "1"]) == 1
+        assert time.monotonic() - t0 < 10
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("streamrec tail: error: ") and bootstrap in err[0], err
+        RocksFeatureStore(tmp_path / "fs", FeatureStoreConfig()).close()
+        t0 = time.monotonic()
+        assert main(["score", "--bootstrap", bootstrap, "--feature-store", str(tmp_path / "fs"), "--user-id", "1",
+                     "--items", "1,2", "--wait-s", "1"]) == 1
+        assert time.monotonic() - t0 < 10
+        assert f"no bootstrap server at {bootstrap} answered within 1.0 s" in capsys.readouterr().err

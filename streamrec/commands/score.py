@@ -138,8 +138,12 @@ def run(args: argparse.Namespace) -> int:
                 return 1
         else:
             follower = source = ModelFollower(args.bootstrap, topic=args.topic, model=args.model,
-                                              seq_len=args.seq_len).start()
+                                              seq_len=args.seq_len, bootstrap_timeout_s=args.wait_s).start()
             if not follower.wait_ready(args.wait_s):
+                if not follower.connected.is_set():
+                    print(f"streamrec score: no bootstrap server at {args.bootstrap} answered within {args.wait_s} s",
+                          file=sys.stderr)
+                    return 1
                 print(f"streamrec score: no loadable model version on {args.topic!r} within {args.wait_s} s "
                       f"(counters {follower.counters})", file=sys.stderr)
                 return 1

@@ -154,6 +154,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     start.add_argument("--offset", type=int, metavar="N", help="start at offset N in every partition")
     p.add_argument("--max", type=int, metavar="N", help="stop after N records")
     p.add_argument("--timeout-s", type=float, metavar="S", help="stop after S seconds without a record")
+    p.add_argument("--connect-timeout-s", type=float, default=10.0, metavar="S",
+                   help="give up when no bootstrap server answers within S seconds (default 10)")
     p.set_defaults(func=run)
 
 
@@ -167,10 +169,13 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     if args.offset is not None and args.offset < 0:
         print(f"streamrec tail: --offset={args.offset} < 0", file=sys.stderr)
         return 2
+    if not args.connect_timeout_s > 0:
+        print(f"streamrec tail: --connect-timeout-s={args.connect_timeout_s} must be > 0", file=sys.stderr)
+        return 2
     render = renderer_for(args.topic)
     consumer = KafkaConsumer(
         bootstrap_servers=args.bootstrap, group_id=None, enable_auto_commit=False,
-        client_id="streamrec-tail",
+        client_id="streamrec-tail", bootstrap_timeout_ms=int(args.connect_timeout_s * 1000),
     )
     try:
         deadline = time.monotonic() + (args.timeout_s if args.timeout_s is not None else 30.0)

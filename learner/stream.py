@@ -259,6 +259,8 @@ class SampleStream:
             return
         self._consumer = consumer
         try:
+            if not self._wait_for_topic(consumer):
+                return
             consumer.subscribe([cfg.topic], listener=_Listener(self))
             while not self._stop.is_set():
                 self._commit_pending(consumer)
@@ -270,6 +272,25 @@ class SampleStream:
             self._put(exc)
         finally:
             self._shutdown(consumer)
+
+    def _wait_for_topic(self, consumer, recheck_s: float = 1.0, warn_every_s: float = 30.0) -> bool:
+        """Subscribe only to a topic that exists: a subscription's metadata requests would
+        auto-create a mistyped topic (kafka-python 3.0 does not pass ``allow_auto_create_topics`` on
+        to them) and the learner would then wait on it forever. Asking for every topic's metadata
+        creates nothing. Warns while the topic is missing; False when stopped first."""
+        topic, next_warn = self.cfg.topic, 0.0
+        while not self._stop.is_set():
+            if consumer.partitions_for_topic(topic):
+                if next_warn:
+                    logger.info("stream topic=%s now exists; subscribing", topic)
+                return True
+            now = time.monotonic()
+            if now >= next_warn:
+                logger.warning("stream topic=%s is not on the cluster at %s; waiting for it to be created "
+                               "(check --topic if it should already exist)", topic, self.cfg.bootstrap)
+                next_warn = now + warn_every_s
+            self._stop.wait(recheck_s)
+        return False
 
     def _shutdown(self, consumer) -> None:
         with self._lock:

@@ -397,3 +397,32 @@ def test_no_checkpoint_moves_past_dead_letters_that_did_not_land(broker, tmp_pat
         assert len(learner.store.versions()) == 1
     finally:
         producer.close()
+
+
+def test_a_missing_topic_is_waited_for_not_created(broker, caplog):
+    """A mistyped topic must not be auto-created by the learner's subscription (and then waited on
+    forever in silence): the stream warns and subscribes once the topic exists."""
+    stream = SampleStream(StreamConfig(bootstrap=broker.bootstrap, topic=TOPIC_SAMPLES, seq_len=SEQ_LEN))
+    with caplog.at_level("WARNING", logger="learner.stream"):
+        stream.start()
+        try:
+            wait_until(lambda: "is not on the cluster" in caplog.text, 20, "the missing-topic warning")
+            time.sleep(2.5)                              # a few more checks
+            admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
+            try:
+                assert TOPIC_SAMPLES not in admin.list_topics()
+            finally:
+                admin.close()
+            create_topic(broker.bootstrap)
+            produce(broker.bootstrap, range(10))
+            got = 0
+            deadline = time.monotonic() + 30
+            while got < 10 and time.monotonic() < deadline:
+                item = stream.get(0.5)
+                if item is not None and hasattr(item, "reply"):
+                    item.reply({})
+                elif item is not None:
+                    got += len(item.offsets)
+            assert got == 10
+        finally:
+            stream.close()

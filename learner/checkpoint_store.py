@@ -49,7 +49,34 @@ class CheckpointStore:
         self.dir = Path(directory)
         self.keep = keep
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._lock_fd: int | None = None
         self.remove_stale_temp_files()
+
+    def lock(self) -> None:
+        """Claim the directory for this process's writes (``flock`` on ``.lock``, released by
+        :meth:`close` or when the process ends). Two learners writing one directory would each
+        number their checkpoints from what they saw at restore and overwrite each other's versions
+        (a rolling restart that starts the new process before the old one has stopped)."""
+        import fcntl
+        if self._lock_fd is not None:
+            return
+        fd = os.open(self.dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise CheckpointError(f"checkpoint directory {str(self.dir)!r} is in use by another learner "
+                                  f"(pid {holder}); stop it first, or give this one its own directory") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def close(self) -> None:
+        """Release :meth:`lock` (the file stays; it is only a lock)."""
+        if self._lock_fd is not None:
+            fd, self._lock_fd = self._lock_fd, None
+            os.close(fd)
 
     def remove_stale_temp_files(self) -> list[Path]:
         """Delete the temporary files of saves whose process is gone (a save killed before its

@@ -42,6 +42,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from learner.checkpoint import CheckpointError
 from learner.checkpoint_store import AuditLog, CheckpointStore
 from learner.stream import RebalanceBarrier, SampleStream, StreamBatch, from_source_offsets, to_source_offsets
 from learner.trainer import Trainer
@@ -129,7 +130,7 @@ class LearnerStats:
     version: int = 0
     n_versions: int = 0
     last_checkpoint_s: float = float("nan")   # time.time() of the last durable checkpoint
-    version_times_s: list[float] = dataclasses.field(default_factory=list)
+    version_times_s: deque[float] = dataclasses.field(default_factory=lambda: deque(maxlen=1024))  # the newest
     n_publish_failures: int = 0
 
 
@@ -179,6 +180,10 @@ class ContinuousLearner:
         restored = 0
         if found is not None:
             restored, path, state = found
+            t = state.get("seq_len")
+            if t is not None and int(t) != self.stream.cfg.seq_len:
+                raise CheckpointError(f"{path} was trained with seq_len={t}, this learner has "
+                                      f"seq_len={self.stream.cfg.seq_len}")
             self.trainer.load_checkpoint_state(state)
             self.offsets = from_source_offsets(self.topic, self.trainer.source_offsets)
             audit_bytes = int(state.get("learner", {}).get("audit_bytes", 0))
@@ -202,7 +207,8 @@ class ContinuousLearner:
         self.stream.start()
         clean = False
         try:
-            while not stop.is_set():
+            limit = self.cfg.max_samples
+            while not stop.is_set() and not (limit and self.trainer.samples_seen >= limit):   # a restore may be past it
                 item = self.stream.get(timeout_s=0.2)
                 if isinstance(item, RebalanceBarrier):
                     if self._dirty:
@@ -219,8 +225,6 @@ class ContinuousLearner:
                     self.checkpoint("time")
                 if now - self._last_tick >= self.cfg.progress_every_s:
                     self._tick(now)
-                if self.cfg.max_samples and self.trainer.samples_seen >= self.cfg.max_samples:
-                    break
             if self._dirty:
                 self.checkpoint("final", wait=True)
             self.wait_for_writes()
@@ -280,6 +284,10 @@ class ContinuousLearner:
         (rebalance and stop); otherwise a checkpoint waits only for the previous one's write.
         """
         t0 = time.perf_counter()
+        starts = {p: o for p, o in self.stream.start_positions().items() if p not in self.offsets}
+        if starts and self.keep_start_positions:   # assigned, nothing trained: the checkpoint keeps where they start
+            self.offsets.update(starts)
+            self.trainer.source_offsets = to_source_offsets(self.topic, self.offsets)
         version = self._version
         created_ms = int(self.clock() * 1000)
         audit_bytes = self.audit.sync() if self.audit is not None else 0
@@ -337,6 +345,10 @@ class ContinuousLearner:
                     version, reason, state["step"], state["samples_seen"], offsets, pause_s, time.perf_counter() - t0,
                     path)
 
+    #: checkpoint the start of partitions assigned but not yet trained (SampleStream.start_positions);
+    #: the distributed learner gathers its ranks' offsets itself and does not
+    keep_start_positions = True
+
     #: flush the dead letters on the writer thread, before the save (the distributed learner
     #: flushes every rank's before its collective instead)
     flush_dead_letters_on_write = True
@@ -367,7 +379,7 @@ class ContinuousLearner:
         t0, n0 = self._rate[0]
         recent = [(ts, n) for ts, n in self._rate if now - ts <= 10.0] or [(t0, n0)]
         rate = (t.samples_seen - recent[0][1]) / (now - recent[0][0]) if now > recent[0][0] else 0.0
-        m = t.metrics.compute()
+        m = t.metrics.compute(scopes=("window",))   # the cumulative figures go with each version
         hw = self.stream.highwater()
         lag = {p: max(0, hw[p] - self.offsets.get(p, 0)) for p in sorted(hw)}
         fresh = self.freshness_ms()

@@ -232,6 +232,8 @@ class DistributedLearner(ContinuousLearner):
 
     flush_dead_letters_on_write = False  # checkpoint() flushes each rank's before the collective
 
+    keep_start_positions = False
+
     def checkpoint_meta(self) -> dict[str, Any]:
         return {"world_size": self.comm.world_size, "audit_bytes_by_rank": list(self._audit_by_rank)}
 

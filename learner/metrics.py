@@ -5,9 +5,11 @@
   (users with only one class are skipped). NaN when no user qualifies.
 * :func:`logloss` -- mean binary cross-entropy of probabilities clipped to [eps, 1 - eps].
 * :class:`WindowMetrics` -- the three metrics, exact, over the last ``window`` samples.
-* :class:`CumulativeMetrics` -- everything seen so far in bounded memory: logloss exact; AUC and GAUC
-  over scores quantised to ``n_bins`` equal-width bins of [0, 1] (scores in the same bin count as
-  tied, so the error is at most the fraction of positive/negative pairs sharing a bin).
+* :class:`CumulativeMetrics` -- everything seen so far: logloss exact; AUC and GAUC over scores
+  quantised to ``n_bins`` equal-width bins of [0, 1] (scores in the same bin count as tied, so the
+  error is at most the fraction of positive/negative pairs sharing a bin). Logloss and AUC take
+  fixed memory; GAUC keeps one row per distinct (user, score bin) pair, which grows with the
+  stream, so it can be turned off (``per_user=False``) for a stream that never ends.
 
 Both accumulators round-trip through ``state_dict`` / ``load_state_dict`` (tensors only).
 
@@ -18,12 +20,15 @@ Both accumulators round-trip through ``state_dict`` / ``load_state_dict`` (tenso
 """
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
 import torch
 
 from learner import MetricsError
+
+logger = logging.getLogger(__name__)
 
 
 def _np(x, dtype) -> np.ndarray:
@@ -145,12 +150,14 @@ class WindowMetrics:
 
 
 class CumulativeMetrics:
-    """Metrics over the whole stream so far; memory grows with distinct (user, score bin) pairs only."""
+    """Metrics over the whole stream so far. With ``per_user`` (GAUC), memory and the cost of
+    ``compute`` grow with the distinct (user, score bin) pairs seen; without it GAUC is NaN and
+    the state is a fixed ``2 x n_bins`` histogram."""
 
-    def __init__(self, n_bins: int = 10_000, eps: float = 1e-7):
+    def __init__(self, n_bins: int = 10_000, eps: float = 1e-7, per_user: bool = True):
         if n_bins <= 1:
             raise ValueError(f"n_bins={n_bins!r} must be > 1")
-        self.n_bins, self.eps = n_bins, eps
+        self.n_bins, self.eps, self.per_user = n_bins, eps, per_user
         self._n = 0
         self._n_pos = 0.0
         self._logloss_sum = 0.0
@@ -171,6 +178,8 @@ class CumulativeMetrics:
         self._n_pos += float(y.sum())
         b = self._bin(s)
         np.add.at(self._hist, ((y > 0.5).astype(np.int64), b), 1.0)
+        if not self.per_user:
+            return
         self._pending.append((u, b, y))
         self._n_pending += s.size
         if self._n_pending > 1 << 16:
@@ -197,14 +206,15 @@ class CumulativeMetrics:
         else:
             a = math.nan
         g_user, _, g_count, g_pos = self._g
-        return {"n": float(self._n), "auc": a, "gauc": _gauc_from_groups(g_user, g_count, g_pos),
+        g = _gauc_from_groups(g_user, g_count, g_pos) if self.per_user else math.nan
+        return {"n": float(self._n), "auc": a, "gauc": g,
                 "logloss": self._logloss_sum / self._n if self._n else math.nan,
                 "ctr": self._n_pos / self._n if self._n else math.nan}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         self._merge()
         u, b, c, p = self._g
-        return {"n_bins": torch.tensor(self.n_bins), "n": torch.tensor(self._n),
+        return {"n_bins": torch.tensor(self.n_bins), "per_user": torch.tensor(self.per_user), "n": torch.tensor(self._n),
                 "n_pos": torch.tensor(self._n_pos, dtype=torch.float64),
                 "logloss_sum": torch.tensor(self._logloss_sum, dtype=torch.float64),
                 "hist": torch.from_numpy(self._hist.copy()), "g_user": torch.from_numpy(u.copy()),
@@ -218,6 +228,13 @@ class CumulativeMetrics:
         self._n_pos = float(state["n_pos"])
         self._logloss_sum = float(state["logloss_sum"])
         self._hist = state["hist"].numpy().copy()
-        self._g = (state["g_user"].numpy().copy(), state["g_bin"].numpy().copy(),
-                   state["g_count"].numpy().copy(), state["g_pos"].numpy().copy())
         self._pending, self._n_pending = [], 0
+        had_users = bool(state.get("per_user", torch.tensor(True)))   # states before the flag kept users
+        if self.per_user and had_users:
+            self._g = (state["g_user"].numpy().copy(), state["g_bin"].numpy().copy(),
+                       state["g_count"].numpy().copy(), state["g_pos"].numpy().copy())
+        else:   # dropped, or never kept: GAUC counts from here on
+            self._g = (np.zeros(0, np.int64), np.zeros(0, np.float64), np.zeros(0), np.zeros(0))
+            if self.per_user and self._n:
+                logger.warning("cumulative GAUC restarts here: the restored state kept no users (%d samples "
+                               "seen before count in AUC and logloss only)", self._n)

@@ -188,6 +188,8 @@ class SampleStream:
         self._pending_commit: dict[int, int] | None = None
         self._final_commit: dict[int, int] | None = None
         self._highwater: dict[int, int] = {}
+        self._starts: dict[int, int] = {}       # see start_positions
+        self._delivered: set[int] = set()       # partitions polled from since their assignment
         self._assignment: frozenset[int] = frozenset()
         self._closing = False
         self._consumer = None
@@ -203,6 +205,14 @@ class SampleStream:
             self.unknown = unknown
         with self._lock:
             self._positions.update({int(p): int(o) for p, o in offsets.items()})
+
+    def start_positions(self) -> dict[int, int]:
+        """Where each assigned partition without a trained position started (the group's committed
+        offset, with ``unknown="committed"``), noted before anything was polled from it. The learner
+        checkpoints these for partitions it has not trained yet: otherwise a restart would read a
+        partition that stayed idle since the first start from its beginning."""
+        with self._lock:
+            return dict(self._starts)
 
     def request_commit(self, offsets: Mapping[int, int]) -> None:
         """Commit ``offsets`` to the group (on the polling thread, before its next poll)."""
@@ -266,6 +276,7 @@ class SampleStream:
                 self._commit_pending(consumer)
                 records = consumer.poll(timeout_ms=cfg.poll_timeout_ms)
                 self._note_highwater(consumer)
+                self._note_starts(consumer, {tp.partition for tp in records})
                 if records:
                     self._put(self._decode(records))
         except BaseException as exc:  # handed to the learner, which re-raises it
@@ -329,6 +340,21 @@ class SampleStream:
             logger.debug("offsets committed why=%s offsets=%s", why, {tp.partition: m.offset for tp, m in todo.items()})
         except KafkaError as exc:  # the checkpoint holds the offsets; the group's copy catches up later
             logger.warning("offset commit failed why=%s error=%r", why, exc)
+
+    def _note_starts(self, consumer, polled: set[int]) -> None:
+        """Note the position of each partition that has no trained position and nothing polled yet
+        (so its position is still where it started)."""
+        with self._lock:
+            self._delivered |= polled
+            if self.unknown != "committed":
+                return
+            todo = [p for p in self._assignment
+                    if p not in self._positions and p not in self._starts and p not in self._delivered]
+        for p in todo:
+            pos = consumer.position(TopicPartition(self.cfg.topic, p), timeout_ms=1000)
+            if pos is not None:
+                with self._lock:
+                    self._starts[p] = pos
 
     def _note_highwater(self, consumer) -> None:
         marks = {}
@@ -413,6 +439,9 @@ class SampleStream:
             self._consumer.seek_to_beginning(*reset)
         with self._lock:
             self._assignment = frozenset(tp.partition for tp in mine)
+            self._delivered -= self._assignment          # started afresh: noted again if still untrained
+            for p in self._assignment:
+                self._starts.pop(p, None)
         logger.info("assign partitions=%s seek=%s from_beginning=%s group=%s", [tp.partition for tp in mine],
                     sought, [tp.partition for tp in reset], self.cfg.group_id)
 

@@ -53,7 +53,9 @@ class TrainerConfig:
     the CLSD settings used by "clsd" and "mtl_clsd". ``window`` is the sliding-window size in
     samples, ``curve_every`` the number of minibatches between curve points, ``log_every_s`` the
     seconds between progress lines. ``device``: "auto" (CUDA when present), "cpu" or "cuda"; CUDA
-    runs under bf16 autocast."""
+    runs under bf16 autocast. ``cumulative_gauc``: keep the per-user state of the cumulative GAUC,
+    which grows with the users seen (off in the continuous learner, whose stream does not end).
+    :data:`RUN_ONLY_FIELDS` may differ between a checkpoint and the run that restores it."""
 
     model: str = "dumn"
     objective: str = "bce"
@@ -67,6 +69,7 @@ class TrainerConfig:
     log_every_s: float = 10.0
     separate_eval_pass: bool = False
     keep_predictions: bool = False
+    cumulative_gauc: bool = True
 
     def __post_init__(self) -> None:
         if self.model not in MODEL_CONFIGS:
@@ -83,6 +86,21 @@ class TrainerConfig:
     def heads(self) -> tuple[str, ...]:
         """Model heads the objective needs."""
         return ("main", "weighted") if self.objective in ("mtl", "mtl_clsd") else ("main",)
+
+
+# How a run executes and reports, not what it learns: a restore may change them (the device too:
+# checkpoints load onto the CPU and are copied to the run's device).
+RUN_ONLY_FIELDS = ("device", "log_every_s", "curve_every", "keep_predictions", "cumulative_gauc")
+CLSD_OBJECTIVES = ("clsd", "mtl_clsd")
+
+
+def comparable_config(config: dict[str, Any]) -> dict[str, Any]:
+    """``Trainer.config_dict()`` less what a restore may change: the run-only fields, and the CLSD
+    settings of an objective that does not use CLSD."""
+    trainer = {k: v for k, v in (config.get("trainer") or {}).items() if k not in RUN_ONLY_FIELDS}
+    if trainer.get("objective") not in CLSD_OBJECTIVES:
+        trainer.pop("clsd", None)
+    return {**config, "trainer": trainer}
 
 
 def objective_config(cfg: TrainerConfig) -> ObjectiveConfig:
@@ -117,17 +135,20 @@ class PrequentialMetrics:
 
     LABELS = ("click", "vr")
 
-    def __init__(self, window: int, n_bins: int):
-        self.acc = {f"{scope}_{label}": (WindowMetrics(window) if scope == "window" else CumulativeMetrics(n_bins))
+    def __init__(self, window: int, n_bins: int, per_user: bool = True):
+        self.acc = {f"{scope}_{label}": (WindowMetrics(window) if scope == "window"
+                                         else CumulativeMetrics(n_bins, per_user=per_user))
                     for scope in ("window", "cum") for label in self.LABELS}
 
     def update(self, scores, clicked, valid_read, users) -> None:
         for name, acc in self.acc.items():
             acc.update(scores, clicked if name.endswith("click") else valid_read, users)
 
-    def compute(self) -> dict[str, float]:
+    def compute(self, scopes: tuple[str, ...] = ("window", "cum")) -> dict[str, float]:
         out: dict[str, float] = {}
         for name, acc in self.acc.items():
+            if name.split("_")[0] not in scopes:
+                continue
             for k, v in acc.compute().items():
                 if k in ("auc", "gauc", "logloss", "n"):
                     out[f"{name}_{k}"] = v
@@ -183,7 +204,7 @@ class Trainer:
         # about 7x faster on CPU for the large hashed tables)
         self.optimizer = torch.optim.Adam([*self.model.parameters(), *self.objective.parameters()], lr=cfg.lr,
                                           fused=True)
-        self.metrics = PrequentialMetrics(cfg.window, cfg.cumulative_bins)
+        self.metrics = PrequentialMetrics(cfg.window, cfg.cumulative_bins, per_user=cfg.cumulative_gauc)
         self.n_towers = 2 if "ndt_weighted" in self.objective_config.terms else 1
         self.step = 0
         self.samples_seen = 0
@@ -297,11 +318,13 @@ class Trainer:
                 "curve": [dict(p) for p in self.curve], "rng": torch.get_rng_state()}
 
     def load_checkpoint_state(self, state: dict[str, Any]) -> None:
-        """Restore from :meth:`checkpoint_state`; the run's configs must be the checkpoint's."""
+        """Restore from :meth:`checkpoint_state`; the run's configs must be the checkpoint's, but
+        for what :func:`comparable_config` leaves out."""
         from learner.checkpoint import CheckpointError
-        if state.get("config") != self.config_dict():
+        theirs, ours = state.get("config"), self.config_dict()
+        if not isinstance(theirs, dict) or comparable_config(theirs) != comparable_config(ours):
             raise CheckpointError("checkpoint was written by a run with another config; "
-                                  f"checkpoint: {state.get('config')}, this run: {self.config_dict()}")
+                                  f"checkpoint: {theirs}, this run: {ours}")
         try:
             self.model.load_state_dict(state["model"])
             self.objective.load_state_dict(state["objective"])

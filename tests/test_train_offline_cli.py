@@ -35,15 +35,17 @@ profile_buckets = 64
 """
 
 
-def cli(tmp_path: Path, out: str, *extra: str) -> dict:
+def cli(tmp_path: Path, out: str, *extra: str, warmup: str | None = "100", seq_len: str = "8",
+        status: int = 0) -> dict | str:
+    """Metrics JSON of a run; its stderr when ``status`` is not 0."""
     cmd = [sys.executable, "-m", "streamrec.cli", "--config", str(tmp_path / "t.toml"), "train-offline",
            "--samples", str(tmp_path / "s.bin"), "--out", str(tmp_path / out), "--model", "dumn",
-           "--objective", "clsd", "--clsd-warmup-samples", "100", "--batch-size", "32", "--seq-len", "8",
-           "--device", "cpu", *extra]
+           "--objective", "clsd", *(["--clsd-warmup-samples", warmup] if warmup else []), "--batch-size", "32",
+           "--seq-len", seq_len, "--device", "cpu", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return json.loads((tmp_path / out / "metrics.json").read_text())
+    assert proc.returncode == status, proc.stderr[-2000:]
+    return json.loads((tmp_path / out / "metrics.json").read_text()) if status == 0 else proc.stderr
 
 
 @pytest.fixture()
@@ -69,6 +71,19 @@ def test_resume_in_a_fresh_process_equals_one_run(setup):
     assert a["source_offsets"] == b["source_offsets"] == {"offset_bytes": (setup / "s.bin").stat().st_size,
                                                           "messages": 256}
     assert full["config"]["model"]["n_slots"] == 8 and full["config"]["trainer"]["clsd"]["warmup_samples"] == 100
+
+
+def test_resume_keeps_the_default_warm_up_and_refuses_another_seq_len(setup):
+    """The default CLSD warm-up is a third of what the first run trains: a resume (which trains
+    more) keeps the checkpoint's. The checkpoint records T, and a resume with another T is refused."""
+    cli(setup, "part", "--max-samples", "96", warmup=None)
+    ckpt = setup / "part" / "checkpoint.pt"
+    state = load_checkpoint(ckpt)
+    assert state["config"]["trainer"]["clsd"]["warmup_samples"] == 32 and state["seq_len"] == 8
+    rest = cli(setup, "rest", "--resume", str(ckpt), warmup=None)
+    assert rest["samples_seen"] == 256 and rest["config"]["trainer"]["clsd"]["warmup_samples"] == 32
+    err = cli(setup, "other", "--resume", str(ckpt), warmup=None, seq_len="6", status=1)
+    assert "trained with seq_len=8, this run has seq_len=6" in err
 
 
 def test_bad_input_is_reported(setup, capsys):

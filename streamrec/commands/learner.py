@@ -123,9 +123,13 @@ def run(args: argparse.Namespace) -> int:
             "checkpoint_every_steps": args.checkpoint_every_steps, "checkpoint_every_s": args.checkpoint_every_s,
             "keep_checkpoints": args.keep_checkpoints, "max_samples": args.max_samples, "audit_log": args.audit_log,
             "publish_versions": False if args.no_publish else None})
-        tcfg = build(TrainerConfig, trainer_section, {"model": args.model, "objective": args.objective, "lr": args.lr,
-                                                      "seed": args.seed, "device": args.device},
-                     {"clsd": build(CLSDConfig, clsd_section)})
+        if trainer_section.get("keep_predictions"):
+            raise ConfigError("[learner.trainer] keep_predictions: the learner never ends, so its kept "
+                              "predictions would grow without bound (train-offline keeps them)")
+        # the cumulative GAUC's per-user state grows with every user seen: off unless asked for
+        tcfg = build(TrainerConfig, {"cumulative_gauc": False}, trainer_section,
+                     {"model": args.model, "objective": args.objective, "lr": args.lr, "seed": args.seed,
+                      "device": args.device}, {"clsd": build(CLSDConfig, clsd_section)})
         model_cfg = _model_config(tcfg.model, tcfg.heads, model_section)
         if ranked and tcfg.device != "cpu" and torch.cuda.is_available():
             import os
@@ -155,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
         from learner.distributed import Comm
         comm = Comm.init(dcfg, trainer.device)
     producer = KafkaProducer(bootstrap_servers=scfg.bootstrap.split(","), acks="all", client_id=f"{scfg.client_id}-out")
-    server = learner = None
+    server = learner = store = None
     try:
         registry = None
         if args.metrics_port is not None:
@@ -170,6 +174,8 @@ def run(args: argparse.Namespace) -> int:
             audit=AuditLog(cfg.audit_log) if cfg.audit_log else None, registry=registry,
             progress=None if args.no_progress else ProgressLine(sys.stderr))
         store = CheckpointStore(cfg.checkpoint_dir, cfg.keep_checkpoints)
+        if comm is None or comm.rank == 0:   # the ranks of one run share the directory; rank 0 writes
+            store.lock()
         if comm is None:
             learner = ContinuousLearner(cfg, trainer, stream, store, **parts)
         else:
@@ -186,6 +192,8 @@ def run(args: argparse.Namespace) -> int:
     finally:  # a LearnerError ends in one line (streamrec.cli)
         if server is not None:
             server.close()
+        if store is not None:
+            store.close()
         producer.close(timeout=10)
         if comm is not None:
             _write_digest(args.dist_digest, learner)

@@ -96,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
     from learner.checkpoint import load_checkpoint, save_checkpoint
     from learner.config import CLSDConfig
     from learner.data import DataConfig, SampleLoader, count_frames
+    from learner.scoring import checkpoint_seq_len
     from learner.trainer import Trainer, TrainerConfig
     from streamrec.alloc import apply_for_decoding
 
@@ -108,13 +109,24 @@ def run(args: argparse.Namespace) -> int:
     if not samples.is_file():
         print(f"streamrec train-offline: samples file {str(samples)!r} does not exist", file=sys.stderr)
         return 2
+    resumed = None
+    if args.resume:
+        try:
+            resumed = load_checkpoint(args.resume)
+        except LearnerError as exc:
+            print(f"streamrec train-offline: cannot resume: {exc}", file=sys.stderr)
+            return 1
     try:
         n_file = count_frames(samples)
         clsd_flags = {"alpha": args.clsd_alpha, "warmup_samples": args.clsd_warmup_samples,
                       "use_local": False if args.no_clsd_local else None}
         if args.clsd_warmup_samples is None and "warmup_samples" not in clsd_section:
+            # the default depends on the file and --max-samples, which may have grown since the
+            # checkpoint: a resumed run keeps the warm-up it started with
+            ck_clsd = (((resumed or {}).get("config") or {}).get("trainer") or {}).get("clsd") or {}
             max_s = args.max_samples if args.max_samples is not None else data_section.get("max_samples", 0)
-            clsd_flags["warmup_samples"] = (min(n_file, max_s) if max_s else n_file) // 3
+            clsd_flags["warmup_samples"] = ck_clsd.get("warmup_samples",
+                                                       (min(n_file, max_s) if max_s else n_file) // 3)
         clsd = build(CLSDConfig, clsd_section, clsd_flags)
         flags = {"model": args.model, "objective": args.objective, "seed": args.seed, "lr": args.lr,
                  "device": args.device, "window": args.window, "curve_every": args.curve_every}
@@ -123,9 +135,13 @@ def run(args: argparse.Namespace) -> int:
         data = {"batch_size": 256, "seq_len": 100, "max_samples": 0, **data_section}
         data.update({k: getattr(args, k) for k in DATA_KEYS if getattr(args, k) is not None})
         trainer = Trainer(cfg, model_cfg)
-        if args.resume:
+        if resumed is not None:
             try:
-                trainer.load_checkpoint_state(load_checkpoint(args.resume))
+                ck_t = checkpoint_seq_len(resumed)
+                if ck_t is not None and ck_t != data["seq_len"]:
+                    raise LearnerError(f"the checkpoint was trained with seq_len={ck_t}, this run has "
+                                       f"seq_len={data['seq_len']}")
+                trainer.load_checkpoint_state(resumed)
             except LearnerError as exc:
                 print(f"streamrec train-offline: cannot resume: {exc}", file=sys.stderr)
                 return 1
@@ -144,16 +160,19 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "checkpoint.pt"
 
+    def state_of(t: Trainer) -> dict:
+        return {**t.checkpoint_state(), "seq_len": dcfg.seq_len}   # the T the scorer must build batches with
+
     def on_step(t: Trainer) -> None:
         if args.checkpoint_every and t.step % args.checkpoint_every == 0:
-            save_checkpoint(ckpt, t.checkpoint_state())
+            save_checkpoint(ckpt, state_of(t))
 
     logger.info("train-offline start samples=%s messages=%d model=%s objective=%s seed=%d device=%s "
                 "batch_size=%d resume_offset_bytes=%d", samples, n_file, cfg.model, cfg.objective, cfg.seed,
                 trainer.device, dcfg.batch_size, offset)
     with SampleLoader(dcfg) as loader:  # a LearnerError ends in one line (streamrec.cli)
         result = trainer.run(loader, on_step=on_step)
-    save_checkpoint(ckpt, trainer.checkpoint_state())
+    save_checkpoint(ckpt, state_of(trainer))
     report = {"command": " ".join(["streamrec", *sys.argv[1:]]) if sys.argv else "",
               "samples_file": str(samples), "data": dataclasses.asdict(dcfg), "config": result.config,
               "final": result.final, "samples_seen": result.samples_seen, "steps": result.steps,

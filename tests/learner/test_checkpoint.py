@@ -1,6 +1,10 @@
 """Checkpoints: a resumed run equals an uninterrupted one; damaged files are refused."""
 from __future__ import annotations
 
+import dataclasses
+import math
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -132,6 +136,27 @@ def test_checkpoint_of_other_config_refused(tmp_path):
         other.load_checkpoint_state(load_checkpoint(path))
 
 
+def test_a_restore_may_change_how_a_run_executes_not_what_it_learns(tmp_path):
+    """Device, logging, curve spacing, kept predictions, the cumulative GAUC, and the CLSD settings of
+    an objective without CLSD may differ; learning settings may not."""
+    make_samples_file(tmp_path / "s.bin", 64, seed=5)
+    t, path = _saved(tmp_path)                          # bce, din, device "cpu", cumulative GAUC kept
+    state = load_checkpoint(path)
+    run = dataclasses.replace(t.cfg, device="auto", log_every_s=1.0, curve_every=7, keep_predictions=False,
+                              cumulative_gauc=False, clsd=CLSDConfig(warmup_samples=5, alpha=0.3))
+    other = Trainer(run, tiny_config("din"))
+    other.load_checkpoint_state(state)
+    assert other.step == t.step and math.isnan(other.metrics.compute()["cum_click_gauc"])
+    for change in ({"lr": 0.01}, {"seed": 1}, {"window": 50}, {"separate_eval_pass": True}):
+        with pytest.raises(CheckpointError, match="another config"):
+            Trainer(dataclasses.replace(run, **change), tiny_config("din")).load_checkpoint_state(state)
+    clsd = make_trainer("clsd", model="din")            # with CLSD its settings count
+    clsd_state = clsd.checkpoint_state()
+    with pytest.raises(CheckpointError, match="another config"):
+        Trainer(dataclasses.replace(clsd.cfg, clsd=CLSDConfig(warmup_samples=5)),
+                tiny_config("din")).load_checkpoint_state(clsd_state)
+
+
 def test_save_is_atomic(tmp_path):
     path = tmp_path / "c.pt"
     save_checkpoint(path, {"step": 1})
@@ -163,3 +188,18 @@ def test_store_removes_temp_files_of_saves_whose_process_died(tmp_path):
     assert not stale.exists() and not own.exists() and live.exists() and other.exists()
     assert store.remove_stale_temp_files() == []  # done once, at the start
     assert store.versions() == []
+
+
+def test_a_checkpoint_directory_takes_one_writer_at_a_time(tmp_path):
+    """A second learner on the same directory (a rolling restart's new process while the old one
+    still runs) is refused instead of overwriting the first one's versions."""
+    from learner.checkpoint_store import CheckpointStore
+
+    first, second = CheckpointStore(tmp_path), CheckpointStore(tmp_path)
+    first.lock()
+    with pytest.raises(CheckpointError, match=f"in use by another learner \\(pid {os.getpid()}\\)"):
+        second.lock()
+    assert second.versions() == []                   # reading needs no lock
+    first.close()
+    second.lock()                                    # free again once the first one let go
+    second.close()

@@ -122,3 +122,28 @@ def test_float64_scores_are_not_rounded_into_ties():
     scores = torch.tensor([0.5, 0.5 + 1e-9], dtype=torch.float64)
     assert auc(scores, [0, 1]) == 1.0
     assert auc(scores.numpy(), [0, 1]) == 1.0
+
+
+def test_cumulative_without_users_keeps_a_fixed_state_and_the_same_auc_and_logloss():
+    """The continuous learner's setting: no per-user rows (GAUC NaN), AUC and logloss unchanged;
+    a state that kept users loads into one that does not, and the other way GAUC starts afresh."""
+    rng = np.random.default_rng(1)
+    s, y, u = rng.random(6000), (rng.random(6000) < 0.3).astype(float), rng.integers(0, 4000, 6000)
+    full, lean = CumulativeMetrics(n_bins=1000), CumulativeMetrics(n_bins=1000, per_user=False)
+    for a in (full, lean):
+        a.update(s[:3000], y[:3000], u[:3000])
+    sizes = [lean.state_dict()["g_user"].numel()]
+    for a in (full, lean):
+        a.update(s[3000:], y[3000:], u[3000:])
+    sizes.append(lean.state_dict()["g_user"].numel())
+    assert sizes == [0, 0] and full.state_dict()["g_user"].numel() > 3000
+    got, want = lean.compute(), full.compute()
+    assert math.isnan(got["gauc"]) and not math.isnan(want["gauc"])
+    assert {k: got[k] for k in ("n", "auc", "logloss", "ctr")} == {k: want[k] for k in ("n", "auc", "logloss", "ctr")}
+    dropped = CumulativeMetrics(n_bins=1000, per_user=False)
+    dropped.load_state_dict(full.state_dict())
+    assert dropped.state_dict()["g_user"].numel() == 0 and dropped.compute()["auc"] == want["auc"]
+    afresh = CumulativeMetrics(n_bins=1000)
+    afresh.load_state_dict(lean.state_dict())
+    afresh.update(s[:100], y[:100], u[:100])
+    assert afresh.compute()["gauc"] == pytest.approx(gauc(s[:100], y[:100], u[:100]), abs=2e-2)

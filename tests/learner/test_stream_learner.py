@@ -19,6 +19,7 @@ import pytest
 import torch
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
+from kafka.structs import OffsetAndMetadata
 
 from learner.checkpoint import CheckpointError, load_checkpoint
 from learner.continuous import AuditLog, CheckpointStore, ContinuousLearner, LearnerConfig, VersionPublisher
@@ -426,3 +427,32 @@ def test_a_missing_topic_is_waited_for_not_created(broker, caplog):
             assert got == 10
         finally:
             stream.close()
+
+
+def test_a_partition_idle_since_the_start_is_checkpointed_at_its_committed_offset(broker, tmp_path):
+    """No checkpoint: partitions start at the group's committed offsets. One that delivers nothing
+    before the first checkpoint must still be in it, or a restart would read it from the beginning."""
+    bootstrap = broker.bootstrap
+    create_topic(bootstrap)
+    produce(bootstrap, range(1, 61))
+    ends = end_offsets(bootstrap)
+    assert all(ends.values())
+    c = KafkaConsumer(bootstrap_servers=bootstrap, group_id="learners", enable_auto_commit=False)
+    try:   # the group has trained everything so far (its checkpoints were moved away since)
+        c.commit({TopicPartition(TOPIC_SAMPLES, p): OffsetAndMetadata(o, "", -1) for p, o in ends.items()})
+    finally:
+        c.close()
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    for i in range(100, 132):                       # new samples in partitions 0 and 1 only
+        producer.send(TOPIC_SAMPLES, value=encode(make_sample(i)), partition=i % 2)
+    producer.flush()
+    producer.close()
+    learner, out = make_learner(bootstrap, tmp_path, max_samples=32)
+    try:
+        assert learner.restore() == 0
+        run_bounded(learner)
+    finally:
+        out.close()
+    _, _, state = CheckpointStore(tmp_path / "ckpt").load_newest()
+    assert from_source_offsets(TOPIC_SAMPLES, state["source_offsets"]) == {0: ends[0] + 16, 1: ends[1] + 16,
+                                                                           2: ends[2]}

@@ -34,7 +34,7 @@ class StoreClosedError(FeatureStoreError):
 
 
 class StoreNotFoundError(FeatureStoreError):
-    """A reader was pointed at a path where no primary store was ever opened."""
+    """A reader was pointed at a path that holds no store: never created there, moved or removed."""
 
 
 from featurestore.config import (  # noqa: E402  (errors above must exist before submodules import them)

@@ -1,8 +1,11 @@
 """The only key encoder of the feature store. Every key the store writes or reads is built here.
 
 Layout: a one-byte family prefix, then fixed-width fields. Ids are unsigned big-endian, so byte
-order equals numeric order and "every key of one user" / "every key of one family" is one
-contiguous range (a prefix scan; see :func:`prefix_range`).
+order equals numeric order and "every key of one family", "the sequences of one user" and "the
+counters of one user" are each one contiguous range (a prefix scan; see :func:`prefix_range`). The
+keys of one user are NOT one range: the sequences lie under USER_SEQUENCE + user_id
+(:func:`user_prefix`), the counters under USER_COUNTER + user_id; :func:`user_row_keys` lists all
+of them for one multi-get.
 
 =============  ======  ==================================================  ===========================
 family         prefix  key bytes after the prefix                          value (featurestore.codecs)

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 from rocksdict import AccessType, Rdict, ReadOptions
 
-from featurestore import StoreClosedError, StoreNotFoundError, codecs, keys
+from featurestore import FeatureStoreError, StoreClosedError, StoreNotFoundError, codecs, keys
 from featurestore.config import FeatureStoreConfig
 from featurestore.counters import WindowedCounter
 from featurestore.dwellstats import DwellStats
@@ -152,6 +152,14 @@ class FeatureView:
                             by_kind[SequenceKind.DISLIKE], by_counter[CounterKind.CLICK],
                             by_counter[CounterKind.IMPRESSION])
 
+    def has_user(self, user_id: int) -> bool:
+        """Whether any row of the user is stored, a sequence or a counter (a user whose impressions
+        are still open has counters only): picks the partition store that knows the user."""
+        row_keys = keys.user_row_keys(user_id)
+        n_seq = len(SequenceKind)
+        return (any(s is not None for s in self._load_many(row_keys[:n_seq], self._decode_sequence))
+                or any(c is not None for c in self._load_many(row_keys[n_seq:], self._decode_counter)))
+
     def user_clicks_in_window(self, user_id: int, ts_ms: int) -> int:
         """T2 input: the user's clicks in the window ending at ``ts_ms``."""
         (c,) = self._load_many([keys.user_counter_key(user_id, CounterKind.CLICK)],
@@ -244,35 +252,57 @@ class FeatureReader(RdictView):
         self.mode = mode
         self._now_ms = now_ms
         self._own_tmp = None
-        if not (Path(self.path) / "CURRENT").exists():
-            raise StoreNotFoundError(f"no feature store at path={self.path}")
+        self._db = None
+        self._require_store()
         if mode == "secondary" and secondary_path is None:
             self._own_tmp = tempfile.mkdtemp(prefix="featurestore-secondary-")
             secondary_path = self._own_tmp
         self._secondary_path = None if secondary_path is None else str(secondary_path)
-        self._db = None
-        self._open()
+        try:
+            self._db = self._open()
+        except BaseException:
+            self.close()  # the temporary secondary directory must not outlive a failed open
+            raise
         self.last_refresh_ms = self._now_ms()
         logger.info("featurestore_reader_open path=%s mode=%s commit_seq=%s", self.path, mode,
                     getattr(self.commit_info(), "commit_seq", None))
 
-    def _open(self) -> None:
+    def _require_store(self) -> None:
+        """Checked before every open and catch-up: RocksDB would create an empty directory in a
+        moved store's place (read-only open), or keep serving the old files (secondary)."""
+        if not (Path(self.path) / "CURRENT").exists():
+            raise StoreNotFoundError(f"no feature store at path={self.path} (never created, moved or removed)")
+
+    def _open(self) -> Rdict:
+        """A new handle on the store; the current one, if any, is left untouched."""
         opts = self.config.to_rocksdict_options(create=False)
         if self.mode == "secondary":
             access = AccessType.secondary(self._secondary_path)
         else:
             access = AccessType.read_only(False)
-        self._db = Rdict(self.path, opts, access_type=access)
+        try:
+            return Rdict(self.path, opts, access_type=access)
+        except Exception as exc:  # rocksdict raises a bare Exception with RocksDB's status text
+            raise FeatureStoreError(f"cannot open the feature store at path={self.path}: {exc}") from exc
 
     def refresh(self) -> CommitInfo | None:
-        """Make the writer's newest commits visible; returns the newest visible commit."""
+        """Make the writer's newest commits visible; returns the newest visible commit.
+
+        Raises :class:`StoreNotFoundError` when the store directory is gone and
+        :class:`FeatureStoreError` when RocksDB fails; either way the reader keeps serving what it
+        saw before, and a later refresh can succeed once the store is back.
+        """
         db = self._require_db()
+        self._require_store()
         if self.mode == "secondary":
-            db.try_catch_up_with_primary()
+            try:
+                db.try_catch_up_with_primary()
+            except Exception as exc:  # rocksdict raises a bare Exception
+                raise FeatureStoreError(f"cannot catch up with the feature store at path={self.path}: "
+                                        f"{exc}") from exc
         else:
+            self._db = self._open()  # swapped in only once it opened
             db.close()
-            self._db = None
-            self._open()
         self.last_refresh_ms = self._now_ms()
         return self.commit_info()
 

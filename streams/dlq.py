@@ -87,21 +87,41 @@ class DeadLetter:
 
     @classmethod
     def from_record(cls, record: Any) -> DeadLetter:
-        """Parse a consumed ``.dlq`` record; raise ``ValueError`` naming a missing header."""
+        """Parse a consumed ``.dlq`` record; raise ``ValueError`` naming a missing, null (Kafka
+        allows null header values) or malformed header, so that a reader can show it and go on."""
         headers = {k: v for k, v in (record.headers or [])}
-        try:
-            return cls(
-                reason=headers["reason"].decode("utf-8"),
-                source_topic=headers["source.topic"].decode("utf-8"),
-                source_partition=int(headers["source.partition"]),
-                source_offset=int(headers["source.offset"]),
-                source_timestamp_ms=int(headers.get("source.timestamp_ms", b"-1")),
-                dlq_ts_ms=int(headers.get("dlq.ts_ms", b"-1")),
-                key=record.key,
-                value=record.value,
-            )
-        except KeyError as exc:
-            raise ValueError(f"dead letter at offset={record.offset} lacks header {exc.args[0]!r}") from None
+        where = f"dead letter at offset={record.offset}"
+
+        def header(name: str, default: bytes | None = None) -> bytes:
+            value = headers.get(name, default)
+            if value is None:
+                raise ValueError(f"{where} {'has a null' if name in headers else 'lacks'} header {name!r}")
+            return value
+
+        def text(name: str) -> str:
+            value = header(name)
+            try:
+                return value.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValueError(f"{where} has header {name!r}={value!r}, not utf-8 text") from None
+
+        def integer(name: str, default: bytes | None = None) -> int:
+            value = header(name, default)
+            try:
+                return int(value)
+            except ValueError:
+                raise ValueError(f"{where} has header {name!r}={value!r}, not an integer") from None
+
+        return cls(
+            reason=text("reason"),
+            source_topic=text("source.topic"),
+            source_partition=integer("source.partition"),
+            source_offset=integer("source.offset"),
+            source_timestamp_ms=integer("source.timestamp_ms", b"-1"),
+            dlq_ts_ms=integer("dlq.ts_ms", b"-1"),
+            key=record.key,
+            value=record.value,
+        )
 
 
 class DeadLetterError(RuntimeError):

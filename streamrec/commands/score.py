@@ -59,7 +59,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 class PartitionedFeatures:
     """The joiner's per-partition stores behind one ``user_features``: the first store that holds
-    anything of the user at ``ts_ms`` answers (a user's events live in one partition)."""
+    any row of the user answers (a user's events live in one partition; one whose impressions are
+    all still open has counters only), else the first store (a user nobody has seen)."""
 
     def __init__(self, readers: list) -> None:
         self.readers = readers
@@ -69,11 +70,8 @@ class PartitionedFeatures:
             r.refresh()
 
     def user_features(self, user_id: int, ts_ms: int | None = None):
-        found = [r.user_features(user_id, ts_ms) for r in self.readers]
-        for uf in found:
-            if any(len(getattr(uf, k)) for k in ("click", "unclick", "like", "dislike")):
-                return uf
-        return found[0]
+        reader = next((r for r in self.readers if r.has_user(user_id)), self.readers[0])
+        return reader.user_features(user_id, ts_ms)
 
     def close(self) -> None:
         for r in self.readers:
@@ -98,7 +96,15 @@ def open_features(path: str | Path, config):
     stores = sorted(d for d in (p / "stores").glob("p*") if (d / "CURRENT").exists())
     if not stores:
         raise ConfigError(f"--feature-store {str(p)!r} is neither a feature store nor a joiner data directory")
-    return PartitionedFeatures([FeatureReader(d, config) for d in stores])
+    readers = []
+    try:
+        for d in stores:
+            readers.append(FeatureReader(d, config))
+    except BaseException:
+        for r in readers:  # each holds a RocksDB handle and a temporary secondary directory
+            r.close()
+        raise
+    return PartitionedFeatures(readers)
 
 
 def _finite(x: float) -> float | None:

@@ -307,6 +307,47 @@ def test_cli_scores_with_the_newest_version_and_with_a_checkpoint(broker, store,
     assert rc == 1 and not lines and "cannot load checkpoint" in err
 
 
+def test_a_joiner_data_directory_answers_from_the_store_that_holds_the_user(tmp_path):
+    """A user with counters only (its impressions' label windows still open) is answered by its own
+    partition store, not by p0000, which knows someone else; an unknown user by p0000."""
+    from featurestore import CounterKind, FeatureStoreConfig
+    from streamrec.commands.score import open_features
+
+    stores = tmp_path / "joiner" / "stores"
+    with RocksFeatureStore(stores / "p0000") as p0, p0.transaction() as tx:
+        tx.add_sequence_event(USER + 1, SequenceKind.CLICK, item_id=1, category=7, ts_ms=1_000)
+    with RocksFeatureStore(stores / "p0001") as p1, p1.transaction() as tx:
+        for ts in (1_000, 2_000, 3_000):
+            tx.add_user_event(USER, CounterKind.IMPRESSION, ts_ms=ts)
+    features = open_features(tmp_path / "joiner", FeatureStoreConfig())
+    try:
+        features.refresh()
+        uf = features.user_features(USER, 3_500)
+        assert (uf.impressions_in_window, uf.clicks_in_window) == (3, 0)
+        assert features.user_features(USER + 1).click.item_ids.tolist() == [1]
+        assert features.user_features(USER + 2).impressions_in_window == 0
+    finally:
+        features.close()
+
+
+def test_a_partition_store_that_does_not_open_closes_the_readers_already_open(tmp_path, monkeypatch):
+    import tempfile
+
+    from featurestore import FeatureStoreConfig, FeatureStoreError
+    from streamrec.commands.score import open_features
+
+    temp_root = tmp_path / "tmp"
+    temp_root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp_root))  # where each reader's secondary dir goes
+    stores = tmp_path / "joiner" / "stores"
+    RocksFeatureStore(stores / "p0000").close()
+    (stores / "p0001").mkdir()
+    (stores / "p0001" / "CURRENT").write_bytes(b"garbage")  # RocksDB refuses to open it
+    with pytest.raises(FeatureStoreError, match="p0001"):
+        open_features(tmp_path / "joiner", FeatureStoreConfig())
+    assert list(temp_root.iterdir()) == []  # p0000's reader was closed, its secondary dir removed
+
+
 def test_cli_follow_prints_a_line_per_new_version(broker, store, tmp_path):
     trainer = make_trainer()
     train(trainer, 1, seed=10)

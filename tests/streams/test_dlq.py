@@ -51,6 +51,40 @@ def test_dead_letter_without_reason_header_is_named():
         DeadLetter.from_record(record)
 
 
+GOOD_HEADERS = [("reason", b"empty: no bytes"), ("source.topic", b"clicks"), ("source.partition", b"0"),
+                ("source.offset", b"7")]
+
+
+@pytest.mark.parametrize("name", ["reason", "source.topic", "source.partition", "source.offset",
+                                  "source.timestamp_ms", "dlq.ts_ms"])
+def test_dead_letter_with_a_null_header_is_a_value_error_naming_it(name):
+    """Kafka allows null header values; one is a malformed dead letter, not an AttributeError."""
+    headers = [(k, v) for k, v in GOOD_HEADERS if k != name] + [(name, None)]
+    record = _record(topic="clicks.dlq", offset=4, headers=headers)
+    with pytest.raises(ValueError, match=f"offset=4 has a null header '{name}'"):
+        DeadLetter.from_record(record)
+
+
+def test_dead_letter_with_a_malformed_header_is_a_value_error_naming_it():
+    bad_int = [(k, b"zero" if k == "source.partition" else v) for k, v in GOOD_HEADERS]
+    with pytest.raises(ValueError, match="header 'source.partition'=b'zero', not an integer"):
+        DeadLetter.from_record(_record(topic="clicks.dlq", headers=bad_int))
+    bad_text = [(k, b"\xff" if k == "reason" else v) for k, v in GOOD_HEADERS]
+    with pytest.raises(ValueError, match=r"has header 'reason'=b'\\xff', not utf-8 text"):
+        DeadLetter.from_record(_record(topic="clicks.dlq", headers=bad_text))
+    assert DeadLetter.from_record(_record(topic="clicks.dlq", headers=GOOD_HEADERS)).source_offset == 7
+
+
+def test_tail_renders_a_dead_letter_with_a_null_header_as_unreadable():
+    from streamrec.commands.tail import render_dead_letter
+
+    record = _record(topic="clicks.dlq", offset=4, value=b"junk",
+                     headers=[("reason", None), *GOOD_HEADERS[1:]])
+    row = render_dead_letter(record)
+    assert row["reason"] == "unreadable dead letter: dead letter at offset=4 has a null header 'reason'"
+    assert row["headers"]["reason"] is None and base64.b64decode(row["value_b64"]) == b"junk"
+
+
 def test_decode_or_route_refuses_mixed_topics_and_unknown_empty_kind():
     with pytest.raises(ValueError, match="mix topics 'impressions' and 'clicks'"):
         decode_or_route([_record(), _record(topic="clicks")], DeadLetterRouter(None))
@@ -217,6 +251,33 @@ def test_tail_prints_other_topics_raw(broker, capsys):
     assert status == 0
     (row,) = [json.loads(line) for line in lines]
     assert (row["key"], row["headers"], base64.b64decode(row["value_b64"])) == ("k", {"h": "v"}, b"\x00\xffraw")
+
+
+def test_tail_goes_on_past_a_dead_letter_with_a_null_header(broker, capsys):
+    """kafka-python's producer refuses null header values, other clients send them: the batch is
+    built by hand and produced over the wire."""
+    from kafka.record.default_records import DefaultRecordBatchBuilder
+
+    from tests.broker.conftest import RawClient, metadata_request, produce_raw
+
+    builder = DefaultRecordBatchBuilder(2, 0, False, -1, -1, -1, 1 << 20)
+    builder.append(0, timestamp=1_000, key=b"1", value=b"a", headers=[("reason", None), *GOOD_HEADERS[1:]])
+    builder.append(1, timestamp=1_001, key=b"2", value=b"b", headers=GOOD_HEADERS)
+    client = RawClient(broker.bootstrap)
+    try:
+        client.request(metadata_request(["clicks.dlq"]), 9)
+        assert produce_raw(client, "clicks.dlq", bytes(builder.build())).error_code == 0
+    finally:
+        client.close()
+    status, lines = _tail(capsys, "clicks.dlq", "--bootstrap", broker.bootstrap, "--from-beginning",
+                          "--max", "2", "--timeout-s", "10")
+    assert status == 0
+    rows = [json.loads(line) for line in lines]
+    assert [(r["key"], r["reason"]) for r in rows] == [
+        ("1", "unreadable dead letter: dead letter at offset=0 has a null header 'reason'"),
+        ("2", "empty: no bytes"),
+    ]
+    assert rows[0]["headers"]["reason"] is None
 
 
 def test_flush_raises_when_a_dead_letter_was_not_acknowledged(broker):

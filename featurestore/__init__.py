@@ -33,6 +33,11 @@ class StoreClosedError(FeatureStoreError):
     """The store or reader was used after ``close()``."""
 
 
+class LayoutMismatchError(FeatureStoreError):
+    """A store was opened with layout settings (sequences, counters, sketch, dwell) other than the
+    ones it was written with."""
+
+
 class StoreNotFoundError(FeatureStoreError):
     """A reader was pointed at a path that holds no store: never created there, moved or removed."""
 
@@ -55,7 +60,7 @@ from featurestore.store import CommitInfo, FeatureStore, RocksFeatureStore, Stor
 __all__ = [
     "CodecError", "CommitInfo", "CounterConfig", "CounterKind", "DwellSketch", "DwellStats",
     "DwellStatsConfig", "FeatureReader", "FeatureStore", "FeatureStoreConfig", "FeatureStoreError",
-    "ItemCountField", "ItemFeatures", "KeyEncodingError", "OffsetRegressionError",
+    "ItemCountField", "ItemFeatures", "KeyEncodingError", "LayoutMismatchError", "OffsetRegressionError",
     "RocksFeatureStore", "SequenceConfig", "SequenceKind", "SequenceSlice", "SketchConfig",
     "StoreBatch", "StoreClosedError", "StoreNotFoundError", "TransactionStateError",
     "UserFeatures", "UserSequence", "WindowedCounter",

@@ -15,6 +15,8 @@ ValueError: max_len=0 must be > 0
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass, field
 
 from rocksdict import BlockBasedOptions, Cache, DBCompressionType, Options, WriteOptions
@@ -176,3 +178,27 @@ class FeatureStoreConfig:
         wopts = WriteOptions()
         wopts.sync = self.sync_writes
         return wopts
+
+
+#: the settings that decide how stored values are encoded and read (the rest only tune RocksDB)
+LAYOUT_FIELDS = ("sequences", "counters", "sketch", "dwell")
+_LAYOUT_TYPES = {"sequences": SequenceConfig, "counters": CounterConfig, "sketch": SketchConfig,
+                 "dwell": DwellStatsConfig}
+
+
+def layout_of(config: FeatureStoreConfig) -> dict:
+    """The layout part of ``config`` as plain data (what a store records about itself)."""
+    return {name: dataclasses.asdict(getattr(config, name)) for name in LAYOUT_FIELDS}
+
+
+def encode_layout(config: FeatureStoreConfig) -> bytes:
+    return json.dumps(layout_of(config), sort_keys=True, separators=(",", ":")).encode()
+
+
+def with_layout(config: FeatureStoreConfig, raw: bytes) -> FeatureStoreConfig:
+    """``config`` with the layout a store recorded (:func:`encode_layout`); ValueError if unreadable."""
+    try:
+        layout = json.loads(raw)
+        return dataclasses.replace(config, **{name: _LAYOUT_TYPES[name](**layout[name]) for name in LAYOUT_FIELDS})
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"unreadable layout record {raw[:200]!r}: {exc}") from None

@@ -10,7 +10,7 @@ of them for one multi-get.
 =============  ======  ==================================================  ===========================
 family         prefix  key bytes after the prefix                          value (featurestore.codecs)
 =============  ======  ==================================================  ===========================
-META           0x01    name, ascii (``b"commit"``)                          commit record
+META           0x01    name, ascii (``b"commit"``, ``b"layout"``)           commit record; layout JSON
 OFFSET         0x02    topic utf-8 | 0x00 | partition u32 BE                next offset to consume
 USER_SEQUENCE  0x10    user_id u64 BE | kind u8 (:class:`SequenceKind`)     bounded sequence
 USER_COUNTER   0x11    user_id u64 BE | counter u8 (:class:`CounterKind`)   event-time buckets
@@ -96,6 +96,8 @@ U64_MAX = 2**64 - 1
 U32_MAX = 2**32 - 1
 I32_MAX = 2**31 - 1
 COMMIT_META = b"commit"
+#: the layout settings the store was written with (local: not in a commit, kept by ``clear``)
+LAYOUT_META = b"layout"
 _TOPIC_RE = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 _U64 = struct.Struct(">Q")
 _U32 = struct.Struct(">I")

@@ -40,8 +40,8 @@ from pathlib import Path
 import numpy as np
 from rocksdict import AccessType, Rdict, ReadOptions
 
-from featurestore import FeatureStoreError, StoreClosedError, StoreNotFoundError, codecs, keys
-from featurestore.config import FeatureStoreConfig
+from featurestore import FeatureStoreError, LayoutMismatchError, StoreClosedError, StoreNotFoundError, codecs, keys
+from featurestore.config import FeatureStoreConfig, encode_layout, with_layout
 from featurestore.counters import WindowedCounter
 from featurestore.dwellstats import DwellStats
 from featurestore.keys import CounterKind, SequenceKind
@@ -240,6 +240,8 @@ class FeatureReader(RdictView):
 
     ``mode="secondary"`` (default) keeps its RocksDB info files in ``secondary_path`` (a temporary
     directory when None, removed on close); ``mode="read_only"`` reopens the DB on refresh.
+    ``config`` None takes the layout settings the store recorded; a config whose layout differs
+    from them raises :class:`LayoutMismatchError`.
     """
 
     def __init__(self, path: str | Path, config: FeatureStoreConfig | None = None, *,
@@ -249,6 +251,8 @@ class FeatureReader(RdictView):
             raise ValueError(f"mode={mode!r} must be 'secondary' or 'read_only'")
         self.path = str(path)
         self.config = config or FeatureStoreConfig()
+        self._config_given = config is not None
+        self._layout_seen = False
         self.mode = mode
         self._now_ms = now_ms
         self._own_tmp = None
@@ -260,12 +264,31 @@ class FeatureReader(RdictView):
         self._secondary_path = None if secondary_path is None else str(secondary_path)
         try:
             self._db = self._open()
+            self._take_layout()
         except BaseException:
             self.close()  # the temporary secondary directory must not outlive a failed open
             raise
         self.last_refresh_ms = self._now_ms()
         logger.info("featurestore_reader_open path=%s mode=%s commit_seq=%s", self.path, mode,
                     getattr(self.commit_info(), "commit_seq", None))
+
+    def _take_layout(self) -> None:
+        """The store's recorded layout settings: taken when no config was given, checked against
+        one that was (a store from before the record was written has none: the config stands)."""
+        (raw,) = self._get_many([keys.meta_key(keys.LAYOUT_META)])
+        if raw is None:
+            return
+        self._layout_seen = True
+        if not self._config_given:
+            try:
+                self.config = with_layout(self.config, raw)
+            except ValueError as exc:
+                raise FeatureStoreError(f"feature store at path={self.path}: {exc}") from None
+        elif raw != encode_layout(self.config):
+            raise LayoutMismatchError(
+                f"the feature store at path={self.path} was written with layout {raw.decode(errors='replace')}, "
+                f"the reader's config has {encode_layout(self.config).decode()}: pass no config to take "
+                "the store's, or the writer's settings")
 
     def _require_store(self) -> None:
         """Checked before every open and catch-up: RocksDB would create an empty directory in a
@@ -303,6 +326,8 @@ class FeatureReader(RdictView):
         else:
             self._db = self._open()  # swapped in only once it opened
             db.close()
+        if not self._layout_seen:    # opened before the writer recorded it
+            self._take_layout()
         self.last_refresh_ms = self._now_ms()
         return self.commit_info()
 

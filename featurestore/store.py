@@ -52,9 +52,9 @@ from typing import Protocol
 
 from rocksdict import Rdict, WriteBatch
 
-from featurestore import TransactionStateError
+from featurestore import LayoutMismatchError, TransactionStateError, keys
 from featurestore.batch import StoreBatch
-from featurestore.config import FeatureStoreConfig
+from featurestore.config import FeatureStoreConfig, encode_layout
 from featurestore.dwellstats import DwellStats
 from featurestore.keys import CounterKind, SequenceKind  # noqa: F401  (the module doctest uses them)
 from featurestore.reader import CommitInfo, ItemFeatures, RdictView, UserFeatures, wall_clock_ms
@@ -86,6 +86,12 @@ class RocksFeatureStore(RdictView):
         self._write_options = self.config.to_write_options()
         self._db: Rdict | None = Rdict(self.path, self.config.to_rocksdict_options())
         self._active: StoreBatch | None = None
+        try:
+            self._check_layout()
+        except BaseException:
+            self._db.close()
+            self._db = None
+            raise
         info = self.commit_info()
         self._commit_seq = 0 if info is None else info.commit_seq
         self._max_event_ts_ms = -1 if info is None else info.max_event_ts_ms
@@ -116,9 +122,25 @@ class RocksFeatureStore(RdictView):
             self._max_event_ts_ms = -1 if info is None else info.max_event_ts_ms
         return n
 
+    def _check_layout(self) -> None:
+        """Record the layout settings in a new store; refuse a config whose layout differs from
+        the one a store was written with (its values would be misread without an error)."""
+        key = keys.meta_key(keys.LAYOUT_META)
+        (raw,) = self._get_many([key])
+        mine = encode_layout(self.config)
+        if raw is None:
+            self._db.put(key, mine, self._write_options)
+        elif raw != mine:
+            raise LayoutMismatchError(
+                f"the feature store at path={self.path} was written with layout {raw.decode(errors='replace')}, "
+                f"this config has {mine.decode()}: open it with the settings it was written with, or "
+                "start a new store")
+
     def clear(self) -> int:
-        """Delete every key (a store about to be rebuilt from its changelog); returns how many."""
-        found = list(self._require_db().keys())
+        """Delete every key but the layout record (a store about to be rebuilt from its
+        changelog); returns how many."""
+        layout = keys.meta_key(keys.LAYOUT_META)
+        found = [k for k in self._require_db().keys() if k != layout]
         for i in range(0, len(found), 10_000):  # one WriteBatch per 10K deletes, not one for the whole store
             self.apply_changes((key, None) for key in found[i:i + 10_000])
         return len(found)

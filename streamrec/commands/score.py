@@ -133,7 +133,8 @@ def run(args: argparse.Namespace) -> int:
     if args.seq_len is not None and args.seq_len <= 0:
         raise ConfigError(f"--seq-len={args.seq_len} must be > 0")
     store_section = ((load_section(args.config, "joiner").get("pipeline") or {}).get("store") or {})
-    features = open_features(args.feature_store, build(FeatureStoreConfig, store_section))
+    # without settings, each store's recorded layout is used
+    features = open_features(args.feature_store, build(FeatureStoreConfig, store_section) if store_section else None)
     follower = None
     try:
         if args.checkpoint:

@@ -88,3 +88,42 @@ def test_has_user_sees_sequences_and_counters_alone(store_path):
         with FeatureReader(store_path) as reader:
             assert [reader.has_user(u) for u in (5, 6, 7)] == [True, True, False]
             assert writer.has_user(6) and not writer.has_user(7)
+
+
+def test_the_store_records_its_layout_and_refuses_another(tmp_path):
+    """Counters bucketed by the hour, read with minute buckets, were silently zero: the store now
+    records its layout, a reader without a config takes it, and other layouts are refused."""
+    from rocksdict import Rdict
+
+    from featurestore import CounterConfig, FeatureStoreConfig, LayoutMismatchError
+    from featurestore import keys as fs_keys
+
+    path, hour = tmp_path / "s", FeatureStoreConfig()
+    minute = FeatureStoreConfig(counters=CounterConfig(bucket_ms=60_000))
+    with RocksFeatureStore(path, hour) as writer:
+        with writer.transaction() as tx:
+            for i in range(5):
+                tx.add_user_event(9, CounterKind.CLICK, ts_ms=3_600_000 + i)
+            tx.set_offset("clicks", 0, 5)
+        assert writer.clear() > 0 and writer.commit_info() is None       # the layout record stays
+    with pytest.raises(LayoutMismatchError, match="was written with layout"):
+        RocksFeatureStore(path, minute)
+    with RocksFeatureStore(path, hour) as writer:
+        with writer.transaction() as tx:
+            for i in range(5):
+                tx.add_user_event(9, CounterKind.CLICK, ts_ms=3_600_000 + i)
+            tx.set_offset("clicks", 0, 5)
+        with FeatureReader(path) as reader:                               # no config: the store's
+            assert reader.config.counters.bucket_ms == 3_600_000
+            assert reader.user_clicks_in_window(9, 3_600_010) == 5
+        with pytest.raises(LayoutMismatchError, match="the reader's config has"):
+            FeatureReader(path, minute)
+    db = Rdict(str(path), hour.to_rocksdict_options(create=False))    # a store from before the record
+    db.delete(fs_keys.meta_key(fs_keys.LAYOUT_META))
+    db.close()
+    with FeatureReader(path, minute) as reader:                           # nothing to check against
+        assert reader.config.counters.bucket_ms == 60_000
+    with RocksFeatureStore(path, hour):                                   # records it now
+        pass
+    with pytest.raises(LayoutMismatchError):
+        RocksFeatureStore(path, minute)

@@ -80,7 +80,8 @@ class LoadedBatch:
 
     ``start_offset_bytes`` / ``end_offset_bytes``: the file positions of its first frame and just
     past its last (the resume point); ``n_rejected``: messages of these frames that failed the
-    sample contract (counted and logged with their reasons, never trained on).
+    sample contract (counted and logged with their reasons, never trained on). A batch whose
+    every row was rejected is still yielded, empty, so that its messages and offsets count.
     """
 
     batch: SampleBatch
@@ -223,8 +224,7 @@ class SampleLoader:
                 if isinstance(item, BaseException):
                     raise item
                 self.n_rejected += item.n_rejected
-                if item.batch.batch_size:
-                    yield item
+                yield item   # an empty one too (every row rejected): its messages and offsets count
         finally:
             self.close()
 

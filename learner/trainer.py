@@ -279,11 +279,13 @@ class Trainer:
         n0 = self.samples_seen
         for item in batches:
             batch = item.batch if isinstance(item, LoadedBatch) else item
-            self.train_batch(batch)
             if isinstance(item, LoadedBatch):
                 self.n_rejected += item.n_rejected
                 self.source_offsets = {"offset_bytes": item.end_offset_bytes,
                                        "messages": self.source_offsets.get("messages", 0) + item.n_messages}
+            if not batch.batch_size:   # every row was rejected: counted above, nothing to train
+                continue
+            self.train_batch(batch)
             if self.step % self.cfg.curve_every == 0:
                 self.curve.append(self._point())
             now = time.perf_counter()

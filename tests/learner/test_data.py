@@ -116,6 +116,25 @@ def test_loader_max_samples_and_rejects(tmp_path):
     assert loader.n_rejected == 1 and got[0].n_rejected == 1
 
 
+def test_a_batch_of_rejects_only_is_yielded_empty_and_counted(tmp_path):
+    """A stretch of corrupt frames as long as a batch: the loader yields that batch empty, so a run
+    counts its messages and rejects and resumes past it (it used to be dropped, counts and all)."""
+    from learner.trainer import Trainer, TrainerConfig
+    from tests.learner.conftest import tiny_config
+
+    path = tmp_path / "s.bin"
+    values = make_samples(24, seed=5)
+    for i in range(8, 16):
+        values[i] = b"junk"
+    write_frames(path, values)
+    got = list(SampleLoader(DataConfig(str(path), batch_size=8, seq_len=4)))
+    assert [(g.batch.batch_size, g.n_messages, g.n_rejected) for g in got] == [(8, 8, 0), (0, 8, 8), (8, 8, 0)]
+    trainer = Trainer(TrainerConfig(model="din", device="cpu", window=50), tiny_config("din"))
+    result = trainer.run(SampleLoader(DataConfig(str(path), batch_size=8, seq_len=4)))
+    assert (result.samples_seen, result.steps, result.n_rejected) == (16, 2, 8)
+    assert result.source_offsets == {"offset_bytes": path.stat().st_size, "messages": 24}
+
+
 def test_truncated_file_raises_in_consumer(tmp_path):
     path = tmp_path / "s.bin"
     make_samples_file(path, 10, seed=4)

@@ -106,7 +106,7 @@ def test_demo_runs_the_whole_pipeline(tmp_path: Path, capsys):
     assert "late=0 orphan=0 duplicate=0 dead_letter=0 pending=0" in out
     n_versions = int(re.search(r"model versions published: (\d+)", out).group(1))
     assert n_versions >= 1
-    last = re.findall(r"^\s+\d+\s+(\d+)\s+(\d\.\d+)", out, re.M)[-1]
+    last = re.findall(r"^\s+\d+\s+(\d+)\s+(\d\.\d+)\s+(\d\.\d+)", out, re.M)[-1]   # samples, cum AUC, GAUC
     assert int(last[0]) == n_imp  # the newest version has trained on every sample
     assert 0.0 < float(last[1]) < 1.0  # a real cumulative AUC was measured
     report = (tmp_path / "streamrec-report.html").read_text()

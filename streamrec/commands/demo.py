@@ -271,7 +271,7 @@ class _Learner:
         self.metrics_port = _free_port()
         argv = ["learner", "--bootstrap", bootstrap, "--checkpoint-dir", str(data_dir / "checkpoints"),
                 "--model", args.model, "--objective", args.objective, "--batch-size", str(args.batch_size),
-                "--max-samples", str(n_samples), "--checkpoint-every-s", "10", "--no-progress",
+                "--max-samples", str(n_samples), "--checkpoint-every-s", "10", "--no-progress", "--cumulative-gauc",
                 "--metrics-port", str(self.metrics_port)]
         if args.config:
             argv = ["--config", str(args.config), *argv]

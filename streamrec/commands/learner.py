@@ -53,6 +53,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus metrics on this port (0: any free port; default: off)")
     p.add_argument("--metrics-host", default="127.0.0.1", help="metrics bind address (default 127.0.0.1)")
+    p.add_argument("--cumulative-gauc", action="store_true", default=None,
+                   help="also keep the cumulative GAUC (its state grows with every user seen: for bounded runs)")
     p.add_argument("--no-publish", action="store_true", help="checkpoint without announcing versions")
     p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
     d = p.add_argument_group("several learner processes (torch.distributed; docs/learner.md)")
@@ -129,7 +131,8 @@ def run(args: argparse.Namespace) -> int:
         # the cumulative GAUC's per-user state grows with every user seen: off unless asked for
         tcfg = build(TrainerConfig, {"cumulative_gauc": False}, trainer_section,
                      {"model": args.model, "objective": args.objective, "lr": args.lr, "seed": args.seed,
-                      "device": args.device}, {"clsd": build(CLSDConfig, clsd_section)})
+                      "device": args.device, "cumulative_gauc": args.cumulative_gauc},
+                     {"clsd": build(CLSDConfig, clsd_section)})
         model_cfg = _model_config(tcfg.model, tcfg.heads, model_section)
         if ranked and tcfg.device != "cpu" and torch.cuda.is_available():
             import os

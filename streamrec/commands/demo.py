@@ -283,6 +283,7 @@ class _Learner:
         self.lag: list[tuple[float, int]] = []  # (s since start, records behind, all partitions)
         self.n_samples = n_samples
         self.all_trained_at: float | None = None  # monotonic time of the first scrape showing every sample
+        self.trained = 0                          # samples trained, at the last scrape
 
     def scrape(self) -> None:
         """One reading of the learner's Prometheus endpoint (throughput and lag for the report)."""
@@ -300,21 +301,26 @@ class _Learner:
             elif name.startswith("streamrec_learner_consumer_lag{"):
                 lag += int(float(value))
                 seen_lag = True
-            elif name == "streamrec_learner_samples_total" and self.all_trained_at is None:
-                if float(value) >= self.n_samples:
+            elif name == "streamrec_learner_samples_total":
+                self.trained = int(float(value))
+                if self.all_trained_at is None and self.trained >= self.n_samples:
                     self.all_trained_at = time.monotonic()
         if rate is not None and math.isfinite(rate):
             self.throughput.append((t, rate))
         if seen_lag:
             self.lag.append((t, lag))
 
-    def wait(self, timeout_s: float) -> bool:
+    def wait(self, timeout_s: float, every_s: float = 5.0) -> bool:
         deadline = time.monotonic() + timeout_s
+        shown, next_line = -1, time.monotonic() + every_s
         while self.proc.poll() is None:
             if time.monotonic() > deadline:
                 print(f"   learner did not finish within {timeout_s:.0f}s", file=sys.stderr)
                 return False
             self.scrape()
+            if time.monotonic() >= next_line and self.trained != shown:   # a line every few seconds
+                print(f"   learner samples={self.trained}/{self.n_samples}", flush=True)
+                shown, next_line = self.trained, time.monotonic() + every_s
             time.sleep(0.25 if self.all_trained_at is None else 1.0)
         rc = self.proc.returncode
         self.elapsed_s = time.monotonic() - self.t0

@@ -4,7 +4,7 @@ A checkpoint is one file holding a dict of tensors and plain values: model ``sta
 user memory is the buffer ``memory.memory`` inside it), optimizer state, objective state (CLSD's
 warm-up counter ``n_seen`` and AdGate), metric accumulators, the configs
 (``dataclasses.asdict``), ``step``, ``samples_seen``, ``source_offsets`` (where in the stream the
-next sample comes from) and the torch RNG state. The trainer assembles the dict
+next sample comes from) and the torch RNG state (the CPU one, and the device's on CUDA). The trainer assembles the dict
 (:meth:`learner.trainer.Trainer.checkpoint_state`); this module writes and reads it.
 
 File layout: ``MAGIC`` (8 bytes) | version u32 | payload length u64 | sha256(payload) (32 bytes) |

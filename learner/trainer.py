@@ -317,7 +317,8 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(), "objective": self.objective.state_dict(),
                 "metrics": self.metrics.state_dict(), "step": self.step, "samples_seen": self.samples_seen,
                 "n_rejected": self.n_rejected, "source_offsets": dict(self.source_offsets),
-                "curve": [dict(p) for p in self.curve], "rng": torch.get_rng_state()}
+                "curve": [dict(p) for p in self.curve], "rng": torch.get_rng_state(),
+                **({"cuda_rng": torch.cuda.get_rng_state(self.device)} if self.device.type == "cuda" else {})}
 
     def load_checkpoint_state(self, state: dict[str, Any]) -> None:
         """Restore from :meth:`checkpoint_state`; the run's configs must be the checkpoint's, but
@@ -339,3 +340,5 @@ class Trainer:
         self.source_offsets = {k: int(v) for k, v in state["source_offsets"].items()}
         self.curve = [dict(p) for p in state["curve"]]
         torch.set_rng_state(state["rng"])
+        if self.device.type == "cuda" and "cuda_rng" in state:   # absent when written on the CPU
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)

@@ -124,10 +124,8 @@ class CheckpointStore:
         if found:
             raise CheckpointError(f"none of the {len(found)} checkpoints in {str(self.dir)!r} verifies; "
                                   "move them away to start a fresh model (it starts at the group's committed "
-                                  "offsets; use a new --group to train from the beginning of the stream); restart "
-                                  "the servers following its versions too, since the fresh model's versions "
-                                  "count from 1 again and a server takes any version at or below the one it "
-                                  "serves for an old one")
+                                  "offsets; use a new --group to train from the beginning of the stream); its "
+                                  "versions are numbered above the newest one announced for the model")
         return None
 
     def save(self, version: int, state: dict[str, Any]) -> Path:

@@ -175,7 +175,7 @@ class ContinuousLearner:
 
         Returns the restored version (0: none, start from the group's committed offsets)."""
         found = self.store.load_newest()
-        self._version = self.store.next_version()
+        self._version = max(self.store.next_version(), self.version_floor + 1)
         audit_bytes = 0
         restored = 0
         if found is not None:
@@ -344,6 +344,10 @@ class ContinuousLearner:
         logger.info("checkpoint version=%d reason=%s step=%s samples=%s offsets=%s pause_s=%.3f write_s=%.3f path=%s",
                     version, reason, state["step"], state["samples_seen"], offsets, pause_s, time.perf_counter() - t0,
                     path)
+
+    #: versions are numbered above this one (set before ``restore``: the newest already announced
+    #: for this model, so a fresh model's versions stay newer than what the servers follow)
+    version_floor = 0
 
     #: checkpoint the start of partitions assigned but not yet trained (SampleStream.start_positions);
     #: the distributed learner gathers its ranks' offsets itself and does not

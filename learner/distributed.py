@@ -76,7 +76,7 @@ class DistributedLearner(ContinuousLearner):
             try:   # no checkpoint: rank 0's fresh state, so that every rank starts from the same weights
                 loaded = self.store.load_newest()
                 found = {"loaded": None if loaded is None else [loaded[0], str(loaded[1]), loaded[2]],
-                         "next_version": self.store.next_version(),
+                         "next_version": max(self.store.next_version(), self.version_floor + 1),
                          "initial": None if loaded else self.trainer.checkpoint_state()}
             except CheckpointError as exc:
                 found = {"error": str(exc)}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -90,3 +91,38 @@ class ModelVersion:
             return cls(**row)
         except (TypeError, ValueError, UnicodeDecodeError) as exc:
             raise VersionFormatError(f"bad model version message: {exc}") from None
+
+
+def newest_announced(bootstrap: str, model: str, topic: str = TOPIC_MODEL_UPDATES, timeout_s: float = 30.0) -> int:
+    """The highest version announced for ``model`` on ``topic`` (0: none, or no such topic).
+
+    A learner whose checkpoints were moved away starts a fresh model; numbering its versions
+    above this one keeps them newer than what the servers already follow (a server takes no
+    version at or below the one it serves). Undecodable messages are skipped."""
+    from kafka import KafkaConsumer, TopicPartition
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap.split(","), group_id=None, enable_auto_commit=False,
+                             client_id="streamrec-learner-versions",
+                             bootstrap_timeout_ms=max(1, int(timeout_s * 1000)))
+    try:
+        parts = consumer.partitions_for_topic(topic)
+        if not parts:
+            return 0
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        ends = consumer.end_offsets(tps)
+        newest, deadline = 0, time.monotonic() + timeout_s
+        while any(consumer.position(tp) < end for tp, end in ends.items()):
+            if time.monotonic() > deadline:
+                raise LearnerError(f"could not read {topic!r} to its end within {timeout_s:.0f} s")
+            for records in consumer.poll(timeout_ms=200).values():
+                for r in records:
+                    try:
+                        v = ModelVersion.decode(r.value)
+                    except VersionFormatError:
+                        continue
+                    if v.model == model:
+                        newest = max(newest, v.version)
+        return newest
+    finally:
+        consumer.close()

@@ -104,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
     from learner.progress import ProgressLine
     from learner.prometheus import MetricsRegistry, MetricsServer, PrometheusConfig, describe_learner_metrics
     from learner.stream import SampleStream, StreamConfig
+    from learner.versions import newest_announced
     from learner.trainer import Trainer, TrainerConfig
     from streams.dlq import DeadLetterRouter
 
@@ -184,6 +185,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             from learner.distributed import DistributedLearner
             learner = DistributedLearner(cfg, trainer, stream, store, comm=comm, dist_cfg=dcfg, **parts)
+        if publish:   # a fresh model (checkpoints moved away) numbers its versions above the announced ones
+            learner.version_floor = newest_announced(scfg.bootstrap, learner.model_name)
         restored = learner.restore()
         logger.info("learner start group=%s topic=%s model=%s objective=%s device=%s batch_size=%d restored_version=%d "
                     "checkpoint_every_steps=%d checkpoint_every_s=%.1f", scfg.group_id, scfg.topic, tcfg.model,

@@ -456,3 +456,31 @@ def test_a_partition_idle_since_the_start_is_checkpointed_at_its_committed_offse
     _, _, state = CheckpointStore(tmp_path / "ckpt").load_newest()
     assert from_source_offsets(TOPIC_SAMPLES, state["source_offsets"]) == {0: ends[0] + 16, 1: ends[1] + 16,
                                                                            2: ends[2]}
+
+
+def test_a_fresh_model_numbers_its_versions_above_the_announced_ones(broker, tmp_path):
+    """Checkpoints moved away: the new model's versions must still be newer than what the servers
+    follow (they take no version at or below the one they serve)."""
+    from learner.versions import newest_announced
+
+    bootstrap = broker.bootstrap
+    assert newest_announced(bootstrap, "dumn") == 0                        # no topic yet
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    for v, model in ((3, "dumn"), (7, "dumn"), (12, "din"), (5, "dumn")):
+        mv = ModelVersion(version=v, path=f"/old/{v}.pt", created_at_ms=1, samples_seen=v, model=model)
+        producer.send(TOPIC_MODEL_UPDATES, key=model.encode(), value=mv.encode())
+    producer.send(TOPIC_MODEL_UPDATES, key=b"dumn", value=b"{not json")
+    producer.flush()
+    producer.close()
+    assert (newest_announced(bootstrap, "dumn"), newest_announced(bootstrap, "din")) == (7, 12)
+    create_topic(bootstrap)
+    produce(bootstrap, range(1, 33))
+    learner, out = make_learner(bootstrap, tmp_path, max_samples=32)
+    try:
+        learner.version_floor = newest_announced(bootstrap, learner.model_name)
+        assert learner.restore() == 0
+        run_bounded(learner)
+    finally:
+        out.close()
+    versions = CheckpointStore(tmp_path / "ckpt").versions()
+    assert versions[0] == 8 and newest_announced(bootstrap, "dumn") == versions[-1]

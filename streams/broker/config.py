@@ -23,6 +23,9 @@ class LogConfig:
     than ``segment_ms`` (wall clock since it was opened), so time retention can reach old data.
     ``verify_crc_on_append`` checks each produced batch's CRC-32C before it is stored (cheap with
     the compiled CRC from aiokafka; see ``streams.broker.records``).
+    ``max_uncompressed_batch_bytes`` bounds what one compressed batch may inflate to when a
+    timestamp lookup decodes it (beyond it the lookup answers at batch granularity) and, with
+    7 bytes per record at least, the ``records_count`` a compressed batch may claim on append.
     """
 
     segment_bytes: int = 64 * 1024 * 1024
@@ -33,6 +36,7 @@ class LogConfig:
     retention_bytes: int = -1  # per partition; -1 = unlimited
     retention_ms: int = 7 * 24 * 3600 * 1000  # -1 = unlimited
     verify_crc_on_append: bool = True
+    max_uncompressed_batch_bytes: int = 16 * 1024 * 1024
 
     def __post_init__(self) -> None:
         if not 1024 <= self.segment_bytes <= 2**31 - 1:
@@ -49,6 +53,8 @@ class LogConfig:
             raise ValueError(f"retention_bytes={self.retention_bytes!r} must be -1 or > 0")
         if self.retention_ms < -1 or self.retention_ms == 0:
             raise ValueError(f"retention_ms={self.retention_ms!r} must be -1 or > 0")
+        if self.max_uncompressed_batch_bytes < 1024:
+            raise ValueError(f"max_uncompressed_batch_bytes={self.max_uncompressed_batch_bytes!r} < 1024")
 
 
 @dataclass(frozen=True)
@@ -72,7 +78,14 @@ class GroupConfig:
 
 @dataclass(frozen=True)
 class BrokerConfig:
-    """The whole embedded broker. Binds 127.0.0.1 unless told otherwise; port 0 = pick a free one."""
+    """The whole embedded broker. Binds 127.0.0.1 unless told otherwise; port 0 = pick a free one.
+
+    ``fetch_max_bytes`` caps the records in one Fetch response whatever the request asks for
+    (Kafka's ``fetch.max.bytes``; one batch larger than it is still served, KIP-74).
+    ``connections_max_idle_ms`` closes a connection that sends no request for that long (Kafka's
+    ``connections.max.idle.ms``; clients reconnect on demand); a fetch parked in a long poll is
+    not idle. -1 keeps idle connections open.
+    """
 
     data_dir: Path
     host: str = "127.0.0.1"
@@ -82,6 +95,8 @@ class BrokerConfig:
     default_partitions: int = 3
     auto_create_topics: bool = True
     max_request_bytes: int = 100 * 1024 * 1024
+    fetch_max_bytes: int = 55 * 1024 * 1024
+    connections_max_idle_ms: int = 10 * 60 * 1000
     log: LogConfig = field(default_factory=LogConfig)
     groups: GroupConfig = field(default_factory=GroupConfig)
 
@@ -93,3 +108,7 @@ class BrokerConfig:
             raise ValueError(f"default_partitions={self.default_partitions!r} < 1")
         if self.max_request_bytes < 1024:
             raise ValueError(f"max_request_bytes={self.max_request_bytes!r} < 1024")
+        if self.fetch_max_bytes < 1024:
+            raise ValueError(f"fetch_max_bytes={self.fetch_max_bytes!r} < 1024")
+        if self.connections_max_idle_ms < -1 or self.connections_max_idle_ms == 0:
+            raise ValueError(f"connections_max_idle_ms={self.connections_max_idle_ms!r} must be -1 or > 0")

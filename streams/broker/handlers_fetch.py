@@ -4,6 +4,11 @@ Fetch returns whole stored batches as they lie in the log. When fewer than ``min
 available it waits on the broker's append notifications for the requested partitions until
 ``max_wait_ms`` passes, then reads again. Incremental fetch sessions are declined by answering
 session id 0, which makes clients send full fetch requests.
+
+A response carries at most the broker's ``fetch_max_bytes`` of records (plus one oversized batch,
+KIP-74), whatever ``max_bytes`` the request names. A partition named more than once is read only
+for its first appearance; the repeats are answered with no records. A negative
+``partition_max_bytes`` counts as 0 (at most one batch).
 """
 from __future__ import annotations
 
@@ -34,7 +39,8 @@ async def handle_fetch(ctx: RequestContext, request: FetchRequest) -> FetchRespo
     broker = ctx.broker
     loop = asyncio.get_running_loop()
     deadline = loop.time() + max(request.max_wait_ms, 0) / 1000.0
-    max_bytes = request.max_bytes if ctx.api_version >= 3 and request.max_bytes > 0 else _INT32_MAX
+    asked = request.max_bytes if ctx.api_version >= 3 and request.max_bytes > 0 else _INT32_MAX
+    max_bytes = min(asked, broker.config.fetch_max_bytes)
     keys = [(t.topic, p.partition) for t in request.topics for p in t.partitions]
     while True:
         responses, n_bytes, has_error = _read_all(broker, request, max_bytes)
@@ -55,6 +61,7 @@ def _read_all(broker: Broker, request: FetchRequest, max_bytes: int) -> tuple[li
     total = 0
     has_error = False
     out = []
+    seen: set[tuple[str, int]] = set()  # a repeated partition would multiply the response
     for fetch_topic in request.topics:
         name = fetch_topic.topic
         n_partitions = topics.get(name)
@@ -73,9 +80,10 @@ def _read_all(broker: Broker, request: FetchRequest, max_bytes: int) -> tuple[li
             error = ec.NONE
             if offset < start or offset > end:
                 error = ec.OFFSET_OUT_OF_RANGE
-            elif offset < end and remaining > 0:
+            elif offset < end and remaining > 0 and (name, index) not in seen:
+                seen.add((name, index))
                 try:
-                    records = log.read(offset, min(fp.partition_max_bytes, remaining))
+                    records = log.read(offset, max(0, min(fp.partition_max_bytes, remaining)))
                 except OffsetOutOfRangeError:
                     error = ec.OFFSET_OUT_OF_RANGE
                 except LogClosedError:  # the topic was deleted while this fetch waited

@@ -41,9 +41,10 @@ from streams.broker.config import LogConfig
 from streams.broker.records import (
     CorruptRecordError,
     UnsupportedCompressionError,
+    check_records_count,
     crc32c,
     iter_batches,
-    record_timestamps,
+    iter_record_timestamps,
     set_base_offset,
 )
 from streams.broker.segment import NO_TS, Segment, fsync_dir
@@ -65,10 +66,10 @@ def wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def _first_with(batch: bytes, base: int, max_ts: int) -> tuple[int, int]:
+def _first_with(batch: bytes, base: int, max_ts: int, cap: int) -> tuple[int, int]:
     """First record of ``batch`` carrying ``max_ts``; batch granularity if undecodable."""
     try:
-        return next(((o, t) for o, t in record_timestamps(batch) if t == max_ts), (base, max_ts))
+        return next(((o, t) for o, t in iter_record_timestamps(batch, cap) if t == max_ts), (base, max_ts))
     except (UnsupportedCompressionError, CorruptRecordError):
         return base, max_ts
 
@@ -137,8 +138,8 @@ class PartitionLog:
     def append(self, data: bytes | bytearray | memoryview) -> int:
         """Store one or more v2 batches (a Produce request's records); returns the first base offset.
 
-        All batches are validated (framing, record count, and CRC when ``verify_crc_on_append``)
-        before anything is written: on ``CorruptRecordError`` nothing is stored.
+        All batches are validated (framing, a record count that fits in the payload, and CRC when
+        ``verify_crc_on_append``) before anything is written: on ``CorruptRecordError`` nothing is stored.
         """
         self._check_open()
         view = memoryview(data).cast("B")
@@ -151,17 +152,18 @@ class PartitionLog:
                 raise CorruptRecordError(
                     f"records_count={h.records_count} last_offset_delta={h.last_offset_delta} at pos={pos}"
                 )
+            check_records_count(h, self.config.max_uncompressed_batch_bytes)
             if self.config.verify_crc_on_append and crc32c(view[pos + 21 : pos + h.size]) != h.crc:
                 raise CorruptRecordError(f"crc mismatch in batch at pos={pos} crc={h.crc}")
             n_records += h.records_count
         buf = bytearray(view)
         now = self._now_ms()
         seg = self._segments[-1]
-        if seg.size > 0 and (
+        if seg.sealed or (seg.size > 0 and (  # sealed: a roll failed after sealing began
             seg.size + len(buf) > self.config.segment_bytes
             or now - seg.created_ms >= self.config.segment_ms
             or seg.next_offset + n_records - seg.base_offset >= 2**32  # relative offsets are u32
-        ):
+        )):
             seg = self._roll(now)
         base = offset = seg.next_offset
         entries = []
@@ -180,11 +182,20 @@ class PartitionLog:
         return base
 
     def _roll(self, now: int) -> Segment:
+        """Open the next segment, then seal the active one.
+
+        In this order a failure (out of fds, disk full) leaves the active segment writable and the
+        next append retries the roll; once sealing has begun, appends go to a new segment only.
+        """
         old = self._segments[-1]
-        old.seal(fsync=self.config.fsync != "never")
+        seg = Segment(self.directory, old.next_offset, now, self.config.index_interval_bytes)
+        try:
+            old.seal(fsync=self.config.fsync != "never")
+        except OSError:
+            seg.unlink()  # empty and not yet listed
+            raise
         if self.config.fsync != "never":
             self._unsynced.discard(old.base_offset)
-        seg = Segment(self.directory, old.next_offset, now, self.config.index_interval_bytes)
         self._segments.append(seg)
         self._bases.append(seg.base_offset)
         if self.config.fsync != "never":
@@ -216,7 +227,7 @@ class PartitionLog:
             raise ValueError(f"ts_ms={ts_ms!r} < 0")
         for seg in self._segments:
             if seg.max_ts >= ts_ms:
-                found = seg.find_timestamp(ts_ms)
+                found = seg.find_timestamp(ts_ms, self.config.max_uncompressed_batch_bytes)
                 if found is not None:
                     return found
         return None
@@ -230,7 +241,8 @@ class PartitionLog:
                 best = seg
         if best is None:
             return None
-        return _first_with(best.batch_at_offset(best.max_ts_offset), best.max_ts_offset, best.max_ts)
+        batch = best.batch_at_offset(best.max_ts_offset)
+        return _first_with(batch, best.max_ts_offset, best.max_ts, self.config.max_uncompressed_batch_bytes)
 
     def maybe_flush(self, now_ms: int | None = None) -> bool:
         """fsync when the ``interval`` policy is due; True if it did.

@@ -23,10 +23,15 @@ is parsed on the hot path. Layout of the header (big-endian)::
 pinned dependency) and falls back to kafka-python's pure-Python table (about 8 MB/s).
 ``FAST_CRC32C`` says which one is in use.
 
-``record_timestamps`` decodes uncompressed batches and every codec kafka-python can decompress in
-this environment (gzip always; snappy, lz4 and zstd only when their libraries are installed). For
+``iter_record_timestamps`` decodes uncompressed batches and every codec kafka-python can decompress
+in this environment (gzip always; snappy, lz4 and zstd only when their libraries are installed). For
 any other codec it raises ``UnsupportedCompressionError``; callers then fall back to batch
-granularity (the batch's base offset and max timestamp).
+granularity (the batch's base offset and max timestamp). Batches come from untrusted producers, so
+decoding never allocates more than the batch itself plus ``max_uncompressed_bytes``: records are
+yielded lazily (a LogAppendTime batch is not decoded at all), gzip and zstd inflate incrementally
+and stop at the cap, and a payload larger than the cap is ``CorruptRecordError`` (snappy and lz4
+are checked after inflating, as their decoders offer no cap). ``check_records_count`` rejects on
+append a batch claiming more records than its payload can hold.
 
 >>> empty = bytes(8) + (49).to_bytes(4, "big") + bytes(4) + bytes([2]) + bytes(44)
 >>> h = parse_header(empty)
@@ -55,6 +60,9 @@ MAGIC_V2 = 2
 LOG_OVERHEAD_BYTES = 12  # base_offset + batch_length: the part of a batch not counted in batch_length
 MIN_BATCH_LENGTH = BATCH_HEADER_BYTES - LOG_OVERHEAD_BYTES  # 49: a header with no records
 CRC_START = 21  # the CRC covers attributes .. end of batch
+MIN_RECORD_BYTES = 7  # length, attributes, timestamp/offset delta, key/value length, header count
+MAX_UNCOMPRESSED_BATCH_BYTES = 16 * 1024 * 1024  # cap on an inflated payload; LogConfig default
+_INFLATE_CHUNK_BYTES = 1 << 20
 
 COMPRESSION_NONE, COMPRESSION_GZIP, COMPRESSION_SNAPPY, COMPRESSION_LZ4, COMPRESSION_ZSTD = range(5)
 ATTR_COMPRESSION_MASK = 0x07
@@ -198,41 +206,98 @@ def _decode_varint(buf: bytes | bytearray | memoryview, pos: int) -> tuple[int, 
             raise CorruptRecordError(f"varint longer than 10 bytes ending at pos={pos}")
 
 
-def _records_payload(batch: bytes | bytearray | memoryview, header: BatchHeader) -> bytes | memoryview:
+def check_records_count(header: BatchHeader, max_uncompressed_bytes: int = MAX_UNCOMPRESSED_BATCH_BYTES) -> None:
+    """Raise ``CorruptRecordError`` when ``records_count`` cannot fit in the batch's payload.
+
+    Every record takes at least ``MIN_RECORD_BYTES``: in the batch itself when uncompressed, in at
+    most ``max_uncompressed_bytes`` once inflated. Bounds the work a forged count can cause later.
+    """
+    room = header.size - BATCH_HEADER_BYTES if header.compression == COMPRESSION_NONE else max_uncompressed_bytes
+    if header.records_count * MIN_RECORD_BYTES > room:
+        raise CorruptRecordError(
+            f"records_count={header.records_count} cannot fit in {room} payload bytes "
+            f"(compression={header.compression})"
+        )
+
+
+def _read_capped(read, cap: int, base_offset: int) -> bytes:
+    """Read a decompressing stream to its end, failing once it yields more than ``cap`` bytes."""
+    out = bytearray()
+    while chunk := read(min(_INFLATE_CHUNK_BYTES, cap + 1 - len(out))):
+        out += chunk
+        if len(out) > cap:
+            raise CorruptRecordError(f"batch base_offset={base_offset} inflates past {cap} bytes")
+    return bytes(out)
+
+
+def _gunzip_capped(data: bytes, cap: int, base_offset: int) -> bytes:
+    """gzip members (concatenated, like ``GzipFile``) inflated with at most ``cap`` bytes of output."""
+    import zlib
+
+    out = bytearray()
+    while data:
+        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        out += inflater.decompress(data, cap + 1 - len(out))
+        if len(out) > cap or inflater.unconsumed_tail:
+            raise CorruptRecordError(f"batch base_offset={base_offset} inflates past {cap} bytes")
+        if not inflater.eof:
+            raise CorruptRecordError(f"truncated gzip stream in batch base_offset={base_offset}")
+        data = inflater.unused_data
+    return bytes(out)
+
+
+def _records_payload(
+    batch: bytes | bytearray | memoryview, header: BatchHeader, cap: int,
+) -> bytes | memoryview:
     body = memoryview(batch)[BATCH_HEADER_BYTES : header.size]
     codec = header.compression
     if codec == COMPRESSION_NONE:
         return body
     from kafka import codec as kafka_codec  # imported lazily: only compressed batches need it
 
+    base = header.base_offset
     try:
         if codec == COMPRESSION_GZIP:
-            return kafka_codec.gzip_decode(bytes(body))
-        if codec == COMPRESSION_SNAPPY and kafka_codec.has_snappy():
-            return kafka_codec.snappy_decode(bytes(body))
-        if codec == COMPRESSION_LZ4 and kafka_codec.has_lz4():
-            return kafka_codec.lz4_decode(bytes(body))
+            return _gunzip_capped(bytes(body), cap, base)
         if codec == COMPRESSION_ZSTD and kafka_codec.has_zstd():
-            return kafka_codec.zstd_decode(bytes(body))
+            import io
+
+            reader = kafka_codec.zstd.ZstdDecompressor().stream_reader(io.BytesIO(body), read_across_frames=True)
+            with reader:
+                return _read_capped(reader.read, cap, base)
+        payload = None
+        if codec == COMPRESSION_SNAPPY and kafka_codec.has_snappy():
+            payload = kafka_codec.snappy_decode(bytes(body))
+        elif codec == COMPRESSION_LZ4 and kafka_codec.has_lz4():
+            payload = kafka_codec.lz4_decode(bytes(body))
+    except CorruptRecordError:
+        raise
     except Exception as exc:  # codecs raise assorted library errors on garbage input
-        raise CorruptRecordError(f"cannot decompress batch base_offset={header.base_offset}: {exc}") from exc
-    raise UnsupportedCompressionError(f"compression={codec!r} has no decoder installed")
+        raise CorruptRecordError(f"cannot decompress batch base_offset={base}: {exc}") from exc
+    if payload is None:
+        raise UnsupportedCompressionError(f"compression={codec!r} has no decoder installed")
+    if len(payload) > cap:
+        raise CorruptRecordError(f"batch base_offset={base} inflates past {cap} bytes")
+    return payload
 
 
-def record_timestamps(batch: bytes | bytearray | memoryview) -> list[tuple[int, int]]:
-    """``(absolute offset, timestamp)`` of every record in the single batch ``batch``.
+def iter_record_timestamps(
+    batch: bytes | bytearray | memoryview, max_uncompressed_bytes: int = MAX_UNCOMPRESSED_BATCH_BYTES,
+) -> Iterator[tuple[int, int]]:
+    """``(absolute offset, timestamp)`` of each record in the single batch ``batch``, lazily.
 
-    With LogAppendTime every record carries the batch's max timestamp. Raises
-    ``UnsupportedCompressionError`` for a codec that cannot be decoded here and
-    ``CorruptRecordError`` for malformed records.
+    With LogAppendTime every record carries the batch's max timestamp, so nothing is decoded.
+    Raises ``UnsupportedCompressionError`` for a codec that cannot be decoded here and
+    ``CorruptRecordError`` for malformed records or a payload inflating past ``max_uncompressed_bytes``.
     """
     header = parse_header(batch, 0)
     if header.size > len(batch):
         raise CorruptRecordError(f"truncated batch: size={header.size} > {len(batch)} bytes")
     if header.is_log_append_time:
-        return [(header.base_offset + i, header.max_timestamp) for i in range(header.last_offset_delta + 1)]
-    payload = _records_payload(batch, header)
-    out: list[tuple[int, int]] = []
+        for i in range(header.last_offset_delta + 1):
+            yield header.base_offset + i, header.max_timestamp
+        return
+    payload = _records_payload(batch, header, max_uncompressed_bytes)
     pos = 0
     for _ in range(header.records_count):
         length, pos = _decode_varint(payload, pos)
@@ -242,6 +307,10 @@ def record_timestamps(batch: bytes | bytearray | memoryview) -> list[tuple[int, 
         pos += 1  # record attributes (unused)
         ts_delta, pos = _decode_varint(payload, pos)
         offset_delta, pos = _decode_varint(payload, pos)
-        out.append((header.base_offset + offset_delta, header.base_timestamp + ts_delta))
+        yield header.base_offset + offset_delta, header.base_timestamp + ts_delta
         pos = end
-    return out
+
+
+def record_timestamps(batch: bytes | bytearray | memoryview) -> list[tuple[int, int]]:
+    """All of ``iter_record_timestamps(batch)`` as a list (tests and tools; the broker iterates)."""
+    return list(iter_record_timestamps(batch))

@@ -30,12 +30,13 @@ from pathlib import Path
 
 from streams.broker.records import (
     BATCH_HEADER_BYTES,
+    MAX_UNCOMPRESSED_BATCH_BYTES,
     CorruptRecordError,
     UnsupportedCompressionError,
     batch_size_at,
     crc32c,
+    iter_record_timestamps,
     parse_header,
-    record_timestamps,
 )
 
 logger = logging.getLogger("streams.broker.log")  # one logger for the whole partition log
@@ -68,10 +69,16 @@ class Segment:
         self._interval = interval
         self.stem = directory / f"{base_offset:020d}"
         flags = os.O_RDWR | os.O_CREAT | os.O_APPEND
-        self.fd = os.open(self.stem.with_suffix(".log"), flags, 0o644)
-        self.index_fd = os.open(self.stem.with_suffix(".index"), flags, 0o644)
-        self.time_fd = os.open(self.stem.with_suffix(".timeindex"), flags, 0o644)
-        self.size = os.fstat(self.fd).st_size
+        self.fd = self.index_fd = self.time_fd = -1
+        try:  # out of fds or disk space: close what was opened, so a retry does not leak
+            self.fd = os.open(self.stem.with_suffix(".log"), flags, 0o644)
+            self.index_fd = os.open(self.stem.with_suffix(".index"), flags, 0o644)
+            self.time_fd = os.open(self.stem.with_suffix(".timeindex"), flags, 0o644)
+            self.size = os.fstat(self.fd).st_size
+        except OSError:
+            self.close()
+            raise
+        self.sealed = False  # the final time-index entry is written; no more appends
         self.next_offset = base_offset
         self.created_ms = now_ms
         self.idx_offsets, self.idx_positions = array("q"), array("q")
@@ -140,6 +147,7 @@ class Segment:
                 self.stem.with_suffix(".log"), end, self.size, self.next_offset, next_offset,
             )
         self._close_index_fds()  # a sealed segment is never written again: one fd per segment
+        self.sealed = True
         self.next_offset = next_offset
         self.max_ts, self.max_ts_offset = max(zip(self.time_ts, self.time_offsets), key=lambda e: e[0])
 
@@ -257,13 +265,16 @@ class Segment:
             cut = nxt
         return buf[:cut]
 
-    def find_timestamp(self, ts_ms: int) -> tuple[int, int] | None:
+    def find_timestamp(
+        self, ts_ms: int, max_uncompressed_bytes: int = MAX_UNCOMPRESSED_BATCH_BYTES,
+    ) -> tuple[int, int] | None:
         i = bisect_left(self.time_ts, ts_ms) - 1  # last entry whose max is still below ts_ms
         pos = self.lookup(self.time_offsets[i]) if i >= 0 else 0
         while pos < self.size:
             h = parse_header(os.pread(self.fd, BATCH_HEADER_BYTES, pos))
             if h.max_timestamp >= ts_ms:
-                return _first_at_or_after(os.pread(self.fd, h.size, pos), h.base_offset, h.max_timestamp, ts_ms)
+                batch = os.pread(self.fd, h.size, pos)
+                return _first_at_or_after(batch, h.base_offset, h.max_timestamp, ts_ms, max_uncompressed_bytes)
             pos += h.size
         return None
 
@@ -273,11 +284,19 @@ class Segment:
 
     # --- lifecycle ---------------------------------------------------------------------------
     def seal(self, fsync: bool) -> None:
-        """Record the final max timestamp, then keep only the log's fd (indexes live in memory)."""
-        if self.max_ts != NO_TS or not self.time_ts:
+        """Record the final max timestamp, then keep only the log's fd (indexes live in memory).
+
+        Idempotent, so a roll retried after a failed fsync does not add a second final entry.
+        """
+        if not self.sealed and (self.max_ts != NO_TS or not self.time_ts):
+            try:
+                write_all(self.time_fd, _TIMEINDEX.pack(self.max_ts, self.max_ts_offset - self.base_offset))
+            except OSError:  # disk full: drop a partial entry so the segment stays appendable
+                os.ftruncate(self.time_fd, len(self.time_ts) * _TIMEINDEX.size)
+                raise
             self.time_ts.append(self.max_ts)
             self.time_offsets.append(self.max_ts_offset)
-            write_all(self.time_fd, _TIMEINDEX.pack(self.max_ts, self.max_ts_offset - self.base_offset))
+        self.sealed = True
         if fsync:
             self.fsync()
         self._close_index_fds()
@@ -305,9 +324,9 @@ class Segment:
             self.stem.with_suffix(suffix).unlink(missing_ok=True)
 
 
-def _first_at_or_after(batch: bytes, base: int, max_ts: int, ts_ms: int) -> tuple[int, int]:
+def _first_at_or_after(batch: bytes, base: int, max_ts: int, ts_ms: int, cap: int) -> tuple[int, int]:
     """First record of ``batch`` with timestamp >= ``ts_ms``; batch granularity if undecodable."""
     try:
-        return next(((o, t) for o, t in record_timestamps(batch) if t >= ts_ms), (base, max_ts))
+        return next(((o, t) for o, t in iter_record_timestamps(batch, cap) if t >= ts_ms), (base, max_ts))
     except (UnsupportedCompressionError, CorruptRecordError):
         return base, max_ts

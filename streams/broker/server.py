@@ -2,7 +2,9 @@
 
 One event loop serves every connection. A connection's requests are handled one after another and
 answered in order, as Apache Kafka does (a pipelining client simply finds the next request already
-buffered). Handlers are plugged in through ``HANDLERS`` tables (see ``handlers_data``); the server
+buffered). A connection that sends no request for ``connections_max_idle_ms`` is closed; the
+clock runs only while the broker waits for the client, so a fetch parked in a long poll is never
+idle. Handlers are plugged in through ``HANDLERS`` tables (see ``handlers_data``); the server
 decodes the request with kafka-python's protocol classes, awaits the handler and encodes its
 response with the request's version and correlation id.
 """
@@ -143,7 +145,8 @@ class Broker:
         self._append_waiters: dict[tuple[str, int], set[asyncio.Future[None]]] = {}
         self._periodic: asyncio.Task[None] | None = None
         # per-event facts: ("requests", api_key), ("connections", "accepted"), ("connections", "malformed"),
-        # ("requests", "unsupported"), ("connections", "handler_error"), ("connections", "closed_by_handler")
+        # ("requests", "unsupported"), ("connections", "handler_error"), ("connections", "closed_by_handler"),
+        # ("connections", "idle_closed")
         self.counters: Counter[tuple[str, int | str]] = Counter()
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -251,13 +254,20 @@ class Broker:
         counters = self.counters
         counters["connections", "accepted"] += 1
         max_bytes = self.config.max_request_bytes
+        idle_ms = self.config.connections_max_idle_ms
+        idle_s = idle_ms / 1000.0 if idle_ms > 0 else None
         try:
             while True:
                 try:
-                    size_bytes = await reader.readexactly(4)
+                    async with asyncio.timeout(idle_s):
+                        size_bytes = await reader.readexactly(4)
                 except asyncio.IncompleteReadError as exc:
                     if exc.partial:
                         logger.warning("connection closed mid-frame peer=%s", peer)
+                    return
+                except TimeoutError:
+                    counters["connections", "idle_closed"] += 1
+                    logger.debug("closing idle connection peer=%s connections_max_idle_ms=%d", peer, idle_ms)
                     return
                 size = int.from_bytes(size_bytes, "big", signed=True)
                 if size < _MIN_FRAME_BYTES or size > max_bytes:
@@ -268,9 +278,14 @@ class Broker:
                     )
                     return
                 try:
-                    frame = await reader.readexactly(size)
+                    async with asyncio.timeout(idle_s):  # a frame that stalls half-sent holds its buffer
+                        frame = await reader.readexactly(size)
                 except asyncio.IncompleteReadError:
                     logger.warning("connection closed mid-frame peer=%s size=%d", peer, size)
+                    return
+                except TimeoutError:
+                    counters["connections", "idle_closed"] += 1
+                    logger.warning("closing connection stalled mid-frame peer=%s size=%d", peer, size)
                     return
                 try:
                     out = await self._dispatch(memoryview(frame), host)

@@ -2,7 +2,9 @@
 
 Settings come from the ``[broker]`` table of ``--config`` (nested ``[broker.log]`` and
 ``[broker.groups]``) with the flags below on top. ``--port 0`` binds a free port; the bound port
-is in the ``broker listening`` log line.
+is in the ``broker listening`` log line. Metadata tells clients to connect to ``--advertised-host``
+(default: ``--host``), so a broker bound to ``0.0.0.0`` for remote clients needs a reachable name
+or address there.
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ if TYPE_CHECKING:
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("broker", help="run the embedded Kafka-compatible broker")
     p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
+    p.add_argument("--advertised-host", default=None,
+                   help="host that Metadata tells clients to connect to (default: --host); set it with --host 0.0.0.0")
     p.add_argument("--port", type=int, default=None, help="port to bind, 0 = any free port (default 9092)")
     p.add_argument("--data-dir", default=None, help="where logs and group state live (default ./data/broker)")
     p.add_argument("--partitions", type=int, default=None, help="partitions of auto-created topics (default 3)")
@@ -34,6 +38,7 @@ def build_config(args: argparse.Namespace) -> BrokerConfig:
     section = load_section(args.config, "broker")
     flags: dict[str, object] = {
         "host": args.host,
+        "advertised_host": args.advertised_host,
         "port": args.port,
         "data_dir": args.data_dir,
         "default_partitions": args.partitions,

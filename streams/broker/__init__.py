@@ -5,22 +5,48 @@ over TCP, so laptops and CI need no Kafka installation.
 
 ``EmbeddedBroker`` runs the broker on its own event loop in a background thread (tests, demos);
 ``serve_forever`` runs it in the foreground until SIGINT/SIGTERM (the ``streamrec broker`` command).
+Both first raise the process's soft open-files limit to its hard limit (``raise_open_files_limit``):
+every open partition holds file descriptors, and the usual soft default (1024) runs out after a few
+hundred partitions.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import signal
 import threading
 
 from streams.broker.config import BrokerConfig
 from streams.broker.server import Broker, BrokerError, RequestContext
 
-__all__ = ["Broker", "BrokerConfig", "BrokerError", "EmbeddedBroker", "RequestContext", "serve_forever"]
+__all__ = [
+    "Broker", "BrokerConfig", "BrokerError", "EmbeddedBroker", "RequestContext", "raise_open_files_limit",
+    "serve_forever",
+]
 
 logger = logging.getLogger(__name__)
 
 _START_TIMEOUT_S = 60.0
+_NOFILE_CAP = 1 << 20  # used when the hard limit is unlimited (macOS refuses RLIM_INFINITY as a soft limit)
+
+
+def raise_open_files_limit() -> int:
+    """Raise the soft ``RLIMIT_NOFILE`` to the hard limit (process-wide); returns the soft limit now in force.
+
+    Never lowers it; when the raise is refused, logs a warning and keeps the current limit.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = _NOFILE_CAP if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            logger.warning("open files limit not raised soft=%d hard=%d error=%r", soft, hard, exc)
+            return soft
+        logger.info("open files limit raised soft_before=%d soft=%d hard=%d", soft, target, hard)
+        return target
+    return soft
 
 
 class EmbeddedBroker:
@@ -58,6 +84,7 @@ class EmbeddedBroker:
         """Start serving; returns once the socket is listening (raises if startup failed)."""
         if self._thread is not None:
             raise BrokerError("EmbeddedBroker already started")
+        raise_open_files_limit()
         ready = threading.Event()
         failure: list[BaseException] = []
         self._thread = threading.Thread(
@@ -121,6 +148,13 @@ class EmbeddedBroker:
 
 def serve_forever(config: BrokerConfig) -> None:
     """Run a broker in the foreground until SIGINT or SIGTERM, then shut down cleanly."""
+
+    raise_open_files_limit()
+    if config.host in ("0.0.0.0", "::", "") and config.advertised_host is None:
+        logger.warning(
+            "broker binds a wildcard address host=%r and advertises it to clients; remote clients "
+            "cannot connect to it, set advertised_host (--advertised-host)", config.host,
+        )
 
     async def main() -> None:
         loop = asyncio.get_running_loop()

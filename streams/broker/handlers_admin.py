@@ -1,7 +1,9 @@
 """Admin APIs: CreateTopics, DeleteTopics, DescribeConfigs, DescribeCluster.
 
 Topic configs are whatever the log layer keeps for a topic; DescribeConfigs reports them over the
-broker's defaults (from ``LogConfig``) under their Apache Kafka names.
+broker's defaults (from ``LogConfig``) under their Apache Kafka names. CreateTopics refuses more
+than ``MAX_PARTITIONS_PER_TOPIC`` partitions (INVALID_PARTITIONS) and answers a create that failed
+on the disk or the open-files limit with KAFKA_STORAGE_ERROR; such a create leaves nothing behind.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from kafka.protocol.admin import (
 )
 
 from streams.broker import error_codes as ec
+from streams.broker.log_manager import MAX_PARTITIONS_PER_TOPIC, TopicStorageError
 from streams.broker.server import Broker, HandlerTable, RequestContext
 
 logger = logging.getLogger(__name__)
@@ -76,6 +79,10 @@ async def handle_create_topics(ctx: RequestContext, request: CreateTopicsRequest
             error, message = ec.INVALID_TOPIC_EXCEPTION, problem
         elif n_partitions < 1:
             error, message = ec.INVALID_PARTITIONS, f"num_partitions={t.num_partitions} must be -1 or > 0"
+        elif n_partitions > MAX_PARTITIONS_PER_TOPIC:
+            error, message = ec.INVALID_PARTITIONS, (
+                f"num_partitions={n_partitions} is more than this broker's {MAX_PARTITIONS_PER_TOPIC} per topic"
+            )
         elif t.replication_factor not in (-1, 1):
             error, message = ec.INVALID_REPLICATION_FACTOR, (
                 f"replication_factor={t.replication_factor} larger than the 1 available broker"
@@ -91,6 +98,8 @@ async def handle_create_topics(ctx: RequestContext, request: CreateTopicsRequest
                 error, message = ec.TOPIC_ALREADY_EXISTS, f"topic {name!r} already exists"
             except InvalidTopicError as exc:
                 error, message = ec.INVALID_TOPIC_EXCEPTION, str(exc)
+            except TopicStorageError as exc:
+                error, message = ec.KAFKA_STORAGE_ERROR, f"topic {name!r} could not be created: {exc}"
             except (InvalidConfigError, ValueError) as exc:
                 error, message = ec.INVALID_CONFIG, str(exc)
         ok = error == ec.NONE

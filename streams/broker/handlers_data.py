@@ -3,8 +3,10 @@
 ``HANDLERS`` maps api_key -> (handler, min_version, max_version) for every data-plane API:
 ApiVersions and Metadata (this module), Produce and InitProducerId (``handlers_produce``), Fetch,
 ListOffsets and OffsetForLeaderEpoch (``handlers_fetch``), CreateTopics, DeleteTopics,
-CreatePartitions, DescribeConfigs and DescribeCluster (``handlers_admin``). Version ranges stop
-where a protocol version starts addressing topics by id only (Produce v13, Fetch v13).
+DescribeConfigs and DescribeCluster (``handlers_admin``). CreatePartitions is not served. Version
+ranges stop where a protocol version starts addressing topics by id only (Produce v13, Fetch v13).
+A topic that Metadata auto-creates but cannot be created on disk (e.g. too many open files) is
+answered with KAFKA_STORAGE_ERROR, and one over the partition cap with INVALID_PARTITIONS.
 """
 from __future__ import annotations
 
@@ -84,6 +86,7 @@ def topic_metadata(broker: Broker, name: str, n_partitions: int, error: int) -> 
 
 def _auto_create(broker: Broker, name: str) -> tuple[int, int]:
     from streams.broker.log import InvalidTopicError, TopicExistsError
+    from streams.broker.log_manager import TopicStorageError
 
     n_partitions = broker.config.default_partitions
     try:
@@ -92,6 +95,12 @@ def _auto_create(broker: Broker, name: str) -> tuple[int, int]:
         return broker.logs.topics().get(name, 0), ec.NONE
     except InvalidTopicError:
         return 0, ec.INVALID_TOPIC_EXCEPTION
+    except TopicStorageError as exc:
+        logger.warning("topic auto-create failed topic=%s partitions=%d error=%s", name, n_partitions, exc)
+        return 0, ec.KAFKA_STORAGE_ERROR
+    except ValueError as exc:  # default_partitions above MAX_PARTITIONS_PER_TOPIC
+        logger.warning("topic auto-create refused topic=%s error=%s", name, exc)
+        return 0, ec.INVALID_PARTITIONS
     logger.info("topic auto-created topic=%s partitions=%d client_request=metadata", name, n_partitions)
     return n_partitions, ec.NONE
 

@@ -4,9 +4,15 @@ Layout: ``<data_dir>/<topic>/meta.json`` (partition count and topic configs, wri
 and ``<data_dir>/<topic>/<partition>/`` holding that partition's segments (see
 ``streams.broker.segment``). ``LogManager`` holds an exclusive ``flock`` on ``<data_dir>/~lock``
 so two brokers cannot share a data directory. Not thread-safe, like ``PartitionLog``.
+
+Every open partition holds file descriptors (its segments' files), so a topic has at most
+``MAX_PARTITIONS_PER_TOPIC`` partitions, and a create that fails on the disk or on the process's
+open-files limit (EMFILE) is rolled back: its files are released and its directory removed, so the
+broker keeps serving and restarts over the same data directory.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
@@ -49,6 +55,17 @@ class CorruptTopicMetaError(StreamsError):
     """A topic's meta.json cannot be read; restore or remove that topic directory."""
 
 
+class TopicStorageError(StreamsError):
+    """Creating a topic's or partition's files failed (disk full, too many open files); nothing was kept."""
+
+
+class TooManyOpenFilesError(StreamsError):
+    """The topics on disk need more file descriptors than the process may open; raise ``ulimit -n``."""
+
+
+# Each open partition holds file descriptors (segment files), so an unbounded count exhausts the
+# open-files limit. A candidate for LogConfig (Kafka has no such cap; it is a broker-local guard).
+MAX_PARTITIONS_PER_TOPIC = 1000
 _TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}")
 _META = "meta.json"
 _LOCK = "~lock"  # flock'ed while a LogManager owns the directory ('~' never appears in topic names)
@@ -86,6 +103,28 @@ def topic_log_config(base: LogConfig, configs: dict[str, str]) -> LogConfig:
         raise InvalidConfigError(f"topic config: {exc}") from None
 
 
+def validate_partition_count(n_partitions: int) -> None:
+    if not isinstance(n_partitions, int) or not 1 <= n_partitions <= MAX_PARTITIONS_PER_TOPIC:
+        raise ValueError(f"n_partitions={n_partitions!r} is not in 1..{MAX_PARTITIONS_PER_TOPIC}")
+
+
+def _release(logs: list[PartitionLog], discard: bool) -> None:
+    """Give back the files of ``logs`` on a failure path; a second error must not hide the first.
+
+    ``discard`` (partitions created by the failed call) closes without a flush and removes the
+    partition directories: a flush writes the recovery point, which needs a free file descriptor,
+    so ``close`` cannot release anything while the process is out of them (EMFILE).
+    """
+    for log in logs:
+        try:
+            if discard:
+                log.delete()
+            else:
+                log.close()
+        except OSError as exc:
+            logger.warning("log release failed during rollback dir=%s error=%r", log.directory, exc)
+
+
 def _write_meta(directory: Path, name: str, n_partitions: int, configs: dict[str, str]) -> None:
     """Write ``meta.json`` atomically and durably (temp file, fsync, rename, fsync the directory)."""
     meta = json.dumps({"version": 1, "name": name, "partitions": n_partitions, "configs": configs}, indent=1)
@@ -121,6 +160,22 @@ class LogManager:
         except OSError:
             os.close(self._lock_fd)
             raise DataDirLockedError(f"data_dir={self.data_dir} is in use by another log manager") from None
+        try:
+            self._load_topics()
+        except BaseException as exc:
+            self.close()  # release the logs opened so far and the lock
+            if isinstance(exc, OSError) and exc.errno == errno.EMFILE:
+                raise TooManyOpenFilesError(
+                    f"data_dir={self.data_dir}: too many open files while opening the topics; "
+                    f"raise the open-files limit (ulimit -n) or delete topics"
+                ) from exc
+            raise
+        logger.info(
+            "log manager loaded data_dir=%s topics=%d partitions=%d",
+            self.data_dir, len(self._logs), sum(len(v) for v in self._logs.values()),
+        )
+
+    def _load_topics(self) -> None:
         for path in sorted(self.data_dir.iterdir()):
             if "~" in path.name and path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
@@ -131,14 +186,22 @@ class LogManager:
                 except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
                     raise CorruptTopicMetaError(f"path={path / _META} error={exc!r}") from None
                 self._open_topic(path.name, n_partitions, configs)
-        logger.info(
-            "log manager loaded data_dir=%s topics=%d partitions=%d",
-            self.data_dir, len(self._logs), sum(len(v) for v in self._logs.values()),
-        )
+
+    def _open_logs(self, name: str, partitions: range, config: LogConfig, new: bool) -> list[PartitionLog]:
+        """Open ``partitions`` of ``name``; on failure release those already opened (and remove
+        them when ``new``) and re-raise."""
+        logs: list[PartitionLog] = []
+        try:
+            for p in partitions:
+                logs.append(PartitionLog(self.data_dir / name / str(p), config, self._now_ms))
+        except BaseException:
+            _release(logs, discard=new)
+            raise
+        return logs
 
     def _open_topic(self, name: str, n_partitions: int, configs: dict[str, str]) -> None:
         config = topic_log_config(self.config, configs)
-        self._logs[name] = [PartitionLog(self.data_dir / name / str(p), config, self._now_ms) for p in range(n_partitions)]
+        self._logs[name] = self._open_logs(name, range(n_partitions), config, new=False)
         self._configs[name] = configs
 
     def topics(self) -> dict[str, int]:
@@ -154,20 +217,41 @@ class LogManager:
             raise TopicExistsError(f"topic={name!r} already exists")
         if (self.data_dir / name).exists():
             raise TopicExistsError(f"topic={name!r}: path={self.data_dir / name} exists and is not a topic")
-        if not isinstance(n_partitions, int) or n_partitions < 1:
-            raise ValueError(f"n_partitions={n_partitions!r} < 1")
+        validate_partition_count(n_partitions)
         configs = {str(k): str(v) for k, v in (configs or {}).items()}
-        topic_log_config(self.config, configs)  # validate before touching the disk
+        log_config = topic_log_config(self.config, configs)  # validate before touching the disk
         work = self.data_dir / f"{name}~new"
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir()
-        for p in range(n_partitions):
-            (work / str(p)).mkdir()
-        _write_meta(work, name, n_partitions, configs)
-        os.rename(work, self.data_dir / name)  # the topic appears atomically, meta included
-        fsync_dir(self.data_dir)
-        self._open_topic(name, n_partitions, configs)
+        try:
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir()
+            for p in range(n_partitions):
+                (work / str(p)).mkdir()
+            _write_meta(work, name, n_partitions, configs)
+            os.rename(work, self.data_dir / name)  # the topic appears atomically, meta included
+        except OSError as exc:
+            shutil.rmtree(work, ignore_errors=True)
+            raise TopicStorageError(f"topic={name!r} partitions={n_partitions}: {exc}") from exc
+        try:
+            fsync_dir(self.data_dir)
+            logs = self._open_logs(name, range(n_partitions), log_config, new=True)
+        except OSError as exc:
+            self._remove_dir(name)  # the logs are released: a failed create leaves nothing behind
+            logger.warning("topic create failed name=%s partitions=%d error=%r", name, n_partitions, exc)
+            raise TopicStorageError(f"topic={name!r} partitions={n_partitions}: {exc}") from exc
+        self._logs[name], self._configs[name] = logs, configs
         logger.info("topic created name=%s partitions=%d configs=%s", name, n_partitions, configs)
+
+    def _remove_dir(self, name: str) -> None:
+        """Remove ``<data_dir>/<name>`` atomically (rename to ``~del``), then clean up; best effort."""
+        work = self.data_dir / f"{name}~del"
+        shutil.rmtree(work, ignore_errors=True)
+        try:
+            os.rename(self.data_dir / name, work)  # gone atomically; the rest is cleanup
+            fsync_dir(self.data_dir)
+        except OSError as exc:
+            logger.error("topic directory removal failed path=%s error=%r", self.data_dir / name, exc)
+            shutil.rmtree(self.data_dir / name, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
 
     def alter_topic_configs(self, name: str, configs: dict[str, str]) -> None:
         """Replace the topic's config overrides (AlterConfigs semantics); applies immediately."""
@@ -185,11 +269,20 @@ class LogManager:
         logs = self._require(name)
         if not isinstance(n_partitions, int) or n_partitions <= len(logs):
             raise ValueError(f"n_partitions={n_partitions!r} <= current count {len(logs)} for topic={name!r}")
-        for p in range(len(logs), n_partitions):
-            (self.data_dir / name / str(p)).mkdir(exist_ok=True)  # leftovers of a cut-short call are empty
-        _write_meta(self.data_dir / name, name, n_partitions, self._configs[name])  # the commit point
+        validate_partition_count(n_partitions)
         config = topic_log_config(self.config, self._configs[name])
-        logs.extend(PartitionLog(self.data_dir / name / str(p), config, self._now_ms) for p in range(len(logs), n_partitions))
+        added = range(len(logs), n_partitions)
+        try:
+            # leftovers of a cut-short call are empty; meta.json (written last) is the commit point
+            new_logs = self._open_logs(name, added, config, new=True)
+        except OSError as exc:
+            raise TopicStorageError(f"topic={name!r} partitions={n_partitions}: {exc}") from exc
+        try:
+            _write_meta(self.data_dir / name, name, n_partitions, self._configs[name])
+        except OSError as exc:
+            _release(new_logs, discard=True)
+            raise TopicStorageError(f"topic={name!r} partitions={n_partitions}: {exc}") from exc
+        logs.extend(new_logs)
         logger.info("partitions created name=%s partitions=%d", name, n_partitions)
 
     def _require(self, name: str) -> list[PartitionLog]:

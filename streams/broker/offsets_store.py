@@ -5,9 +5,15 @@ One append-only file of JSON lines, one line per committed partition::
     {"g": "group", "t": "topic", "p": 0, "o": 42, "e": -1, "m": "", "ts": 1700000000000}
 
 A commit is written and flushed before the coordinator answers it, then fsync'ed off the event
-loop. On open the file is read back (the last value per group/topic/partition wins), offsets older
-than the retention are dropped, and the survivors are rewritten into a fresh file (compaction) that
-atomically replaces the old one. A torn last line (the broker died mid-write) is dropped; a bad
+loop. On open the file is read back (the last value per group/topic/partition wins), expired groups
+are dropped, and the survivors are rewritten into a fresh file (compaction) that atomically
+replaces the old one.
+
+Retention is per group, not per partition: a group keeps all its partitions' offsets while its
+newest commit is younger than the retention, and loses them all at the first open after that.
+Clients (librdkafka, faust) re-commit only offsets that moved, so a quiet partition of an active
+group has an old commit time; Kafka (KIP-211) likewise expires a group's offsets only once the
+group has stayed empty for the retention. A torn last line (the broker died mid-write) is dropped; a bad
 line anywhere else is corruption and stops the broker with the file and line named.
 """
 from __future__ import annotations
@@ -85,6 +91,7 @@ class OffsetsStore:
     def open(self, now_ms: int, retention_ms: int) -> dict[str, GroupOffsets]:
         """Load every group's committed offsets, compact the file and keep it open for appends.
 
+        A group whose newest commit is ``retention_ms`` or more before ``now_ms`` is dropped whole;
         ``retention_ms`` <= 0 keeps offsets forever.
         """
         if self._file is not None:
@@ -93,13 +100,9 @@ class OffsetsStore:
         groups = self._load()
         n_loaded = sum(len(g) for g in groups.values())
         if retention_ms > 0:
-            for group_id in list(groups):
-                kept = {
-                    tp: c for tp, c in groups[group_id].items() if now_ms - c.commit_ts_ms < retention_ms
-                }
-                if kept:
-                    groups[group_id] = kept
-                else:
+            for group_id, offsets in list(groups.items()):
+                newest_ms = max(c.commit_ts_ms for c in offsets.values())
+                if now_ms - newest_ms >= retention_ms:
                     del groups[group_id]
         self._rewrite(groups)
         self._file = open(self._path, "ab")

@@ -313,10 +313,12 @@ class PartitionLog:
         """Flush and release file descriptors; further calls raise ``LogClosedError``."""
         if self._closed:
             return
-        self.flush()
-        for seg in self._segments:
-            seg.close()
-        self._closed = True
+        try:
+            self.flush()
+        finally:   # a failed flush (EMFILE, EIO) must still release the files
+            for seg in self._segments:
+                seg.close()
+            self._closed = True
 
     def delete(self) -> None:
         """Close and remove the partition directory with everything in it."""

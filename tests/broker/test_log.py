@@ -799,3 +799,20 @@ def test_timestamp_lookups_match_a_scan(tmp_path_factory, stamps, segment_bytes,
             assert log.offset_for_timestamp(ts) == _oracle_for_timestamp(records, ts)
         assert log.max_timestamp_offset() == min((o, t) for o, _, _, t in records if t == top)
     log.close()
+
+
+def test_close_releases_the_files_even_when_the_final_flush_fails(tmp_path, monkeypatch):
+    log = PartitionLog(tmp_path / "p", config(fsync="interval"))
+    log.append(make_batch([b"a"], ts=1))
+    fds = [seg.fd for seg in log._segments]
+
+    def failing_flush():
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(log, "flush", failing_flush)
+    with pytest.raises(OSError):
+        log.close()
+    assert all(seg.fd == -1 for seg in log._segments)
+    for fd in fds:
+        with pytest.raises(OSError):
+            os.fstat(fd)

@@ -139,9 +139,10 @@ def run(args: argparse.Namespace) -> int:
             import os
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", dcfg.rank % torch.cuda.device_count())))
         trainer = Trainer(tcfg, model_cfg)
-        scfg = build(StreamConfig, stream_section, {
-            "bootstrap": args.bootstrap, "group_id": args.group, "topic": args.topic, "batch_size": args.batch_size,
-            "seq_len": args.seq_len, "pin_memory": trainer.device.type == "cuda" and torch.cuda.is_available()})
+        # pinned batches on CUDA unless [learner.stream] says otherwise
+        scfg = build(StreamConfig, {"pin_memory": trainer.device.type == "cuda" and torch.cuda.is_available()},
+                     stream_section, {"bootstrap": args.bootstrap, "group_id": args.group, "topic": args.topic,
+                                      "batch_size": args.batch_size, "seq_len": args.seq_len})
         if ranked:
             scfg = dataclasses.replace(scfg, client_id=f"{scfg.client_id}-rank{dcfg.rank}")
         metrics_port = args.metrics_port + dcfg.rank if ranked and args.metrics_port else args.metrics_port

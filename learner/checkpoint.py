@@ -113,4 +113,22 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return state
 
 
-__all__ = ["CheckpointError", "load_checkpoint", "save_checkpoint"]
+def checkpoint_seq_len(state: dict[str, Any]) -> int | None:
+    """The sequence length T the checkpoint was trained with, when it records one
+    (``state["seq_len"]`` or ``state["config"]["data"]["seq_len"]``)."""
+    t = state.get("seq_len")
+    if t is None:
+        data = (state.get("config") or {}).get("data")
+        t = data.get("seq_len") if isinstance(data, dict) else None
+    return None if t is None else int(t)
+
+
+def require_seq_len(state: dict[str, Any], seq_len: int, where: str) -> None:
+    """Refuse to continue a checkpoint trained with another T (DUMN scales attention by T, and the
+    scorer builds its batches with the recorded one)."""
+    t = checkpoint_seq_len(state)
+    if t is not None and t != seq_len:
+        raise CheckpointError(f"{where} was trained with seq_len={t}, this run has seq_len={seq_len}")
+
+
+__all__ = ["CheckpointError", "checkpoint_seq_len", "load_checkpoint", "require_seq_len", "save_checkpoint"]

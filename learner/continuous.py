@@ -42,7 +42,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from learner.checkpoint import CheckpointError
+from learner.checkpoint import require_seq_len
 from learner.checkpoint_store import AuditLog, CheckpointStore
 from learner.stream import RebalanceBarrier, SampleStream, StreamBatch, from_source_offsets, to_source_offsets
 from learner.trainer import Trainer
@@ -180,10 +180,7 @@ class ContinuousLearner:
         restored = 0
         if found is not None:
             restored, path, state = found
-            t = state.get("seq_len")
-            if t is not None and int(t) != self.stream.cfg.seq_len:
-                raise CheckpointError(f"{path} was trained with seq_len={t}, this learner has "
-                                      f"seq_len={self.stream.cfg.seq_len}")
+            require_seq_len(state, self.stream.cfg.seq_len, str(path))
             self.trainer.load_checkpoint_state(state)
             self.offsets = from_source_offsets(self.topic, self.trainer.source_offsets)
             audit_bytes = int(state.get("learner", {}).get("audit_bytes", 0))

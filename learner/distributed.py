@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from learner.checkpoint import CheckpointError
+from learner.checkpoint import CheckpointError, require_seq_len
 from learner.continuous import ContinuousLearner, StopFlag
 from learner.dist_comm import Comm, DistConfig, DistributedError
 from streams.dlq import DeadLetterError
@@ -97,6 +97,7 @@ class DistributedLearner(ContinuousLearner):
                     raise DistributedError(f"checkpoint {path} was cut by {len(by_rank)} rank(s), this job has "
                                            f"{self.comm.world_size}: the per-rank audit logs cannot be matched")
                 audit_bytes = int(by_rank[self.comm.rank])
+            require_seq_len(state, self.stream.cfg.seq_len, str(path))
             self.trainer.load_checkpoint_state(state)
             self.offsets = from_source_offsets(self.topic, self.trainer.source_offsets)
             self.stats.version = restored

@@ -39,7 +39,7 @@ import torch
 
 from learner import LearnerError
 from learner.batch import SEQUENCE_KINDS, SampleBatch
-from learner.checkpoint import load_checkpoint
+from learner.checkpoint import checkpoint_seq_len, load_checkpoint
 from learner.config import ObjectiveConfig
 from learner.data import DURATION_BOUNDS_MS
 from learner.models import MODEL_CONFIGS, build_model
@@ -74,16 +74,6 @@ def _from_dict(cls: type, values: dict[str, Any]) -> Any:
             v = tuple(v)
         kwargs[f.name] = v
     return cls(**kwargs)
-
-
-def checkpoint_seq_len(state: dict[str, Any]) -> int | None:
-    """The sequence length T the checkpoint was trained with, when it records one
-    (``state["seq_len"]`` or ``state["config"]["data"]["seq_len"]``)."""
-    t = state.get("seq_len")
-    if t is None:
-        data = (state.get("config") or {}).get("data")
-        t = data.get("seq_len") if isinstance(data, dict) else None
-    return None if t is None else int(t)
 
 
 class Scorer:

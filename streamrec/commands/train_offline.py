@@ -93,10 +93,9 @@ def _finite(x):
 
 def run(args: argparse.Namespace) -> int:
     from learner import LearnerError
-    from learner.checkpoint import load_checkpoint, save_checkpoint
+    from learner.checkpoint import load_checkpoint, require_seq_len, save_checkpoint
     from learner.config import CLSDConfig
     from learner.data import DataConfig, SampleLoader, count_frames
-    from learner.scoring import checkpoint_seq_len
     from learner.trainer import Trainer, TrainerConfig
     from streamrec.alloc import apply_for_decoding
 
@@ -137,10 +136,7 @@ def run(args: argparse.Namespace) -> int:
         trainer = Trainer(cfg, model_cfg)
         if resumed is not None:
             try:
-                ck_t = checkpoint_seq_len(resumed)
-                if ck_t is not None and ck_t != data["seq_len"]:
-                    raise LearnerError(f"the checkpoint was trained with seq_len={ck_t}, this run has "
-                                       f"seq_len={data['seq_len']}")
+                require_seq_len(resumed, data["seq_len"], "the checkpoint")
                 trainer.load_checkpoint_state(resumed)
             except LearnerError as exc:
                 print(f"streamrec train-offline: cannot resume: {exc}", file=sys.stderr)

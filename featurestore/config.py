@@ -181,9 +181,9 @@ class FeatureStoreConfig:
 
 
 #: the settings that decide how stored values are encoded and read (the rest only tune RocksDB)
-LAYOUT_FIELDS = ("sequences", "counters", "sketch", "dwell")
 _LAYOUT_TYPES = {"sequences": SequenceConfig, "counters": CounterConfig, "sketch": SketchConfig,
                  "dwell": DwellStatsConfig}
+LAYOUT_FIELDS = tuple(_LAYOUT_TYPES)
 
 
 def layout_of(config: FeatureStoreConfig) -> dict:
@@ -202,3 +202,14 @@ def with_layout(config: FeatureStoreConfig, raw: bytes) -> FeatureStoreConfig:
         return dataclasses.replace(config, **{name: _LAYOUT_TYPES[name](**layout[name]) for name in LAYOUT_FIELDS})
     except (ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"unreadable layout record {raw[:200]!r}: {exc}") from None
+
+
+def check_layout(path: str, recorded: bytes, config: FeatureStoreConfig, advice: str,
+                 whose: str = "this config") -> None:
+    """Raise :class:`LayoutMismatchError` when ``config``'s layout is not the one the store at
+    ``path`` recorded (values written with one layout are misread with another, silently)."""
+    from featurestore import LayoutMismatchError
+    mine = encode_layout(config)
+    if recorded != mine:
+        raise LayoutMismatchError(f"the feature store at path={path} was written with layout "
+                                  f"{recorded.decode(errors='replace')}, {whose} has {mine.decode()}: {advice}")

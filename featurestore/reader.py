@@ -40,8 +40,8 @@ from pathlib import Path
 import numpy as np
 from rocksdict import AccessType, Rdict, ReadOptions
 
-from featurestore import FeatureStoreError, LayoutMismatchError, StoreClosedError, StoreNotFoundError, codecs, keys
-from featurestore.config import FeatureStoreConfig, encode_layout, with_layout
+from featurestore import FeatureStoreError, StoreClosedError, StoreNotFoundError, codecs, keys
+from featurestore.config import FeatureStoreConfig, check_layout, with_layout
 from featurestore.counters import WindowedCounter
 from featurestore.dwellstats import DwellStats
 from featurestore.keys import CounterKind, SequenceKind
@@ -284,11 +284,9 @@ class FeatureReader(RdictView):
                 self.config = with_layout(self.config, raw)
             except ValueError as exc:
                 raise FeatureStoreError(f"feature store at path={self.path}: {exc}") from None
-        elif raw != encode_layout(self.config):
-            raise LayoutMismatchError(
-                f"the feature store at path={self.path} was written with layout {raw.decode(errors='replace')}, "
-                f"the reader's config has {encode_layout(self.config).decode()}: pass no config to take "
-                "the store's, or the writer's settings")
+        else:
+            check_layout(self.path, raw, self.config, "give the reader no config to take the store's, or the "
+                                                    "writer's settings", whose="the reader's config")
 
     def _require_store(self) -> None:
         """Checked before every open and catch-up: RocksDB would create an empty directory in a

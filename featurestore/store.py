@@ -52,9 +52,9 @@ from typing import Protocol
 
 from rocksdict import Rdict, WriteBatch
 
-from featurestore import LayoutMismatchError, TransactionStateError, keys
+from featurestore import TransactionStateError, keys
 from featurestore.batch import StoreBatch
-from featurestore.config import FeatureStoreConfig, encode_layout
+from featurestore.config import FeatureStoreConfig, check_layout, encode_layout
 from featurestore.dwellstats import DwellStats
 from featurestore.keys import CounterKind, SequenceKind  # noqa: F401  (the module doctest uses them)
 from featurestore.reader import CommitInfo, ItemFeatures, RdictView, UserFeatures, wall_clock_ms
@@ -127,14 +127,11 @@ class RocksFeatureStore(RdictView):
         the one a store was written with (its values would be misread without an error)."""
         key = keys.meta_key(keys.LAYOUT_META)
         (raw,) = self._get_many([key])
-        mine = encode_layout(self.config)
         if raw is None:
-            self._db.put(key, mine, self._write_options)
-        elif raw != mine:
-            raise LayoutMismatchError(
-                f"the feature store at path={self.path} was written with layout {raw.decode(errors='replace')}, "
-                f"this config has {mine.decode()}: open it with the settings it was written with, or "
-                "start a new store")
+            self._db.put(key, encode_layout(self.config), self._write_options)
+        else:
+            check_layout(self.path, raw, self.config, "open it with the settings it was written with, or start "
+                                                     "a new store")
 
     def clear(self) -> int:
         """Delete every key but the layout record (a store about to be rebuilt from its

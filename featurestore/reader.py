@@ -130,19 +130,18 @@ class FeatureView:
         return DwellStats.from_bytes(raw, self.config.dwell.min_dwell_ms)
 
     # --- public read API --------------------------------------------------------------------
-    def user_features(self, user_id: int, ts_ms: int | None = None) -> UserFeatures:
-        """Sequences strictly before ``ts_ms`` and counters of the window ending at ``ts_ms``."""
+    def _user_rows(self, user_id: int) -> tuple[list, list]:
+        """The user's decoded sequences (SequenceKind order) and counters (CounterKind order), None
+        where absent: one multi-get per family."""
+        row_keys = keys.user_row_keys(user_id)
+        n_seq = len(SequenceKind)
+        return (self._load_many(row_keys[:n_seq], self._decode_sequence),
+                self._load_many(row_keys[n_seq:], self._decode_counter))
+
+    def _features_of(self, user_id: int, ts_ms: int | None, seqs: list, cnts: list) -> UserFeatures:
         n = self.config.sequences.max_len
-        seq_keys = [keys.user_sequence_key(user_id, kind) for kind in SequenceKind]
-        cnt_keys = [keys.user_counter_key(user_id, kind) for kind in CounterKind]
-        seqs = self._load_many(seq_keys, self._decode_sequence)
-        cnts = self._load_many(cnt_keys, self._decode_counter)
-        slices = []
-        for seq in seqs:
-            if seq is None:
-                slices.append(EMPTY_SLICE)
-            else:
-                slices.append(seq.latest(n) if ts_ms is None else seq.before(ts_ms, n))
+        slices = [EMPTY_SLICE if seq is None else (seq.latest(n) if ts_ms is None else seq.before(ts_ms, n))
+                  for seq in seqs]
         counts = [0 if c is None else (c.latest_count() if ts_ms is None else c.count(ts_ms))
                   for c in cnts]
         by_kind = dict(zip(SequenceKind, slices))
@@ -152,13 +151,23 @@ class FeatureView:
                             by_kind[SequenceKind.DISLIKE], by_counter[CounterKind.CLICK],
                             by_counter[CounterKind.IMPRESSION])
 
+    def user_features(self, user_id: int, ts_ms: int | None = None) -> UserFeatures:
+        """Sequences strictly before ``ts_ms`` and counters of the window ending at ``ts_ms``."""
+        return self._features_of(user_id, ts_ms, *self._user_rows(user_id))
+
+    def find_user_features(self, user_id: int, ts_ms: int | None = None) -> UserFeatures | None:
+        """:meth:`user_features`, or None when no row of the user is stored (a sequence or a
+        counter: a user whose impressions are still open has counters only). Picks the partition
+        store that knows the user with one read."""
+        seqs, cnts = self._user_rows(user_id)
+        if all(x is None for x in (*seqs, *cnts)):
+            return None
+        return self._features_of(user_id, ts_ms, seqs, cnts)
+
     def has_user(self, user_id: int) -> bool:
-        """Whether any row of the user is stored, a sequence or a counter (a user whose impressions
-        are still open has counters only): picks the partition store that knows the user."""
-        row_keys = keys.user_row_keys(user_id)
-        n_seq = len(SequenceKind)
-        return (any(s is not None for s in self._load_many(row_keys[:n_seq], self._decode_sequence))
-                or any(c is not None for c in self._load_many(row_keys[n_seq:], self._decode_counter)))
+        """Whether any row of the user is stored, a sequence or a counter."""
+        seqs, cnts = self._user_rows(user_id)
+        return any(x is not None for x in (*seqs, *cnts))
 
     def user_clicks_in_window(self, user_id: int, ts_ms: int) -> int:
         """T2 input: the user's clicks in the window ending at ``ts_ms``."""

@@ -70,8 +70,11 @@ class PartitionedFeatures:
             r.refresh()
 
     def user_features(self, user_id: int, ts_ms: int | None = None):
-        reader = next((r for r in self.readers if r.has_user(user_id)), self.readers[0])
-        return reader.user_features(user_id, ts_ms)
+        for r in self.readers:
+            found = r.find_user_features(user_id, ts_ms)
+            if found is not None:
+                return found
+        return self.readers[0].user_features(user_id, ts_ms)   # nobody knows the user: empty features
 
     def close(self) -> None:
         for r in self.readers:

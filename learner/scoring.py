@@ -44,7 +44,7 @@ from learner.config import ObjectiveConfig
 from learner.data import DURATION_BOUNDS_MS
 from learner.models import MODEL_CONFIGS, build_model
 from learner.objectives import build_objective
-from learner.versions import TOPIC_MODEL_UPDATES, ModelVersion, VersionFormatError
+from learner.versions import TOPIC_MODEL_UPDATES, ModelVersion, decode_records
 
 logger = logging.getLogger(__name__)
 
@@ -314,7 +314,8 @@ class ModelFollower:
             pending: list[tuple[ModelVersion, int, int]] = []   # the history: loaded once, when read
             while not self._stop.is_set():
                 records = consumer.poll(timeout_ms=self.poll_timeout_ms, max_records=500)
-                pending += self._decode([r for batch in records.values() for r in batch])
+                pending += decode_records([r for batch in records.values() for r in batch], self.model,
+                                          self.counters)
                 if not (self.caught_up.is_set() or all(consumer.position(tp) >= o for tp, o in targets.items())):
                     continue
                 self._load_newest(pending)
@@ -335,23 +336,6 @@ class ModelFollower:
     def _version_number(self) -> int | None:
         cur = self._current
         return None if cur is None or cur.version is None else cur.version.version
-
-    def _decode(self, records: list) -> list[tuple[ModelVersion, int, int]]:
-        """(version, partition, offset) of each valid message for this follower; the rest counted."""
-        candidates: list[tuple[ModelVersion, int, int]] = []
-        for r in records:
-            self.counters["messages"] += 1
-            try:
-                v = ModelVersion.decode(r.value)
-            except VersionFormatError as exc:
-                self.counters["malformed"] += 1
-                logger.warning("model_version_malformed partition=%d offset=%d reason=%r", r.partition,
-                               r.offset, str(exc))
-                continue
-            if self.model is not None and v.model != self.model:
-                continue
-            candidates.append((v, r.partition, r.offset))
-        return candidates
 
     def _load_newest(self, candidates: list[tuple[ModelVersion, int, int]]) -> None:
         """Try the versions newer than the current one, newest first; the first that loads serves."""

@@ -17,12 +17,15 @@ learner.versions.VersionFormatError: bad model version message: version=-1 < 0
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from learner import LearnerError
+
+logger = logging.getLogger(__name__)
 
 TOPIC_MODEL_UPDATES = "model-updates"
 SCHEMA = 1
@@ -93,12 +96,34 @@ class ModelVersion:
             raise VersionFormatError(f"bad model version message: {exc}") from None
 
 
-def newest_announced(bootstrap: str, model: str, topic: str = TOPIC_MODEL_UPDATES, timeout_s: float = 30.0) -> int:
+def decode_records(records: list, model: str | None, counters: dict[str, int]) -> list[tuple[ModelVersion, int, int]]:
+    """``(version, partition, offset)`` of each valid ``model-updates`` record (only ``model``'s
+    when given); ``counters["messages"]`` counts every record, ``counters["malformed"]`` the
+    undecodable ones, each logged and skipped."""
+    out: list[tuple[ModelVersion, int, int]] = []
+    for r in records:
+        counters["messages"] = counters.get("messages", 0) + 1
+        try:
+            v = ModelVersion.decode(r.value)
+        except VersionFormatError as exc:
+            counters["malformed"] = counters.get("malformed", 0) + 1
+            logger.warning("model_version_malformed partition=%d offset=%d reason=%r", r.partition, r.offset,
+                           str(exc))
+            continue
+        if model is None or v.model == model:
+            out.append((v, r.partition, r.offset))
+    return out
+
+
+def newest_announced(bootstrap: str, model: str, topic: str = TOPIC_MODEL_UPDATES, timeout_s: float = 30.0,
+                     counters: dict[str, int] | None = None) -> int:
     """The highest version announced for ``model`` on ``topic`` (0: none, or no such topic).
 
     A learner whose checkpoints were moved away starts a fresh model; numbering its versions
     above this one keeps them newer than what the servers already follow (a server takes no
-    version at or below the one it serves). Undecodable messages are skipped."""
+    version at or below the one it serves). Undecodable messages are skipped, logged and
+    counted in ``counters`` (:func:`decode_records`)."""
+    counters = {} if counters is None else counters
     from kafka import KafkaConsumer, TopicPartition
     consumer = KafkaConsumer(bootstrap_servers=bootstrap.split(","), group_id=None, enable_auto_commit=False,
                              client_id="streamrec-learner-versions",
@@ -115,14 +140,8 @@ def newest_announced(bootstrap: str, model: str, topic: str = TOPIC_MODEL_UPDATE
         while any(consumer.position(tp) < end for tp, end in ends.items()):
             if time.monotonic() > deadline:
                 raise LearnerError(f"could not read {topic!r} to its end within {timeout_s:.0f} s")
-            for records in consumer.poll(timeout_ms=200).values():
-                for r in records:
-                    try:
-                        v = ModelVersion.decode(r.value)
-                    except VersionFormatError:
-                        continue
-                    if v.model == model:
-                        newest = max(newest, v.version)
+            records = [r for batch in consumer.poll(timeout_ms=200).values() for r in batch]
+            newest = max([newest, *(v.version for v, _, _ in decode_records(records, model, counters))])
         return newest
     finally:
         consumer.close()

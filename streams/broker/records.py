@@ -309,8 +309,3 @@ def iter_record_timestamps(
         offset_delta, pos = _decode_varint(payload, pos)
         yield header.base_offset + offset_delta, header.base_timestamp + ts_delta
         pos = end
-
-
-def record_timestamps(batch: bytes | bytearray | memoryview) -> list[tuple[int, int]]:
-    """All of ``iter_record_timestamps(batch)`` as a list (tests and tools; the broker iterates)."""
-    return list(iter_record_timestamps(batch))

@@ -258,34 +258,30 @@ class Broker:
         idle_s = idle_ms / 1000.0 if idle_ms > 0 else None
         try:
             while True:
+                size = None
                 try:
+                    # one clock for the whole frame: a silent connection and a frame stalled
+                    # half-sent (which holds its buffer) are both closed
                     async with asyncio.timeout(idle_s):
-                        size_bytes = await reader.readexactly(4)
-                except asyncio.IncompleteReadError as exc:
-                    if exc.partial:
-                        logger.warning("connection closed mid-frame peer=%s", peer)
-                    return
-                except TimeoutError:
-                    counters["connections", "idle_closed"] += 1
-                    logger.debug("closing idle connection peer=%s connections_max_idle_ms=%d", peer, idle_ms)
-                    return
-                size = int.from_bytes(size_bytes, "big", signed=True)
-                if size < _MIN_FRAME_BYTES or size > max_bytes:
-                    counters["connections", "malformed"] += 1
-                    logger.warning(
-                        "closing connection: bad frame size peer=%s size=%d max_request_bytes=%d",
-                        peer, size, max_bytes,
-                    )
-                    return
-                try:
-                    async with asyncio.timeout(idle_s):  # a frame that stalls half-sent holds its buffer
+                        size = int.from_bytes(await reader.readexactly(4), "big", signed=True)
+                        if size < _MIN_FRAME_BYTES or size > max_bytes:
+                            counters["connections", "malformed"] += 1
+                            logger.warning(
+                                "closing connection: bad frame size peer=%s size=%d max_request_bytes=%d",
+                                peer, size, max_bytes,
+                            )
+                            return
                         frame = await reader.readexactly(size)
-                except asyncio.IncompleteReadError:
-                    logger.warning("connection closed mid-frame peer=%s size=%d", peer, size)
+                except asyncio.IncompleteReadError as exc:
+                    if size is not None or exc.partial:
+                        logger.warning("connection closed mid-frame peer=%s size=%s", peer, size)
                     return
                 except TimeoutError:
                     counters["connections", "idle_closed"] += 1
-                    logger.warning("closing connection stalled mid-frame peer=%s size=%d", peer, size)
+                    if size is None:
+                        logger.debug("closing idle connection peer=%s connections_max_idle_ms=%d", peer, idle_ms)
+                    else:
+                        logger.warning("closing connection stalled mid-frame peer=%s size=%d", peer, size)
                     return
                 try:
                     out = await self._dispatch(memoryview(frame), host)

@@ -19,8 +19,8 @@ from streams.broker.records import (
     UnsupportedCompressionError,
     crc32c,
     iter_batches,
+    iter_record_timestamps,
     parse_header,
-    record_timestamps,
     set_base_offset,
     verify_crc,
 )
@@ -119,14 +119,14 @@ def test_record_timestamps_uncompressed_and_gzip():
         raw = bytearray(make_batch([b"v" * 300] * 5, ts=stamps, compression=compression))
         assert parse_header(raw).compression == compression
         set_base_offset(raw, 0, 40)
-        assert record_timestamps(raw) == [(40 + i, t) for i, t in enumerate(stamps)]
+        assert list(iter_record_timestamps(raw)) == [(40 + i, t) for i, t in enumerate(stamps)]
 
 
 def test_record_timestamps_log_append_time_uses_max_timestamp():
     raw = bytearray(make_batch([b"a", b"b"], ts=[1, 2]))
     struct.pack_into(">h", raw, 21, ATTR_LOG_APPEND_TIME)
     struct.pack_into(">q", raw, 35, 777)
-    assert record_timestamps(raw) == [(0, 777), (1, 777)]
+    assert list(iter_record_timestamps(raw)) == [(0, 777), (1, 777)]
 
 
 def test_record_timestamps_unknown_codec_raises():
@@ -137,14 +137,14 @@ def test_record_timestamps_unknown_codec_raises():
     if codec.has_snappy():
         pytest.skip("snappy installed: the payload would be decoded (and rejected as garbage)")
     with pytest.raises(UnsupportedCompressionError):
-        record_timestamps(raw)
+        list(iter_record_timestamps(raw))
 
 
 def test_record_timestamps_rejects_overrunning_record():
     raw = bytearray(make_batch([b"abc"]))
     raw[BATCH_HEADER_BYTES] = 0x7E  # record length varint 63: longer than the batch
     with pytest.raises(CorruptRecordError, match="overruns"):
-        record_timestamps(raw)
+        list(iter_record_timestamps(raw))
 
 
 @settings(max_examples=60, deadline=None)
@@ -169,7 +169,7 @@ def test_record_timestamps_match_kafka_python_decoder(records, base_offset, comp
     set_base_offset(raw, 0, base_offset)
     assert verify_crc(raw, 0)
     expected = [(r.offset, r.timestamp) for r in DefaultRecordBatch(bytearray(raw))]
-    assert record_timestamps(raw) == expected
+    assert list(iter_record_timestamps(raw)) == expected
 
 
 def test_module_doctests():

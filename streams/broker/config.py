@@ -8,6 +8,11 @@ from typing import Literal
 FsyncPolicy = Literal["always", "interval", "never"]
 
 
+# Each open partition holds file descriptors (segment files), so an unbounded count exhausts the
+# open-files limit: a broker-local guard (Kafka has no such cap).
+MAX_PARTITIONS_PER_TOPIC = 1000
+
+
 @dataclass(frozen=True)
 class LogConfig:
     """On-disk log of one partition.
@@ -106,6 +111,9 @@ class BrokerConfig:
             raise ValueError(f"port={self.port!r} is not in 0..65535")
         if self.default_partitions < 1:
             raise ValueError(f"default_partitions={self.default_partitions!r} < 1")
+        if self.default_partitions > MAX_PARTITIONS_PER_TOPIC:
+            raise ValueError(f"default_partitions={self.default_partitions!r} > {MAX_PARTITIONS_PER_TOPIC}, "
+                             "the most partitions a topic may have")
         if self.max_request_bytes < 1024:
             raise ValueError(f"max_request_bytes={self.max_request_bytes!r} < 1024")
         if self.fetch_max_bytes < 1024:

@@ -23,7 +23,8 @@ from kafka.protocol.admin import (
 )
 
 from streams.broker import error_codes as ec
-from streams.broker.log_manager import MAX_PARTITIONS_PER_TOPIC, TopicStorageError
+from streams.broker.config import MAX_PARTITIONS_PER_TOPIC
+from streams.broker.log_manager import TopicStorageError
 from streams.broker.server import Broker, HandlerTable, RequestContext
 
 logger = logging.getLogger(__name__)

@@ -98,9 +98,6 @@ def _auto_create(broker: Broker, name: str) -> tuple[int, int]:
     except TopicStorageError as exc:
         logger.warning("topic auto-create failed topic=%s partitions=%d error=%s", name, n_partitions, exc)
         return 0, ec.KAFKA_STORAGE_ERROR
-    except ValueError as exc:  # default_partitions above MAX_PARTITIONS_PER_TOPIC
-        logger.warning("topic auto-create refused topic=%s error=%s", name, exc)
-        return 0, ec.INVALID_PARTITIONS
     logger.info("topic auto-created topic=%s partitions=%d client_request=metadata", name, n_partitions)
     return n_partitions, ec.NONE
 

@@ -24,7 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from streams import StreamsError
-from streams.broker.config import LogConfig
+from streams.broker.config import MAX_PARTITIONS_PER_TOPIC, LogConfig
 from streams.broker.partition_log import PartitionLog, wall_clock_ms
 from streams.broker.segment import fsync_dir, write_all
 
@@ -63,9 +63,6 @@ class TooManyOpenFilesError(StreamsError):
     """The topics on disk need more file descriptors than the process may open; raise ``ulimit -n``."""
 
 
-# Each open partition holds file descriptors (segment files), so an unbounded count exhausts the
-# open-files limit. A candidate for LogConfig (Kafka has no such cap; it is a broker-local guard).
-MAX_PARTITIONS_PER_TOPIC = 1000
 _TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}")
 _META = "meta.json"
 _LOCK = "~lock"  # flock'ed while a LogManager owns the directory ('~' never appears in topic names)
@@ -101,6 +98,10 @@ def topic_log_config(base: LogConfig, configs: dict[str, str]) -> LogConfig:
         return replace(base, **overrides)
     except ValueError as exc:
         raise InvalidConfigError(f"topic config: {exc}") from None
+
+
+def _storage_error(name: str, n_partitions: int, exc: OSError) -> TopicStorageError:
+    return TopicStorageError(f"topic={name!r} partitions={n_partitions}: {exc}")
 
 
 def validate_partition_count(n_partitions: int) -> None:
@@ -230,14 +231,14 @@ class LogManager:
             os.rename(work, self.data_dir / name)  # the topic appears atomically, meta included
         except OSError as exc:
             shutil.rmtree(work, ignore_errors=True)
-            raise TopicStorageError(f"topic={name!r} partitions={n_partitions}: {exc}") from exc
+            raise _storage_error(name, n_partitions, exc) from exc
         try:
             fsync_dir(self.data_dir)
             logs = self._open_logs(name, range(n_partitions), log_config, new=True)
         except OSError as exc:
             self._remove_dir(name)  # the logs are released: a failed create leaves nothing behind
             logger.warning("topic create failed name=%s partitions=%d error=%r", name, n_partitions, exc)
-            raise TopicStorageError(f"topic={name!r} partitions={n_partitions}: {exc}") from exc
+            raise _storage_error(name, n_partitions, exc) from exc
         self._logs[name], self._configs[name] = logs, configs
         logger.info("topic created name=%s partitions=%d configs=%s", name, n_partitions, configs)
 
@@ -276,12 +277,12 @@ class LogManager:
             # leftovers of a cut-short call are empty; meta.json (written last) is the commit point
             new_logs = self._open_logs(name, added, config, new=True)
         except OSError as exc:
-            raise TopicStorageError(f"topic={name!r} partitions={n_partitions}: {exc}") from exc
+            raise _storage_error(name, n_partitions, exc) from exc
         try:
             _write_meta(self.data_dir / name, name, n_partitions, self._configs[name])
         except OSError as exc:
             _release(new_logs, discard=True)
-            raise TopicStorageError(f"topic={name!r} partitions={n_partitions}: {exc}") from exc
+            raise _storage_error(name, n_partitions, exc) from exc
         logs.extend(new_logs)
         logger.info("partitions created name=%s partitions=%d", name, n_partitions)
 

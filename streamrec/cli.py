@@ -16,6 +16,7 @@ import logging
 import sys
 
 from streamrec.config import SECTIONS, ConfigError
+from streamrec.logsetup import add_log_level_argument
 from streamrec.logsetup import configure as configure_logging
 
 logger = logging.getLogger("streamrec")
@@ -30,8 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Streaming online learning for recommendation.",
     )
     parser.add_argument("--config", metavar="FILE", help="TOML file; its [section] per command sets defaults")
-    parser.add_argument("--log-level", default="INFO", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"),
-                        help="DEBUG, INFO, WARNING, ERROR (default INFO)")
+    add_log_level_argument(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMANDS:
@@ -49,16 +49,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     configure_logging(args.log_level)
+    return run_command(args.func, args, args.command)
+
+
+def run_command(func, args, command: str) -> int:
+    """``func(args)``'s exit status; a configuration error exits 2 and an operational error 1,
+    each with one line on stderr (the traceback is logged at DEBUG)."""
     try:
-        return int(args.func(args) or 0)
+        return int(func(args) or 0)
     except ConfigError as exc:
         print(f"streamrec: configuration error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
     except operational_errors() as exc:
-        logger.debug("%s failed", args.command, exc_info=True)
-        print(f"streamrec {args.command}: error: {exc or type(exc).__name__}", file=sys.stderr)
+        logger.debug("%s failed", command, exc_info=True)
+        print(f"streamrec {command}: error: {exc or type(exc).__name__}", file=sys.stderr)
         return 1
 
 

@@ -15,15 +15,19 @@ FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 _CLIENT_LOGGERS = ("kafka",)
 
 
-def _level_of(name: str) -> int:
-    """``logging`` level of a ``--log-level`` value (INFO when it is not a level's name)."""
-    level = getattr(logging, str(name).upper(), None)
-    return level if isinstance(level, int) else logging.INFO
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def add_log_level_argument(parser) -> None:
+    """``--log-level``, refusing anything but :data:`LEVELS` (any case)."""
+    parser.add_argument("--log-level", default="INFO", type=str.upper, choices=LEVELS,
+                        help="DEBUG, INFO, WARNING, ERROR (default INFO)")
 
 
 def configure(level_name: str) -> None:
-    """The root logger at ``level_name`` (stderr, :data:`FORMAT`), the client loggers quieted."""
-    level = _level_of(level_name)
+    """The root logger at ``level_name`` (one of :data:`LEVELS`; stderr, :data:`FORMAT`), the
+    client loggers quieted."""
+    level = getattr(logging, level_name.upper())
     logging.basicConfig(level=level, format=FORMAT)
     _quiet_clients(level)
 

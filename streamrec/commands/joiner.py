@@ -13,6 +13,7 @@ import gc
 import sys
 
 from streamrec.config import build, load_section
+from streamrec.logsetup import add_log_level_argument
 from streamrec.logsetup import configure as configure_logging
 
 GC_GEN0_THRESHOLD = 50_000
@@ -66,11 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="streamrec joiner", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="TOML file; its [joiner] table sets defaults")
-    parser.add_argument("--log-level", default="INFO")
+    add_log_level_argument(parser)
     add_arguments(parser)
     args = parser.parse_args(argv)
     configure_logging(args.log_level)
-    return run(args)
+    from streamrec.cli import run_command   # the same one-line errors as `streamrec joiner`
+    return run_command(run, args, "joiner")
 
 
 if __name__ == "__main__":

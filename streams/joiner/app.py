@@ -146,7 +146,6 @@ class JoinerRuntime:
         self._reread = reread
         self._send_many = send_many
         self._restore = restore if config.changelog else None
-        self._rebuilt: set[int] = set()  # partitions whose store the open's restore cleared and rebuilt
         self._remote = remote
         self._extra_counters = extra_counters or dict
         self._send, self._read_back, self._caught_up = send, read_back, caught_up
@@ -179,9 +178,6 @@ class JoinerRuntime:
                 if "lock" not in str(exc).lower() or time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(0.2)
-        if p in self._rebuilt:
-            self._rebuilt.discard(p)
-            pipe.count_changelog_rebuild()
         remote = self._remote
         if remote is not None and any(remote.pruned_before(q) > a for q, a in pipe.shared_needs_committed.items()):
             logger.info("stats_reread partition=%d (its state needs statistics epochs pruned here)", p)
@@ -211,11 +207,12 @@ class JoinerRuntime:
             logger.info("changelog_republished partition=%d (committed)", p)
         return part
 
-    def _restore_store(self, p: int, store) -> tuple[int, int, set[bytes]]:
+    def _restore_store(self, p: int, store) -> tuple[int, int, set[bytes], bool]:
         """Bring ``store`` up to the end of its changelog partition (blocking: an executor runs it);
-        returns the batches and records applied and the keys to republish."""
+        returns the batches and records applied, the keys to republish and whether it rebuilt."""
         (raw,) = store._get_many([fs_keys.meta_key(CHANGELOG_NEXT_META)])
         start = 0 if raw is None else int(raw)
+        rebuilt = False
         try:
             res = self._restore(p, start, store.apply_changes)
         except ChangelogCompacted as exc:
@@ -226,13 +223,13 @@ class JoinerRuntime:
                            "(keys=%d), rebuilding it from the changelog's start", p, start, exc.missing_at, n_keys)
             start = 0
             res = self._restore(p, 0, store.apply_changes)
-            self._rebuilt.add(p)
+            rebuilt = True
         if res.end > start:
             store.apply_changes([(fs_keys.meta_key(CHANGELOG_NEXT_META), str(res.end).encode())])
         if res.n_commits:
             logger.info("store_restored partition=%d changelog_from=%d changelog_to=%d batches=%d records=%d",
                         p, start, res.end, res.n_commits, res.n_records)
-        return res.n_commits, res.n_records, res.unfinished
+        return res.n_commits, res.n_records, res.unfinished, rebuilt
 
     async def position(self, p: int) -> dict[str, int] | None:
         """Open partition ``p`` (if needed) and return where its consumer must read from: per topic,

@@ -378,17 +378,20 @@ def open_pipeline(path, partition: int, config: PipelineConfig, remote: RemoteSt
     """A pipeline over the store at ``path`` (created when missing; restored when present).
 
     ``restore(store)``, when given, brings the opened store up to date (from its changelog)
-    before the pipeline reads it; it returns ``(batches, records, unfinished)``: the batches and
-    records applied and the keys whose last changelog record was never committed (republished by
-    the next commit: :meth:`JoinerPipeline.republish`).
+    before the pipeline reads it; it returns ``(batches, records, unfinished, rebuilt)``: the
+    batches and records applied, the keys whose last changelog record was never committed
+    (republished by the next commit: :meth:`JoinerPipeline.republish`), and whether the store was
+    cleared and rebuilt from the changelog's start (compaction had run past it).
     """
     store = RocksFeatureStore(path, config.store)
     try:
-        n_commits, n_records, unfinished = restore(store) if restore is not None else (0, 0, ())
+        n_commits, n_records, unfinished, rebuilt = restore(store) if restore is not None else (0, 0, (), False)
     except BaseException:
         store.close()
         raise
     pipe = JoinerPipeline(partition, store, config, remote)
+    if rebuilt:
+        pipe.count_changelog_rebuild()
     if n_commits:
         pipe.note_restore(n_records)
     pipe.republish(unfinished)

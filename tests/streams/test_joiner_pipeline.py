@@ -229,7 +229,7 @@ def _restore_from(log):
 
     def restore(store):
         res = replay_changelog(lambda: iter([log]), store.apply_changes, len(log))
-        return res.n_commits, res.n_records, res.unfinished
+        return res.n_commits, res.n_records, res.unfinished, False
     return restore
 
 

@@ -75,7 +75,9 @@ class DwellStatistics(Protocol):
         """The item's historical dwell quantile in ms (P10 for T3), None without history."""
 
     def user_clicks_7d(self, user_id: int, ts_ms: int) -> int:
-        """The user's clicks with event time in ``[ts_ms - 7 days, ts_ms)``."""
+        """The user's clicks with event time in ``[ts_ms - 7 days, ts_ms)``. Asked only when the
+        caller gives no per-row T2 counts (:meth:`StatisticsColumns.add`); the pipeline always
+        gives them, so its statistics (``FrozenStoreStatistics``) leave this out."""
 
 
 def describe_rules(rules: int) -> str:

@@ -56,25 +56,29 @@ def output_records(p: int, out: PipelineOutput) -> list[Record]:
     return records
 
 
+def per_record(send):
+    """``send_many`` over a per-record ``send(topic, key, value, partition, headers)``: each record
+    is its own request, so ``whole`` holds only for a single record."""
+    async def send_many(topic: str, partition: int, records, whole: bool = False) -> list[tuple[Any, int]] | None:
+        if whole and len(records) != 1:
+            return None
+        return [(await send(topic, key, value, partition, headers), 1) for key, value, headers in records]
+    return send_many
+
+
 async def produce(send, p: int, ledger: OutputLedger, records: list[Record], send_many=None) -> None:
     """Produce ``records`` to partition ``p`` (those the ledger does not suppress), wait for every
     ack and record the end offsets in ``ledger``.
 
-    ``send_many(topic, partition, [(key, value, headers)])``, when given, produces one topic's
-    records in a few record batches and returns ``[(ack awaitable, n records)]``; else ``send``
-    is called per record."""
-    if send_many is None:
-        futures = []
-        for topic, key, value, headers in records:
-            if ledger.should_send(topic, value):
-                futures.append((topic, await send(topic, key, value, p, headers), 1))
-    else:
-        by_topic: dict[str, list[tuple[bytes | None, bytes, Any]]] = {}
-        for topic, key, value, headers in records:
-            if ledger.should_send(topic, value):
-                by_topic.setdefault(topic, []).append((key, value, headers))
-        futures = [(topic, fut, n) for topic, recs in by_topic.items()
-                   for fut, n in await send_many(topic, p, recs)]
+    ``send_many(topic, partition, [(key, value, headers)])`` produces one topic's records in a few
+    record batches and returns ``[(ack awaitable, n records)]``; without it, ``send`` per record
+    (:func:`per_record`)."""
+    send_many = send_many or per_record(send)
+    by_topic: dict[str, list[tuple[bytes | None, bytes, Any]]] = {}
+    for topic, key, value, headers in records:
+        if ledger.should_send(topic, value):
+            by_topic.setdefault(topic, []).append((key, value, headers))
+    futures = [(topic, fut, n) for topic, recs in by_topic.items() for fut, n in await send_many(topic, p, recs)]
     for topic, fut, n in futures:
         meta = await fut
         ledger.record(topic, meta.offset + n)
@@ -96,21 +100,14 @@ async def produce_changelog(send, p: int, tag: bytes, changes, send_many=None) -
     headers = [(HEADER_TAG, tag)]
     records = [(k, v, headers) for k, v in changes]
     marker = (marker_key(parse_tag(tag)[0]), tag, headers)
-    if send_many is not None:
-        whole = await send_many(TOPIC_STORE_CHANGELOG, p, [*records, marker], whole=True)
-        if whole is not None:
-            ((fut, n),) = whole
-            return (await fut).offset + n
-    if send_many is None:
-        futures = [(await send(TOPIC_STORE_CHANGELOG, k, v, p, h), 1) for k, v, h in records]
-    else:
-        futures = await send_many(TOPIC_STORE_CHANGELOG, p, records) if records else []
-    for fut, _ in futures:
+    send_many = send_many or per_record(send)
+    whole = await send_many(TOPIC_STORE_CHANGELOG, p, [*records, marker], whole=True)
+    if whole is not None:
+        ((fut, n),) = whole
+        return (await fut).offset + n
+    for fut, _ in await send_many(TOPIC_STORE_CHANGELOG, p, records):
         await fut  # raises when a record did not land: the marker is then never sent
-    if send_many is None:
-        fut, n = await send(TOPIC_STORE_CHANGELOG, *marker[:2], p, marker[2]), 1
-    else:
-        ((fut, n),) = await send_many(TOPIC_STORE_CHANGELOG, p, [marker])
+    ((fut, n),) = await send_many(TOPIC_STORE_CHANGELOG, p, [marker])
     return (await fut).offset + n
 
 

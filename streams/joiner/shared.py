@@ -180,7 +180,8 @@ class RemoteStats:
 
     def add(self, value: bytes, local: bool = False, partition: int | None = None) -> bool:
         """Take one message; False when it held nothing new (a re-publication after a restart).
-        A message past a gap is held until the gap is filled (see the class docstring).
+        A local message past a gap is held until the gap is filled; one read from the topic is
+        taken and the gap recorded as missing (see the class docstring).
 
         ``local``: the message was published by a partition of this worker, not read from the
         topic. It never starts a source's table past epoch 0: older messages of the source may

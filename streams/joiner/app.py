@@ -37,12 +37,11 @@ import faust
 from featurestore import keys as fs_keys
 from streams import faustfix
 from streams.contracts import EVENT_TOPICS, decode_batch, from_records, kind_of
-from streams.joiner.changelog import (CHANGELOG_NEXT_META, TOPIC_STORE_CHANGELOG, ChangelogCompacted, make_tag,
-                                      read_changelog)
+from streams.joiner.changelog import CHANGELOG_NEXT_META, ChangelogCompacted, make_tag, read_changelog
 from streams.joiner.delivery import BatchDrain
 from streams.joiner.fetch import cap_fetch_wait
 from streams.joiner.outputs import (SEND_BATCH_BYTES, TOPIC_ORPHANS, Record, batch_sender, dead_letter_record,  # noqa: F401
-                                    late_topic, output_records, output_topics, produce,
+                                    late_topic, output_records, output_topics, owned_topics, produce,
                                     produce_changelog)
 from streams.joiner.pipeline import JoinerPipeline, PipelineConfig, PipelineOutput, open_pipeline
 from streams.joiner.readback import PartitionReader
@@ -516,7 +515,7 @@ def make_app(config: JoinerAppConfig) -> tuple[faust.App, JoinerRuntime]:
             logger.warning("stats_reread_slow: joiner.dwell not read again within %.0fs", config.store_lock_wait_s)
 
     # one client for every read-back and changelog replay of a partition's open
-    reader = PartitionReader(config.bootstrap, [*output_topics(), TOPIC_STORE_CHANGELOG])
+    reader = PartitionReader(config.bootstrap, owned_topics())
     runtime = JoinerRuntime(config, send=send, read_back=reader.read_values, caught_up=caught_up,
                             assigned=assigned, seek=seek, remote=None if feed is None else feed.table,
                             extra_counters=lambda: {**(drain.counters() if drain else {}),

@@ -37,6 +37,12 @@ def output_topics() -> list[str]:
             TOPIC_DWELL_STATS]
 
 
+def owned_topics() -> list[str]:
+    """:func:`output_topics` and the store changelog: the joiner writes partition p's records of
+    each to partition p."""
+    return [*output_topics(), TOPIC_STORE_CHANGELOG]
+
+
 def dead_letter_record(p: int, e: Entry) -> Record:
     """The ``<topic>.dlq`` record of an undecodable message of partition ``p``."""
     headers = [("reason", e.reason.encode()), ("source.topic", e.topic.encode()),

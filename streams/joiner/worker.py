@@ -200,24 +200,27 @@ def ensure_topics(bootstrap: str, default_partitions: int = 3) -> int:
     from kafka.errors import TopicAlreadyExistsError
 
     from streams.contracts import EVENT_TOPICS
-    from streams.joiner.app import output_topics
     from streams.joiner.changelog import TOPIC_STORE_CHANGELOG
+    from streams.joiner.outputs import owned_topics
 
-    outputs = (*output_topics(), TOPIC_STORE_CHANGELOG)  # partition p's go to partition p
+    outputs = owned_topics()  # partition p's go to partition p
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)  # metadata only
     try:
         existing = consumer.topics()
-        found = consumer.partitions_for_topic(EVENT_TOPICS[0]) if EVENT_TOPICS[0] in existing else None
-        n = len(found) if found else default_partitions
+
+        def n_partitions(t: str) -> int:   # 0: not there
+            return len(consumer.partitions_for_topic(t) or ()) if t in existing else 0
+
+        n = n_partitions(EVENT_TOPICS[0]) or default_partitions
         for t in EVENT_TOPICS[1:]:
-            other = consumer.partitions_for_topic(t) if t in existing else None
-            if other and len(other) != n:
-                raise TopicLayoutError(f"topic {t} has {len(other)} partitions, {EVENT_TOPICS[0]} {n}: "
+            other = n_partitions(t)
+            if other and other != n:
+                raise TopicLayoutError(f"topic {t} has {other} partitions, {EVENT_TOPICS[0]} {n}: "
                                        "the event topics must be co-partitioned")
         for t in outputs:
-            found = consumer.partitions_for_topic(t) if t in existing else None
-            if found and len(found) < n:
-                raise TopicLayoutError(f"topic {t} has {len(found)} partitions, the event topics {n}: the joiner "
+            found = n_partitions(t)
+            if found and found < n:
+                raise TopicLayoutError(f"topic {t} has {found} partitions, the event topics {n}: the joiner "
                                        f"writes partition p's outputs to partition p; add partitions "
                                        f"(kafka-topics.sh --alter --topic {t} --partitions {n}) or recreate it")
     finally:

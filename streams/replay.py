@@ -376,17 +376,15 @@ def run_replay(config: ReplayConfig, *, clock: Callable[[], float] = time.monoto
     state = ReplayState() if config.restart else state_file.load(key)
     stats = ReplayStats(skipped_resumed=state.produced, position=state.produced, complete=state.complete)
     started = clock()
-    if state.complete:
-        if state.offsets:
-            kafka = _Kafka(config)
-            try:
-                kafka.check_not_ahead(state.offsets)
-            finally:
-                kafka.close()
-        logger.info("replay already complete key=%s position=%d state=%s", key, state.produced, config.state_path)
-        return stats
     kafka = _Kafka(config)
+    gap_ids: set[int] = set()
     try:
+        if state.complete:   # nothing to send, if the topics still hold what was written
+            if state.offsets:
+                kafka.check_not_ahead(state.offsets)
+            logger.info("replay already complete key=%s position=%d state=%s", key, state.produced,
+                        config.state_path)
+            return stats
         ends = kafka.ensure_topics()
         gap_ids = kafka.read_back_ids(state.offsets) if state.offsets else set()
         offsets = {**ends, **state.offsets}

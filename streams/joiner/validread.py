@@ -137,11 +137,11 @@ def ndt_params(cfg: JoinerConfig, stats: DwellStatistics | None) -> NdtParams:
     :func:`derive_params`)."""
     if cfg.ndt.derive_from_stats and stats is not None:
         moments = stats.ln_dwell_ms_moments()
-        if moments is not None and moments[1] > 0:
+        if moments is not None:
             try:
                 return derive_params(moments[0] - _LN_MS_PER_S, moments[1], cfg.ndt)
             except ValueError:
-                pass  # no spread yet (every dwell nearly the same)
+                pass  # no spread yet (one click, or every dwell nearly the same)
     return NdtParams.from_config(cfg.ndt)
 
 
